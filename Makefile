@@ -1,0 +1,33 @@
+# Every user-facing target runs `setup` first, so `make demo` or `make test` is all a new user types.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch is pinned first: an unpinned resolve would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/python -m moray.jobs.demo
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/python benchmarks/run_all.py
+
+lint: setup
+	$(BIN)/ruff check moray tests benchmarks
+	$(BIN)/ruff format --check moray tests benchmarks
+
+clean:
+	rm -rf $(VENV) .moray .pytest_cache

@@ -1,0 +1,163 @@
+"""Hugging Face DeepSeek-V2 directories in and out: config.json + *.safetensors (+ tokenizer.json).
+
+On disk, routed experts use the published per-expert names
+`model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight`; in memory they are stacked
+(E, 2I, H) / (E, H, I) for grouped matmuls. Loading builds the model on the meta device and
+assigns tensors file by file, so a checkpoint is never held twice. Only safetensors are read:
+no pickle ever runs on a downloaded file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from moray.model.config import ConfigError, ModelConfig
+from moray.model.router import contiguous_device_map
+from moray.model.transformer import Transformer
+
+_EXPERT_KEY = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+_SKIP_KEY = re.compile(r"rotary_emb\.inv_freq$")
+SHARD_BYTES = 4 * 1024**3
+
+
+def _our_name(hf_name: str) -> str:
+    return hf_name[len("model.") :] if hf_name.startswith("model.") else hf_name
+
+
+def load_pretrained(
+    path: str | Path,
+    dtype: torch.dtype | None = torch.float32,
+    device: str | torch.device = "cpu",
+) -> Transformer:
+    """Load a HF DeepSeek-V2 directory (the original release or transformers 5 format).
+    dtype None keeps the checkpoint's dtype; the default float32 suits CPUs."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} is not a model directory: no config.json")
+    config = ModelConfig.from_hf_dict(json.loads(config_file.read_text()))
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} has no *.safetensors weights (pickle checkpoints are not loaded)")
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = model.state_dict()
+    state: dict[str, torch.Tensor] = {}
+    experts: dict[tuple[int, str], dict[int, torch.Tensor]] = defaultdict(dict)
+    E = config.n_routed_experts
+
+    def put(name: str, tensor: torch.Tensor) -> None:
+        if name not in expected:
+            raise ConfigError(f"unexpected weight {name!r} in {path}: does config.json match the weights?")
+        want = expected[name].shape
+        if tensor.shape != want:
+            raise ConfigError(f"weight {name!r} has shape {tuple(tensor.shape)}, config implies {tuple(want)}")
+        state[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for hf_name in f.keys():
+                name = _our_name(hf_name)
+                if _SKIP_KEY.search(name):
+                    continue
+                m = _EXPERT_KEY.match(name)
+                if m:  # per-expert tensor: stack when the layer's set is complete
+                    layer, e, proj = int(m[1]), int(m[2]), m[3]
+                    experts[(layer, proj)][e] = f.get_tensor(hf_name)
+                    group = experts[(layer, "gate")], experts[(layer, "up")], experts[(layer, "down")]
+                    if all(len(g) == E for g in group):
+                        gate, up, down = (torch.stack([g[i] for i in range(E)]) for g in group)
+                        put(f"layers.{layer}.mlp.experts.gate_up_proj", torch.cat([gate, up], dim=1))
+                        put(f"layers.{layer}.mlp.experts.down_proj", down)
+                        for proj_name in ("gate", "up", "down"):
+                            del experts[(layer, proj_name)]
+                else:
+                    put(name, f.get_tensor(hf_name))
+    if experts:
+        partial = sorted({layer for layer, _ in experts})
+        raise ConfigError(f"incomplete expert weights in layers {partial} of {path}")
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing = [k for k in expected if k not in state and not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing:
+        raise ConfigError(f"{path} lacks weights {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    _materialize_buffers(model, device)
+    return model.eval()
+
+
+def _materialize_buffers(model: Transformer, device) -> None:
+    """Non-persistent buffers (RoPE tables, expert placement) are computed, not loaded."""
+    from moray.model.rope import RotaryEmbedding
+
+    fresh = RotaryEmbedding(model.config)
+    for name, buf in fresh.named_buffers():
+        setattr(model.rotary, name, buf.to(device))
+    for _, moe in model.moe_layers():
+        moe.device_of_expert = contiguous_device_map(model.config.n_routed_experts, model.config.ep_size).to(device)
+
+
+def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """Our weights under the published HF names (per-expert tensors split out)."""
+    out: dict[str, torch.Tensor] = {}
+    I = model.config.moe_intermediate_size  # noqa: E741
+    for name, tensor in model.state_dict().items():
+        if model.config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        hf = name if name.startswith("lm_head.") else f"model.{name}"
+        if name.endswith("mlp.experts.gate_up_proj"):
+            prefix = hf[: -len("gate_up_proj")]
+            for e, w in enumerate(tensor):
+                out[f"{prefix}{e}.gate_proj.weight"] = w[:I].contiguous()
+                out[f"{prefix}{e}.up_proj.weight"] = w[I:].contiguous()
+        elif name.endswith("mlp.experts.down_proj"):
+            prefix = hf[: -len("down_proj")]
+            for e, w in enumerate(tensor):
+                out[f"{prefix}{e}.down_proj.weight"] = w.contiguous()
+        else:
+            out[hf] = tensor.contiguous()
+    return out
+
+
+def save_pretrained(model: Transformer, path: str | Path, tokenizer: str | Path | None = None) -> Path:
+    """Write a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2))
+    tensors = {k: v.detach().cpu().clone() for k, v in hf_state_dict(model).items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in tensors.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(path / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(path / fname), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, fname))
+        total = sum(v.numel() * v.element_size() for v in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    if tokenizer is not None:
+        src = Path(tokenizer)
+        src = src / "tokenizer.json" if src.is_dir() else src
+        shutil.copy(src, path / "tokenizer.json")
+    return path

@@ -1,0 +1,141 @@
+"""Multi-head Latent Attention (DeepSeek-V2, section 2.1).
+
+Keys and values come from one low-rank latent c_kv (kv_lora_rank values per token) plus a single
+RoPE key k_pe shared by all heads (qk_rope_head_dim values); queries optionally go through their
+own low-rank bottleneck (q_lora_rank). Two ways to compute the same attention:
+
+- expanded (training, long prefill): up-project c_kv to per-head k_nope and v, then ordinary SDPA;
+- absorbed (decode): fold W_UK into the query and W_UV into the output, and attend directly over
+  the cached latents, so nothing per-head is ever materialized for the context.
+
+Shapes: B batch, T new tokens, S keys, H heads, c kv_lora_rank, r qk_rope_head_dim,
+dn qk_nope_head_dim, dv v_head_dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moray.model.config import ModelConfig
+from moray.model.masks import additive_mask, allowed_keys, relative_bias
+from moray.model.norm import RMSNorm
+from moray.model.rope import apply_rope
+
+
+@dataclass
+class AttentionInputs:
+    """What every layer's attention needs about positions, computed once per forward."""
+
+    q_pos: torch.Tensor  # (B, T) absolute positions of the new tokens
+    cos: torch.Tensor  # (B, 1|H, T, r/2)
+    sin: torch.Tensor
+    k_valid: torch.Tensor | None = None  # (B, S) real keys; None: all real
+    cache: object | None = None  # LatentCache
+    key_len: int = 0  # keys to read from the cache after this step's write
+    absorb: bool = False  # use the absorbed (decode) formulation
+    plain_causal: bool = False  # no padding, no cache, no extras: SDPA's is_causal fast path
+
+
+class MultiHeadLatentAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, rope):
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        self.layer_type = config.attention_layer_type(layer_idx)
+        self.rope = rope  # shared RotaryEmbedding (not registered twice: held in a plain list)
+        H, c, r = config.num_attention_heads, config.kv_lora_rank, config.qk_rope_head_dim
+        self.n_heads, self.c, self.r = H, c, r
+        self.dn, self.dv = config.qk_nope_head_dim, config.v_head_dim
+        dq = config.qk_head_dim
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(config.hidden_size, H * dq, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(config.hidden_size, config.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, H * dq, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(config.hidden_size, c + r, bias=False)
+        self.kv_a_layernorm = RMSNorm(c)
+        self.kv_b_proj = nn.Linear(c, H * (self.dn + self.dv), bias=False)
+        self.o_proj = nn.Linear(H * self.dv, config.hidden_size, bias=False)
+        self.scale = config.softmax_scale
+        if config.relative_bias_offsets:
+            self.relative_bias = nn.Parameter(torch.zeros(H, len(config.relative_bias_offsets)))
+
+    @property
+    def _rope(self):
+        return self.rope[0]
+
+    def forward(self, x: torch.Tensor, inp: AttentionInputs) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, c = self.n_heads, self.c
+        if self.config.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, H, -1).transpose(1, 2)  # (B, H, T, dn + r)
+        q_nope, q_pe = q.split([self.dn, self.r], dim=-1)
+        q_pe = apply_rope(q_pe, inp.cos, inp.sin)  # (B, H, T, r)
+
+        kv = self.kv_a_proj_with_mqa(x)  # (B, T, c + r)
+        c_kv, k_pe = kv.split([c, self.r], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        if not self._rope.per_head:  # shared rotation: cache the rotated key
+            k_pe = apply_rope(k_pe[:, None], inp.cos, inp.sin)[:, 0]  # (B, T, r)
+        latent = torch.cat([c_kv, k_pe], dim=-1)  # (B, T, c + r)
+
+        if inp.cache is not None:
+            inp.cache.write(self.layer_idx, inp.q_pos, latent)
+            latent = inp.cache.read(self.layer_idx, inp.key_len)  # (B, S, c + r)
+            k_pos = torch.arange(latent.shape[1], device=x.device).expand(B, -1)
+        else:
+            k_pos = inp.q_pos
+        c_kv, k_pe = latent.split([c, self.r], dim=-1)  # (B, S, c), (B, S, r)
+        k_pe = k_pe[:, None]  # (B, 1, S, r)
+        if self._rope.per_head:  # the cache holds the raw key; rotate it per head now
+            cos, sin = self._rope(k_pos)
+            k_pe = apply_rope(k_pe.expand(-1, H, -1, -1), cos, sin)  # (B, H, S, r)
+
+        mask = None
+        if not inp.plain_causal:
+            allowed = allowed_keys(self.config, self.layer_type, inp.q_pos, k_pos, inp.k_valid)
+            mask = additive_mask(allowed, q.dtype)  # (B, 1, T, S)
+            if self.config.relative_bias_offsets:
+                mask = mask + relative_bias(self.config.relative_bias_offsets, self.relative_bias, inp.q_pos, k_pos)
+
+        if inp.absorb:
+            out = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask)
+        else:
+            out = self._expanded(q_nope, q_pe, c_kv, k_pe, mask)  # (B, H, T, dv)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.dv))
+
+    def _expanded(self, q_nope, q_pe, c_kv, k_pe, mask):
+        B, H, T, _ = q_nope.shape
+        S = c_kv.shape[1]
+        kv = self.kv_b_proj(c_kv).view(B, S, H, self.dn + self.dv).transpose(1, 2)  # (B, H, S, dn + dv)
+        k_nope, v = kv.split([self.dn, self.dv], dim=-1)
+        k = torch.cat([k_nope, k_pe.expand(-1, H, -1, -1)], dim=-1)  # (B, H, S, dn + r)
+        q = torch.cat([q_nope, q_pe], dim=-1)  # (B, H, T, dn + r)
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
+        B, H, T, _ = q_nope.shape
+        w = self.kv_b_proj.weight.view(H, self.dn + self.dv, self.c)
+        w_uk, w_uv = w[:, : self.dn], w[:, self.dn :]  # (H, dn, c), (H, dv, c)
+        q_lat = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)  # (B, H, T, c)
+        if k_pe.shape[1] == 1:  # shared rope key: one bmm over [latent | rope] for all heads
+            q_cat = torch.cat([q_lat, q_pe], dim=-1).reshape(B, H * T, -1)  # (B, H*T, c + r)
+            keys = torch.cat([c_kv, k_pe[:, 0]], dim=-1)  # (B, S, c + r)
+            scores = torch.bmm(q_cat, keys.transpose(1, 2)).view(B, H, T, -1)  # (B, H, T, S)
+        else:
+            scores = q_lat @ c_kv[:, None].transpose(-1, -2) + q_pe @ k_pe.transpose(-1, -2)
+        scores = scores * self.scale
+        if mask is not None:
+            scores = scores + mask
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(q_nope.dtype)
+        o_lat = torch.bmm(probs.view(B, H * T, -1), c_kv).view(B, H, T, self.c)  # (B, H, T, c)
+        return torch.einsum("bhtc,hvc->bhtv", o_lat, w_uv)  # (B, H, T, dv)

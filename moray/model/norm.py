@@ -1,0 +1,38 @@
+"""RMSNorm and the SwiGLU feed-forward used by dense layers and shared experts."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def swish(x: torch.Tensor, beta: torch.Tensor | None) -> torch.Tensor:
+    """Swish(x) = x * sigmoid(beta * x); beta None is SiLU (beta = 1), the published model."""
+    return F.silu(x) if beta is None else x * torch.sigmoid(beta * x)
+
+
+class SwiGLU(nn.Module):
+    """down(swish(gate(x)) * up(x)), optionally with a learned beta in the swish."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, learned_beta: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.beta = nn.Parameter(torch.ones(())) if learned_beta else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(swish(self.gate_proj(x), self.beta) * self.up_proj(x))

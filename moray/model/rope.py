@@ -1,0 +1,93 @@
+"""Rotary position embedding for MLA's decoupled key, with YaRN and moray's RoPE extras.
+
+DeepSeek-V2 rotates *interleaved* pairs (x[2i], x[2i+1]) (HF does it with complex numbers), and
+YaRN multiplies cos/sin by its attention factor mscale(factor, mscale) / mscale(factor, mscale_all_dim).
+
+Extras (off by default): a RoPE base per head, learned wavelengths (inverse frequencies as
+parameters, stored in log space), both for the shared rope key of MLA.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from moray.model.config import ModelConfig, yarn_mscale
+
+
+def default_inv_freq(dim: int, base: float) -> torch.Tensor:
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))  # (dim/2,)
+
+
+def yarn_inv_freq(dim: int, base: float, scaling: dict) -> tuple[torch.Tensor, float]:
+    """YaRN's blend of interpolated and extrapolated frequencies, and its attention factor."""
+    factor = float(scaling["factor"])
+    original_max = scaling["original_max_position_embeddings"]
+    beta_fast = scaling.get("beta_fast") or 32
+    beta_slow = scaling.get("beta_slow") or 1
+    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        if mscale and mscale_all_dim:
+            attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = yarn_mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original_max / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = default_inv_freq(dim, base)
+    interpolation = extrapolation / factor
+    keep_extrapolated = 1 - ramp
+    inv_freq = interpolation * (1 - keep_extrapolated) + extrapolation * keep_extrapolated
+    return inv_freq, float(attention_factor)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for positions; `per_head` says whether they differ across heads."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        dim, base, H = config.qk_rope_head_dim, config.rope_theta, config.num_attention_heads
+        self.per_head = config.rope_per_head_base
+        self.attention_scaling = 1.0
+        if self.per_head:
+            # Bases spread geometrically from base/s to base*s: some heads fine, some coarse.
+            s = config.rope_per_head_base_spread
+            bases = base * s ** torch.linspace(-1.0, 1.0, H)
+            inv_freq = torch.stack([default_inv_freq(dim, float(b)) for b in bases])  # (H, dim/2)
+        elif config.rope_type == "yarn":
+            inv_freq, self.attention_scaling = yarn_inv_freq(dim, base, config.rope_scaling)
+        else:
+            inv_freq = default_inv_freq(dim, base)  # (dim/2,)
+        if config.rope_learned_wavelengths:
+            self.log_inv_freq = nn.Parameter(inv_freq.log())
+        else:
+            self.register_buffer("_inv_freq", inv_freq, persistent=False)
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        return self.log_inv_freq.exp() if hasattr(self, "log_inv_freq") else self._inv_freq
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, T) -> cos, sin of shape (B, 1 or H, T, dim/2), YaRN-scaled."""
+        inv_freq = self.inv_freq
+        if inv_freq.dim() == 1:
+            inv_freq = inv_freq[None]  # (1, dim/2)
+        angles = positions[:, None, :, None].float() * inv_freq[None, :, None, :]  # (B, h, T, dim/2)
+        return angles.cos() * self.attention_scaling, angles.sin() * self.attention_scaling
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x (B, h, T, dim) by cos/sin (B, 1|h, T, dim/2)."""
+    x_pairs = x.float().unflatten(-1, (-1, 2))  # (B, h, T, dim/2, 2)
+    x0, x1 = x_pairs[..., 0], x_pairs[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)

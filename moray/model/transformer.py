@@ -1,0 +1,142 @@
+"""The DeepSeek-V2 decoder: embeddings, N x (RMSNorm -> MLA -> RMSNorm -> MLP or MoE), head.
+
+Parameter names follow Hugging Face's DeepseekV2ForCausalLM without the `model.` prefix, so
+weight conversion is a rename (see hf.py). Single-device code: parallelism is applied from
+outside (moray.model.parallel plans), never inside these modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from moray.model.cache import LatentCache
+from moray.model.config import ModelConfig
+from moray.model.mla import AttentionInputs, MultiHeadLatentAttention
+from moray.model.moe import MoE, RouterStats
+from moray.model.norm import RMSNorm, SwiGLU
+from moray.model.rope import RotaryEmbedding
+
+# Up to this many new tokens per row, attention with a cache runs in absorbed (decode) form.
+ABSORB_MAX_TOKENS = 4
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, vocab)
+    aux_loss: torch.Tensor  # weighted sum of the balance losses over MoE layers (0 in eval)
+    balance_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted, summed
+    router_stats: dict[int, RouterStats] = field(default_factory=dict)  # layer index -> stats
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, rope: list):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MultiHeadLatentAttention(config, layer_idx, rope)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.is_moe_layer(layer_idx):
+            self.mlp = MoE(config)
+        else:
+            self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, config.swiglu_learned_beta)
+
+    def forward(self, x: torch.Tensor, inp: AttentionInputs) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), inp)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.rotary = RotaryEmbedding(config)
+        rope = [self.rotary]  # shared by every layer, registered once
+        self.layers = nn.ModuleList(Block(config, i, rope) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(("beta", "activation_scale")):
+                p.fill_(1.0)
+            elif name.endswith("relative_bias") or "log_inv_freq" in name:
+                continue  # zeros / the RoPE frequencies they start from
+            else:
+                p.normal_(0.0, std)
+
+    def moe_layers(self) -> list[tuple[int, MoE]]:
+        return [(i, b.mlp) for i, b in enumerate(self.layers) if isinstance(b.mlp, MoE)]
+
+    def set_capacity_factor(self, factor: float | None) -> None:
+        for _, moe in self.moe_layers():
+            moe.capacity_factor = factor
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        attention_mask: torch.Tensor | None = None,  # (B, T) 1 real / 0 pad
+        position_ids: torch.Tensor | None = None,  # (B, T)
+        cache: LatentCache | None = None,
+        absorb: bool | None = None,  # force the absorbed / expanded attention form
+        num_logits_to_keep: int = 0,  # 0: logits for every position; n: the last n only
+    ) -> ModelOutput:
+        B, T = input_ids.shape
+        device = input_ids.device
+        steps = torch.arange(T, device=device)
+        plain = False
+        if cache is not None:
+            # Rows are right-padded: a row's new tokens start at its cached length.
+            positions = cache.lengths[:, None] + steps if position_ids is None else position_ids
+            n_new = attention_mask.sum(dim=1) if attention_mask is not None else torch.full_like(cache.lengths, T)
+            new_lengths = cache.lengths + n_new
+            key_len = int(new_lengths.max())
+            k_valid = torch.arange(key_len, device=device)[None] < new_lengths[:, None]
+        else:
+            positions = steps.expand(B, T) if position_ids is None else position_ids
+            key_len = T
+            k_valid = None if attention_mask is None else attention_mask.bool()
+            plain = attention_mask is None or bool(attention_mask.all())
+            if plain:
+                k_valid = None
+        if absorb is None:
+            absorb = cache is not None and T <= ABSORB_MAX_TOKENS
+        cos, sin = self.rotary(positions)
+        inp = AttentionInputs(positions, cos, sin, k_valid, cache, key_len, absorb, plain_causal=plain)
+
+        x = self.embed_tokens(input_ids)  # (B, T, H)
+        for block in self.layers:
+            x = block(x, inp)
+        x = self.norm(x)
+        if num_logits_to_keep:
+            x = x[:, -num_logits_to_keep:]
+        logits = self.lm_head(x)  # (B, T', vocab)
+        if cache is not None:
+            cache.lengths = new_lengths
+        return self._output(logits)
+
+    def _output(self, logits: torch.Tensor) -> ModelOutput:
+        cfg = self.config
+        weights = {
+            "expert_balance": cfg.aux_loss_alpha,
+            "device_balance": cfg.device_balance_alpha,
+            "comm_balance": cfg.comm_balance_alpha,
+            "router_z_loss": cfg.router_z_loss_coef,
+        }
+        totals: dict[str, torch.Tensor] = {}
+        stats: dict[int, RouterStats] = {}
+        for i, moe in self.moe_layers():
+            stats[i] = moe.last_stats
+            for name, value in (moe.last_losses or {}).items():
+                totals[name] = totals.get(name, 0) + value
+        aux = sum((weights[n] * v for n, v in totals.items()), torch.zeros((), device=logits.device))
+        return ModelOutput(logits=logits, aux_loss=aux, balance_losses=totals, router_stats=stats)
