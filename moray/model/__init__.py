@@ -3,23 +3,13 @@
 from moray.model.cache import LatentCache
 from moray.model.capacity import CapacityController
 from moray.model.config import ConfigError, ModelConfig
+from moray.model.generation import generate
+from moray.model.hf import load_pretrained, save_pretrained
 from moray.model.presets import PRESETS, preset
+from moray.model.sampling import SamplingParams
 from moray.model.transformer import ModelOutput, Transformer
-
-
-def __getattr__(name):  # heavier submodules load on first use
-    if name in ("load_pretrained", "save_pretrained"):
-        from moray.model import hf
-
-        return getattr(hf, name)
-    if name in ("generate", "SamplingParams"):
-        from moray.model import generate
-
-        return getattr(generate, name)
-    raise AttributeError(name)
-
 
 __all__ = [
     "CapacityController", "ConfigError", "LatentCache", "ModelConfig", "ModelOutput", "PRESETS",
-    "Transformer", "generate", "load_pretrained", "preset", "save_pretrained", "SamplingParams",
+    "SamplingParams", "Transformer", "generate", "load_pretrained", "preset", "save_pretrained",
 ]  # fmt: skip
