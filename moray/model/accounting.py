@@ -1,0 +1,148 @@
+"""Parameter, FLOP and KV-cache accounting computed from the config alone (no weights needed,
+so it works for the 236B model on a laptop).
+
+Activated parameters per token: everything a token's forward pass multiplies by, i.e. all
+parameters except the input embedding table (a lookup, not a matmul) and the routed experts the
+router did not pick: attention, norms, dense MLPs, the router, the shared experts, the top-k
+routed experts and the output head. With this rule DeepSeek-V2 comes out at 236B total / 21B
+activated and DeepSeek-V2-Lite at 15.7B / 2.4B, the papers' figures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from moray.model.config import ModelConfig
+
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
+
+
+@dataclass
+class Accounting:
+    total_params: int
+    activated_params: int
+    embedding_params: int  # input embedding table (not activated: a lookup)
+    attention_params: int
+    dense_mlp_params: int
+    routed_expert_params: int  # all routed experts of all MoE layers
+    shared_expert_params: int
+    router_params: int
+    head_params: int  # lm_head (0 when tied)
+    other_params: int  # norms and the extras' scalars
+    train_flops_per_token: int  # fwd + bwd at `seq_len`, attention included
+    seq_len: int
+    kv_cache_values_per_token_mla: int  # layers * (kv_lora_rank + qk_rope_head_dim)
+    kv_cache_values_per_token_mha: int  # layers * heads * (qk_head_dim + v_head_dim)
+    kv_cache_bytes_per_token_mla: int
+    kv_cache_bytes_per_token_mha: int
+    cache_dtype: str
+
+    @property
+    def kv_cache_reduction(self) -> float:
+        return self.kv_cache_values_per_token_mha / self.kv_cache_values_per_token_mla
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "kv_cache_reduction": self.kv_cache_reduction}
+
+
+def attention_params(c: ModelConfig) -> int:
+    H, nh = c.hidden_size, c.num_attention_heads
+    if c.q_lora_rank is None:
+        q = H * nh * c.qk_head_dim
+    else:
+        q = H * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * nh * c.qk_head_dim
+    kv = H * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank
+    kv += c.kv_lora_rank * nh * (c.qk_nope_head_dim + c.v_head_dim)
+    o = nh * c.v_head_dim * H
+    return q + kv + o + nh * len(c.relative_bias_offsets)
+
+
+def account(c: ModelConfig, seq_len: int = 4096, cache_dtype: str = "bfloat16") -> Accounting:
+    H, L = c.hidden_size, c.num_hidden_layers
+    n_moe = sum(c.is_moe_layer(i) for i in range(L))
+    n_dense = L - n_moe
+    beta = 1 if c.swiglu_learned_beta else 0
+
+    embedding = c.vocab_size * H
+    head = 0 if c.tie_word_embeddings else c.vocab_size * H
+    attention = L * attention_params(c)
+    dense = n_dense * (3 * H * c.intermediate_size + beta)
+    expert = 3 * H * c.moe_intermediate_size
+    per_expert_extra = (1 if c.swiglu_learned_beta else 0) + (1 if c.expert_activation_scale else 0)
+    routed = n_moe * c.n_routed_experts * (expert + per_expert_extra)
+    shared = n_moe * (c.n_shared_experts * expert + (beta if c.n_shared_experts else 0))
+    router = n_moe * c.n_routed_experts * H
+    rope = 0
+    if c.rope_learned_wavelengths:
+        rope = (c.num_attention_heads if c.rope_per_head_base else 1) * c.qk_rope_head_dim // 2
+    other = L * 2 * H + H + rope  # two norms per layer, the final norm
+    total = embedding + head + attention + dense + routed + shared + router + other
+    routed_active = n_moe * c.num_experts_per_tok * (expert + per_expert_extra)
+    activated = total - embedding - routed + routed_active
+    if c.tie_word_embeddings:
+        activated += embedding  # the tied table is also the output projection
+
+    # Training FLOPs: 6 per activated matmul weight (2 fwd + 4 bwd) plus attention scores and
+    # the weighted sum of values over the causal context (on average seq_len / 2 keys).
+    matmul_params = activated - other
+    attn_fwd = L * 2 * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * (seq_len / 2)
+    train_flops = int(6 * matmul_params + 3 * attn_fwd)
+
+    mla_values = L * (c.kv_lora_rank + c.qk_rope_head_dim)
+    mha_values = L * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim)
+    nbytes = BYTES[cache_dtype]
+    return Accounting(
+        total_params=total,
+        activated_params=activated,
+        embedding_params=embedding,
+        attention_params=attention,
+        dense_mlp_params=dense,
+        routed_expert_params=routed,
+        shared_expert_params=shared,
+        router_params=router,
+        head_params=head,
+        other_params=other,
+        train_flops_per_token=train_flops,
+        seq_len=seq_len,
+        kv_cache_values_per_token_mla=mla_values,
+        kv_cache_values_per_token_mha=mha_values,
+        kv_cache_bytes_per_token_mla=mla_values * nbytes,
+        kv_cache_bytes_per_token_mha=mha_values * nbytes,
+        cache_dtype=cache_dtype,
+    )
+
+
+def human(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(int(n))
+
+
+def format_accounting(name: str, a: Accounting) -> str:
+    rows = [
+        ("total parameters", human(a.total_params), f"{a.total_params:,}"),
+        ("activated per token", human(a.activated_params), f"{a.activated_params:,}"),
+        ("  input embedding (not activated)", human(a.embedding_params), ""),
+        ("  attention (MLA)", human(a.attention_params), ""),
+        ("  dense MLPs", human(a.dense_mlp_params), ""),
+        ("  routed experts (top-k activated)", human(a.routed_expert_params), ""),
+        ("  shared experts", human(a.shared_expert_params), ""),
+        ("  routers", human(a.router_params), ""),
+        ("  output head", human(a.head_params), ""),
+        ("  norms and extras", human(a.other_params), ""),
+        (f"training FLOPs / token (seq {a.seq_len})", human(a.train_flops_per_token), ""),
+        (f"KV cache / token, MLA ({a.cache_dtype})", f"{a.kv_cache_bytes_per_token_mla:,} B",
+         f"{a.kv_cache_values_per_token_mla:,} values"),
+        (f"KV cache / token, MHA ({a.cache_dtype})", f"{a.kv_cache_bytes_per_token_mha:,} B",
+         f"{a.kv_cache_values_per_token_mha:,} values"),
+        ("KV cache reduction", f"{a.kv_cache_reduction:.1f}x", ""),
+    ]  # fmt: skip
+    width = max(len(r[0]) for r in rows)
+    lines = [f"model: {name}"] + [f"  {k:<{width}}  {v:>10}  {x}".rstrip() for k, v, x in rows]
+    lines.append(
+        "  activated = every parameter a token's forward multiplies by: attention, norms, dense MLPs, "
+        "routers, shared experts, the top-k routed experts and the output head (the input embedding "
+        "is a lookup and is not counted)."
+    )
+    return "\n".join(lines)
