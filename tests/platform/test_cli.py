@@ -34,3 +34,11 @@ def test_model_info_unknown_preset_is_a_clear_error(capsys):
 def test_model_generate_runs(capsys):
     assert main(["model", "generate", "tiny", "--max-new-tokens", "4"]) == 0
     assert len(json.loads(capsys.readouterr().out)["generated"]) == 4
+
+
+def test_model_info_reads_yaml_configs(capsys):
+    from pathlib import Path
+
+    yaml_file = Path(__file__).parents[2] / "configs/model/tiny-extras.yaml"
+    assert main(["model", "info", str(yaml_file), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total_params"] > 259_104  # the extras add parameters
