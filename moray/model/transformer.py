@@ -59,6 +59,10 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # Sparse layer patterns and relative biases live in the attention mask: never skip it.
+        self._needs_mask = bool(config.relative_bias_offsets) or any(
+            config.attention_layer_type(i) != "full" for i in range(config.num_hidden_layers)
+        )
         self.reset_parameters()
 
     @torch.no_grad()
@@ -93,7 +97,6 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         device = input_ids.device
         steps = torch.arange(T, device=device)
-        plain = False
         if cache is not None:
             # Rows are right-padded: a row's new tokens start at its cached length.
             positions = cache.lengths[:, None] + steps if position_ids is None else position_ids
@@ -105,11 +108,13 @@ class Transformer(nn.Module):
             positions = steps.expand(B, T) if position_ids is None else position_ids
             key_len = T
             k_valid = None if attention_mask is None else attention_mask.bool()
-            plain = attention_mask is None or bool(attention_mask.all())
-            if plain:
+            if attention_mask is None or bool(attention_mask.all()):
                 k_valid = None
         if absorb is None:
             absorb = cache is not None and T <= ABSORB_MAX_TOKENS
+        # SDPA's is_causal fast path: no cache, no padding, no sparse pattern or relative bias (the
+        # mask carries those), and the expanded form (the absorbed form only masks with an explicit mask).
+        plain = cache is None and k_valid is None and not absorb and not self._needs_mask
         cos, sin = self.rotary(positions)
         inp = AttentionInputs(positions, cos, sin, k_valid, cache, key_len, absorb, plain_causal=plain)
 
