@@ -183,12 +183,16 @@ class ModelConfig:
         need(self.attention_stride > 0, "attention_stride", "must be positive")
         need(self.num_global_tokens >= 0, "num_global_tokens", "must be >= 0")
         need(self.rope_per_head_base_spread >= 1, "rope_per_head_base_spread", "must be >= 1")
-        need(all(isinstance(o, int) and o != 0 for o in self.relative_bias_offsets), "relative_bias_offsets",
-             "must be non-zero integers")  # fmt: skip
+        # An offset is q_pos - k_pos: a negative one names a future key, which causal attention never
+        # sees, so its bias would be a dead parameter (no effect, no gradient).
+        need(all(isinstance(o, int) and not isinstance(o, bool) and o > 0 for o in self.relative_bias_offsets),
+             "relative_bias_offsets", "must be positive integers (query position - key position)")  # fmt: skip
         if self.rope_scaling:
             need(self.rope_type in ("default", "yarn"), "rope_scaling",
                  f"type {self.rope_type!r} is not supported (use 'yarn')")  # fmt: skip
             if self.rope_type == "yarn":
+                need(not self.rope_per_head_base, "rope_per_head_base",
+                     "per-head RoPE bases do not combine with yarn scaling")  # fmt: skip
                 f = self.rope_scaling.get("factor")
                 need(isinstance(f, (int, float)) and f >= 1, "rope_scaling", "yarn needs factor >= 1")
                 need("original_max_position_embeddings" in self.rope_scaling, "rope_scaling",
