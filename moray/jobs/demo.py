@@ -33,7 +33,9 @@ def main() -> None:
     ids = torch.randint(3, config.vocab_size, (2, 16))
     with torch.no_grad():
         diff = (loaded(ids).logits - model(ids).logits).abs().max().item()
-    print(f"wrote {hf_dir} ({', '.join(sorted(p.name for p in hf_dir.iterdir()))}); reloaded logits differ by {diff:.1e}")
+    print(
+        f"wrote {hf_dir} ({', '.join(sorted(p.name for p in hf_dir.iterdir()))}); reloaded logits differ by {diff:.1e}"
+    )
 
     print("\n== 3. generation with the MLA latent cache (random weights, so the tokens are noise) ==")
     prompts = [[1, 17, 42, 99], [1, 7]]
@@ -54,7 +56,9 @@ def main() -> None:
         f"weights {r['bytes_before']:,} -> {r['bytes_after']:,} bytes ({100 * r['memory_saved_fraction']:.0f}% saved), "
         f"relative logit error {r['relative_logit_error']:.4f}, top-1 agreement {100 * r['top1_agreement']:.1f}%"
     )
-    print("\nNext: `make test` runs the parity tests against transformers; `make bench` prints the speed ratios.")
+    print(
+        "\nNext: `make test` runs the parity tests against transformers; `make bench` prints the speed ratios."
+    )
 
 
 if __name__ == "__main__":

@@ -60,7 +60,9 @@ def load_pretrained(
             raise ConfigError(f"unexpected weight {name!r} in {path}: does config.json match the weights?")
         want = expected[name].shape
         if tensor.shape != want:
-            raise ConfigError(f"weight {name!r} has shape {tuple(tensor.shape)}, config implies {tuple(want)}")
+            raise ConfigError(
+                f"weight {name!r} has shape {tuple(tensor.shape)}, config implies {tuple(want)}"
+            )
         state[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
 
     for file in files:
@@ -87,7 +89,9 @@ def load_pretrained(
         raise ConfigError(f"incomplete expert weights in layers {partial} of {path}")
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    missing = [k for k in expected if k not in state and not (config.tie_word_embeddings and k == "lm_head.weight")]
+    missing = [
+        k for k in expected if k not in state and not (config.tie_word_embeddings and k == "lm_head.weight")
+    ]
     if missing:
         raise ConfigError(f"{path} lacks weights {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     model.load_state_dict(state, strict=False, assign=True)
@@ -105,7 +109,9 @@ def _materialize_buffers(model: Transformer, device) -> None:
     for name, buf in fresh.named_buffers():
         setattr(model.rotary, name, buf.to(device))
     for _, moe in model.moe_layers():
-        moe.device_of_expert = contiguous_device_map(model.config.n_routed_experts, model.config.ep_size).to(device)
+        moe.device_of_expert = contiguous_device_map(model.config.n_routed_experts, model.config.ep_size).to(
+            device
+        )
 
 
 def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:

@@ -23,7 +23,9 @@ def _load_config(name_or_path: str):
         return preset(base, **data) if base else ModelConfig.from_dict(data)
     config_file = path / "config.json" if path.is_dir() else path
     if not config_file.is_file():
-        raise SystemExit(f"moray: {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json")
+        raise SystemExit(
+            f"moray: {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json"
+        )
     return ModelConfig.from_hf_dict(json.loads(config_file.read_text()))
 
 
@@ -68,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     model = groups.add_parser("model", help="inspect and run the model")
     model_cmds = model.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
     info = model_cmds.add_parser("info", help="parameters, activated parameters, FLOPs and KV-cache size")
-    info.add_argument("model", help="a preset (tiny, small, deepseek-v2-lite, deepseek-v2), a YAML config or an HF directory")
+    info.add_argument(
+        "model",
+        help="a preset (tiny, small, deepseek-v2-lite, deepseek-v2), a YAML config or an HF directory",
+    )
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.add_argument("--seq-len", type=int, default=4096, help="context length for the FLOPs figure")
     info.add_argument("--cache-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16", "int8"])

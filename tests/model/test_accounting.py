@@ -19,8 +19,13 @@ def test_published_models_match_the_papers_figures(name, total, activated):
     [
         {},
         dict(q_lora_rank=16, tie_word_embeddings=True),
-        dict(swiglu_learned_beta=True, expert_activation_scale=True, rope_learned_wavelengths=True,
-             rope_per_head_base=True, relative_bias_offsets=[1, 2]),  # fmt: skip
+        dict(
+            swiglu_learned_beta=True,
+            expert_activation_scale=True,
+            rope_learned_wavelengths=True,
+            rope_per_head_base=True,
+            relative_bias_offsets=[1, 2],
+        ),  # fmt: skip
     ],
 )
 def test_counts_equal_the_instantiated_model(overrides):
@@ -51,4 +56,8 @@ def test_presets_sizes():
 def test_train_flops_grow_with_context():
     cfg = preset("small")
     short, long = account(cfg, seq_len=512), account(cfg, seq_len=4096)
-    assert long.train_flops_per_token > short.train_flops_per_token >= 6 * (short.activated_params - short.other_params)
+    assert (
+        long.train_flops_per_token
+        > short.train_flops_per_token
+        >= 6 * (short.activated_params - short.other_params)
+    )

@@ -1,7 +1,13 @@
 import torch
 
 from moray.model import Transformer, preset
-from moray.model.quant import Int8Linear, Int8RoutedExperts, quantization_report, quantize_int8, quantize_per_channel
+from moray.model.quant import (
+    Int8Linear,
+    Int8RoutedExperts,
+    quantization_report,
+    quantize_int8,
+    quantize_per_channel,
+)
 
 
 def test_per_channel_roundtrip_error_is_bounded():
