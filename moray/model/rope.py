@@ -38,8 +38,10 @@ def yarn_inv_freq(dim: int, base: float, scaling: dict) -> tuple[torch.Tensor, f
     def correction_dim(rotations: float) -> float:
         return dim * math.log(original_max / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
-    low = max(math.floor(correction_dim(beta_fast)), 0)
-    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):  # HF's option (gpt-oss turns it off); DeepSeek truncates
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
