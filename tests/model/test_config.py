@@ -9,8 +9,15 @@ from moray.model import ConfigError, ModelConfig, Transformer, preset
 from moray.model.config import yarn_mscale
 from moray.model.presets import PRESETS
 
-YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
-        "mscale": 0.707, "mscale_all_dim": 0.707}  # fmt: skip
+YARN = {
+    "type": "yarn",
+    "factor": 4.0,
+    "original_max_position_embeddings": 64,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 0.707,
+    "mscale_all_dim": 0.707,
+}
 
 # (overrides on the tiny preset, the field the error message must name)
 BAD = {
@@ -33,13 +40,20 @@ BAD = {
     "unknown_scoring": (dict(scoring_func="relu"), "scoring_func"),
     "group_limited_without_groups": (dict(topk_method="group_limited_greedy"), "n_group"),
     "n_group_not_dividing": (dict(topk_method="group_limited_greedy", n_group=3, topk_group=1), "n_group"),
-    "topk_group_above_n_group": (dict(topk_method="group_limited_greedy", n_group=4, topk_group=5), "topk_group"),
+    "topk_group_above_n_group": (
+        dict(topk_method="group_limited_greedy", n_group=4, topk_group=5),
+        "topk_group",
+    ),
     "topk_group_zero": (dict(topk_method="group_limited_greedy", n_group=4, topk_group=0), "topk_group"),
     "too_few_experts_in_kept_groups": (
-        dict(topk_method="group_limited_greedy", n_group=4, topk_group=1, num_experts_per_tok=3), "topk_group"),
+        dict(topk_method="group_limited_greedy", n_group=4, topk_group=1, num_experts_per_tok=3),
+        "topk_group",
+    ),
     "noaux_tc_with_softmax": (dict(topk_method="noaux_tc", n_group=4, topk_group=2), "scoring_func"),
     "noaux_tc_one_expert_per_group": (
-        dict(topk_method="noaux_tc", scoring_func="sigmoid", n_group=8, topk_group=2), "n_group"),
+        dict(topk_method="noaux_tc", scoring_func="sigmoid", n_group=8, topk_group=2),
+        "n_group",
+    ),
     "ep_size_not_dividing": (dict(ep_size=3), "ep_size"),
     "max_devices_above_ep_size": (dict(ep_size=2, max_devices_per_token=3), "max_devices_per_token"),
     "capacity_factor_zero": (dict(capacity_factor=0.0), "capacity_factor"),
@@ -50,8 +64,10 @@ BAD = {
     "rope_theta_negative": (dict(rope_theta=-1.0), "rope_theta"),
     "unknown_rope_type": (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
     "unknown_rope_type_hf5_key": (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope_scaling"),
-    "yarn_without_factor": (dict(rope_scaling={"type": "yarn", "original_max_position_embeddings": 64}),
-                            "rope_scaling"),  # fmt: skip
+    "yarn_without_factor": (
+        dict(rope_scaling={"type": "yarn", "original_max_position_embeddings": 64}),
+        "rope_scaling",
+    ),
     "yarn_factor_below_one": (dict(rope_scaling={**YARN, "factor": 0.5}), "rope_scaling"),
     "yarn_without_original_max": (dict(rope_scaling={"type": "yarn", "factor": 4.0}), "rope_scaling"),
     "layer_types_too_short": (dict(attention_layer_types=["full", "local"]), "attention_layer_types"),
@@ -87,9 +103,19 @@ def test_config_error_is_a_value_error_and_replace_validates():
 
 
 def test_valid_extras_are_accepted():
-    cfg = preset("tiny", attention_layer_types=["full", "local", "strided"], relative_bias_offsets=[1, 2, 128],
-                 topk_method="noaux_tc", scoring_func="sigmoid", n_group=4, topk_group=2, rope_scaling=YARN,
-                 capacity_factor=1.25, ep_size=2, max_devices_per_token=1)  # fmt: skip
+    cfg = preset(
+        "tiny",
+        attention_layer_types=["full", "local", "strided"],
+        relative_bias_offsets=[1, 2, 128],
+        topk_method="noaux_tc",
+        scoring_func="sigmoid",
+        n_group=4,
+        topk_group=2,
+        rope_scaling=YARN,
+        capacity_factor=1.25,
+        ep_size=2,
+        max_devices_per_token=1,
+    )
     assert [cfg.attention_layer_type(i) for i in range(3)] == ["full", "local", "strided"]
     assert preset("tiny").attention_layer_type(2) == "full"
 
@@ -131,13 +157,33 @@ def test_softmax_scale_with_yarn_is_mscale_squared():
 
 def _hf_common():
     return dict(
-        vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=3,
-        num_attention_heads=4, q_lora_rank=16, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
-        v_head_dim=12, n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=3, first_k_dense_replace=1,
-        topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=2.5,
-        max_position_embeddings=256, hidden_act="silu", architectures=["DeepseekV2ForCausalLM"],
-        torch_dtype="bfloat16", model_type="deepseek_v2", bos_token_id=1, eos_token_id=[2, 5],
-    )  # fmt: skip
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=24,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        q_lora_rank=16,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=12,
+        n_routed_experts=8,
+        n_shared_experts=2,
+        num_experts_per_tok=3,
+        first_k_dense_replace=1,
+        topk_method="group_limited_greedy",
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        max_position_embeddings=256,
+        hidden_act="silu",
+        architectures=["DeepseekV2ForCausalLM"],
+        torch_dtype="bfloat16",
+        model_type="deepseek_v2",
+        bos_token_id=1,
+        eos_token_id=[2, 5],
+    )
 
 
 def test_from_hf_dict_original_release_spelling():
@@ -154,8 +200,9 @@ def test_from_hf_dict_transformers5_spelling():
     cfg = ModelConfig.from_hf_dict({**_hf_common(), "rope_parameters": rope})
     assert cfg.rope_theta == 50000.0
     assert cfg.rope_type == "yarn" and cfg.rope_scaling == YARN
-    plain = ModelConfig.from_hf_dict({**_hf_common(), "rope_parameters": {"rope_type": "default",
-                                                                           "rope_theta": 1e6}})  # fmt: skip
+    plain = ModelConfig.from_hf_dict(
+        {**_hf_common(), "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}
+    )
     assert plain.rope_theta == 1e6 and plain.rope_scaling is None and plain.rope_type == "default"
     # Both spellings of one config give the same ModelConfig.
     orig = ModelConfig.from_hf_dict({**_hf_common(), "rope_theta": 50000.0, "rope_scaling": dict(YARN)})
@@ -168,8 +215,18 @@ def test_from_hf_dict_reads_a_transformers_config():
     kw = {k: v for k, v in _hf_common().items() if k not in ("architectures", "torch_dtype", "model_type")}
     hf = transformers.DeepseekV2Config(**{**kw, "eos_token_id": 2, "rope_parameters": rope})
     cfg = ModelConfig.from_hf_dict(json.loads(hf.to_json_string()))
-    for name in ("hidden_size", "q_lora_rank", "kv_lora_rank", "n_group", "topk_group", "num_experts_per_tok",
-                 "routed_scaling_factor", "max_position_embeddings", "qk_rope_head_dim", "v_head_dim"):  # fmt: skip
+    for name in (
+        "hidden_size",
+        "q_lora_rank",
+        "kv_lora_rank",
+        "n_group",
+        "topk_group",
+        "num_experts_per_tok",
+        "routed_scaling_factor",
+        "max_position_embeddings",
+        "qk_rope_head_dim",
+        "v_head_dim",
+    ):
         assert getattr(cfg, name) == getattr(hf, name), name
     assert cfg.rope_scaling == YARN
 
@@ -189,14 +246,32 @@ ROUND_TRIP = {
     "tiny": {},
     "yarn_qlora": dict(rope_scaling=YARN, q_lora_rank=16, rope_theta=50000.0),
     "grouped": dict(topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=3.0),
-    "noaux": dict(topk_method="noaux_tc", scoring_func="sigmoid", n_group=2, topk_group=1, norm_topk_prob=True),
-    "extras": dict(capacity_factor=1.25, aux_loss_alpha=0.01, device_balance_alpha=0.1, comm_balance_alpha=0.2,
-                   router_z_loss_coef=1e-3, ep_size=4, max_devices_per_token=2, bias_update_speed=0.01,
-                   attention_layer_types=["full", "local", "strided"], sliding_window=7, attention_stride=3,
-                   num_global_tokens=2, swiglu_learned_beta=True, expert_activation_scale=True,
-                   rope_per_head_base=True, rope_per_head_base_spread=2.0, rope_learned_wavelengths=True,
-                   relative_bias_offsets=[1, 2, 128], tie_word_embeddings=True, pad_token_id=None),
-}  # fmt: skip
+    "noaux": dict(
+        topk_method="noaux_tc", scoring_func="sigmoid", n_group=2, topk_group=1, norm_topk_prob=True
+    ),
+    "extras": dict(
+        capacity_factor=1.25,
+        aux_loss_alpha=0.01,
+        device_balance_alpha=0.1,
+        comm_balance_alpha=0.2,
+        router_z_loss_coef=1e-3,
+        ep_size=4,
+        max_devices_per_token=2,
+        bias_update_speed=0.01,
+        attention_layer_types=["full", "local", "strided"],
+        sliding_window=7,
+        attention_stride=3,
+        num_global_tokens=2,
+        swiglu_learned_beta=True,
+        expert_activation_scale=True,
+        rope_per_head_base=True,
+        rope_per_head_base_spread=2.0,
+        rope_learned_wavelengths=True,
+        relative_bias_offsets=[1, 2, 128],
+        tie_word_embeddings=True,
+        pad_token_id=None,
+    ),
+}
 
 
 @pytest.mark.parametrize("case", sorted(ROUND_TRIP))
@@ -215,8 +290,9 @@ def test_to_hf_dict_from_hf_dict_is_identity(case):
 
 def test_to_hf_dict_is_read_by_transformers():
     transformers = pytest.importorskip("transformers")
-    cfg = preset("tiny", rope_scaling=YARN, q_lora_rank=16, topk_method="group_limited_greedy", n_group=4,
-                 topk_group=2)  # fmt: skip
+    cfg = preset(
+        "tiny", rope_scaling=YARN, q_lora_rank=16, topk_method="group_limited_greedy", n_group=4, topk_group=2
+    )
     d = cfg.to_hf_dict()
     hf = transformers.DeepseekV2Config(**{k: v for k, v in d.items() if k != "moray"})
     assert hf.rope_parameters["rope_type"] == "yarn" and hf.rope_parameters["factor"] == 4.0

@@ -9,18 +9,36 @@ from moray.model import LatentCache, ModelConfig, Transformer, preset
 from moray.model.rope import RotaryEmbedding, apply_rope, default_inv_freq, yarn_inv_freq
 
 TOL = 1e-4
-YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
-        "mscale": 0.707, "mscale_all_dim": 0.707}  # fmt: skip
+YARN = {
+    "type": "yarn",
+    "factor": 4.0,
+    "original_max_position_embeddings": 32,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 0.707,
+    "mscale_all_dim": 0.707,
+}
 # Parameters that start at the identity (extras): left alone so "off" and "on at init" agree.
 IDENTITY_INIT = ("beta", "activation_scale", "relative_bias", "log_inv_freq")
 
 
 def tiny(**overrides) -> ModelConfig:
     base = dict(
-        vocab_size=128, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
-        num_attention_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
-        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, max_position_embeddings=256,
-    )  # fmt: skip
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+    )
     return preset("tiny", **{**base, **overrides})
 
 
@@ -178,10 +196,16 @@ def test_cache_stores_the_normalized_latent_and_the_rotated_rope_key():
     hooks = []
     for i, block in enumerate(model.layers):
         attn = block.self_attn
-        hooks.append(attn.kv_a_layernorm.register_forward_hook(
-            lambda m, a, out, i=i: seen.__setitem__(("norm", i), out.detach())))  # fmt: skip
-        hooks.append(attn.kv_a_proj_with_mqa.register_forward_hook(
-            lambda m, a, out, i=i: seen.__setitem__(("kv_a", i), out.detach())))  # fmt: skip
+        hooks.append(
+            attn.kv_a_layernorm.register_forward_hook(
+                lambda m, a, out, i=i: seen.__setitem__(("norm", i), out.detach())
+            )
+        )
+        hooks.append(
+            attn.kv_a_proj_with_mqa.register_forward_hook(
+                lambda m, a, out, i=i: seen.__setitem__(("kv_a", i), out.detach())
+            )
+        )
     cache = LatentCache(cfg, 2, 10)
     with torch.no_grad():
         model(ids, cache=cache)
@@ -228,7 +252,7 @@ def test_num_logits_to_keep():
 
 def test_default_inv_freq_and_interleaved_rotation():
     inv = default_inv_freq(8, 10000.0)
-    assert torch.allclose(inv, torch.tensor([1.0, 10000 ** -0.25, 10000 ** -0.5, 10000 ** -0.75]))
+    assert torch.allclose(inv, torch.tensor([1.0, 10000**-0.25, 10000**-0.5, 10000**-0.75]))
     # Pairs (x0, x1), (x2, x3), ... are rotated, each by position * its frequency.
     x = torch.tensor([1.0, 0.0, 0.0, 1.0])[None, None, None]  # (1, 1, 1, 4)
     angles = torch.tensor([0.5, 0.25])
@@ -257,24 +281,72 @@ def _hf_yarn(scaling: dict, dim: int, theta: float, max_pos: int):
 
     rope = {"rope_type": "yarn", "rope_theta": theta, **{k: v for k, v in scaling.items() if k != "type"}}
     hf = transformers.DeepseekV2Config(
-        hidden_size=64, num_attention_heads=4, qk_rope_head_dim=dim, qk_nope_head_dim=16, v_head_dim=16,
-        kv_lora_rank=32, q_lora_rank=None, max_position_embeddings=max_pos, rope_parameters=rope,
-        num_experts_per_tok=2, n_routed_experts=8,
-    )  # fmt: skip
+        hidden_size=64,
+        num_attention_heads=4,
+        qk_rope_head_dim=dim,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        kv_lora_rank=32,
+        q_lora_rank=None,
+        max_position_embeddings=max_pos,
+        rope_parameters=rope,
+        num_experts_per_tok=2,
+        n_routed_experts=8,
+    )
     return _compute_yarn_parameters(hf)
 
 
 YARN_CASES = {
-    "v2_lite": (dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
-                     mscale=0.707, mscale_all_dim=0.707), 64, 10000.0, 163840),
+    "v2_lite": (
+        dict(
+            type="yarn",
+            factor=40,
+            original_max_position_embeddings=4096,
+            beta_fast=32,
+            beta_slow=1,
+            mscale=0.707,
+            mscale_all_dim=0.707,
+        ),
+        64,
+        10000.0,
+        163840,
+    ),
     "small_factor": (YARN, 8, 10000.0, 128),
-    "mscale_only": (dict(type="yarn", factor=4.0, original_max_position_embeddings=64, mscale=1.0), 16, 1e4, 256),
+    "mscale_only": (
+        dict(type="yarn", factor=4.0, original_max_position_embeddings=64, mscale=1.0),
+        16,
+        1e4,
+        256,
+    ),
     "no_mscale": (dict(type="yarn", factor=16.0, original_max_position_embeddings=512), 32, 50000.0, 8192),
-    "unequal_mscales": (dict(type="yarn", factor=8.0, original_max_position_embeddings=256, beta_fast=16,
-                             beta_slow=2, mscale=1.0, mscale_all_dim=0.5), 32, 10000.0, 2048),
-    "no_truncate": (dict(type="yarn", factor=8.0, original_max_position_embeddings=256, truncate=False,
-                         mscale=1.0, mscale_all_dim=1.0), 32, 10000.0, 2048),
-}  # fmt: skip
+    "unequal_mscales": (
+        dict(
+            type="yarn",
+            factor=8.0,
+            original_max_position_embeddings=256,
+            beta_fast=16,
+            beta_slow=2,
+            mscale=1.0,
+            mscale_all_dim=0.5,
+        ),
+        32,
+        10000.0,
+        2048,
+    ),
+    "no_truncate": (
+        dict(
+            type="yarn",
+            factor=8.0,
+            original_max_position_embeddings=256,
+            truncate=False,
+            mscale=1.0,
+            mscale_all_dim=1.0,
+        ),
+        32,
+        10000.0,
+        2048,
+    ),
+}
 
 
 @pytest.mark.parametrize("case", sorted(YARN_CASES))
