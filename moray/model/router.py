@@ -72,9 +72,10 @@ class Router(nn.Module):
             group_scores = grouped.max(dim=-1).values
         keep_groups = torch.topk(group_scores, k=cfg.topk_group, dim=-1, sorted=False).indices
         group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep_groups, True)
-        # Masked experts get 0 (scores are >= 0), exactly as the reference: ties cannot favour them
-        # unless fewer than k experts remain, which validation forbids.
-        return grouped.masked_fill(~group_mask[..., None], 0.0).view(N, E)
+        # Masked experts get -inf, so they can never be chosen: with noaux_tc the biased scores can be
+        # negative and a 0 fill (HF's) would let experts of dropped groups win. Softmax scores are > 0,
+        # so for group_limited_greedy this picks exactly what the published reference picks.
+        return grouped.masked_fill(~group_mask[..., None], float("-inf")).view(N, E)
 
     @torch.no_grad()
     def update_bias(self, tokens_per_expert: torch.Tensor) -> None:
