@@ -4,6 +4,13 @@ Token-expert pairs are sorted by expert so each expert's rows are contiguous, th
 GEMM does every expert's gate+up projection and another the down projection. Weights are
 stacked as HF's fused layout: gate_up_proj (E, 2I, H) = [gate; up], down_proj (E, H, I).
 
+The published model (SiLU, no per-expert scales) runs gather -> FFN -> weighted combine as one
+autograd Function with a hand-written backward: autograd's own version of the same graph spends
+about a sixth of a training step outside the GEMMs (an accumulating index_put for the gather's
+backward, transposed weight gradients copied back into the parameters' layout, saved
+intermediates it does not need). The extras (learned beta, activation scale) keep the plain
+autograd path.
+
 Shapes: N tokens, k experts per token, P kept pairs (<= N*k), E experts, H hidden, I expert width.
 """
 
@@ -16,14 +23,86 @@ from torch import nn
 from moray.model.norm import swish
 
 
+def _aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0 and all(s == 1 or s * t.element_size() % 16 == 0 for s in t.stride())
+
+
+def _has_grouped_mm(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Can F.grouped_mm take these operands? Its CPU kernel runs fp32/bf16 with 16-byte aligned
+    strides; CUDA's wants bf16. Anything else (fp32 on GPUs, fp64 for gradcheck) loops instead."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if a.device.type == "cpu":
+        return a.dtype in (torch.float32, torch.bfloat16) and _aligned(a) and _aligned(b)
+    return a.dtype == torch.bfloat16
+
+
+def grouped_matmul(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of a (P, K), grouped by `counts` (E,), each times its group's b (E, K, M): (P, M)."""
+    if _has_grouped_mm(a, b):
+        return F.grouped_mm(a, b, offs=counts.cumsum(0).to(torch.int32))
+    # Fallback: unbind's backward is one stack, not E scatters.
+    return torch.cat([ai @ bi for ai, bi in zip(a.split(counts.tolist()), b.unbind(0))], dim=0)
+
+
+def grouped_outer(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Per group e, a_e.T @ b_e for rows a (P, K), b (P, M) grouped by `counts`: (E, K, M).
+    This is the weight gradient of a grouped matmul; an empty group gives zeros."""
+    if _has_grouped_mm(a, b):
+        return F.grouped_mm(a.t(), b, offs=counts.cumsum(0).to(torch.int32))
+    return torch.stack([ai.t() @ bi for ai, bi in zip(a.split(counts.tolist()), b.split(counts.tolist()))])
+
+
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of x (P, in), grouped by `counts` (E,), each times its group's weight (E, out, in).T."""
-    if hasattr(F, "grouped_mm") and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
-        offs = counts.cumsum(0).to(torch.int32)
-        return F.grouped_mm(x, weight.transpose(-1, -2), offs=offs)
-    # Fallback (fp32 on CUDA, older torch): unbind's backward is one stack, not E scatters.
-    chunks = x.split(counts.tolist())
-    return torch.cat([xi @ wi.T for xi, wi in zip(chunks, weight.unbind(0))], dim=0)
+    return grouped_matmul(x, weight.transpose(-1, -2), counts)
+
+
+class _SwiGLUExperts(torch.autograd.Function):
+    """out = sum over pairs p of token t: w_p * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = p's expert.
+
+    Pairs come sorted by expert (`counts` per expert). Saves x, the pre-activation (P, 2I) and
+    the routing; the gathered rows and the activation are recomputed in backward (a gather and
+    an elementwise pass, cheap next to holding another (P, H) and (P, I) per layer).
+    """
+
+    @staticmethod
+    def forward(ctx, x, gate_up_proj, down_proj, row_weights, token_of_row, counts):
+        rows = x.index_select(0, token_of_row)  # (P, H)
+        h = grouped_linear(rows, gate_up_proj, counts)  # (P, 2I)
+        gate, up = h.chunk(2, dim=-1)
+        act = F.silu(gate) * up  # (P, I)
+        out_rows = grouped_linear(act, down_proj, counts)  # (P, H)
+        out_rows *= row_weights[:, None]
+        ctx.save_for_backward(x, gate_up_proj, down_proj, row_weights, token_of_row, counts, h)
+        return torch.zeros_like(x).index_add_(0, token_of_row, out_rows)  # (N, H)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # grad_out (N, H)
+        x, gate_up_proj, down_proj, row_weights, token_of_row, counts, h = ctx.saved_tensors
+        need_x, need_gate_up, need_down, need_weights = ctx.needs_input_grad[:4]
+        grad_rows = grad_out.index_select(0, token_of_row)  # (P, H)
+        gate, up = h.chunk(2, dim=-1)
+        silu = F.silu(gate)
+        act = silu * up  # (P, I)
+        # d(act) before the routing weight: its dot with act is also d(row weight), since
+        # out_p = w_p * down(act_p) and <grad, down(act)> = <down^T grad, act>.
+        grad_act = grouped_matmul(grad_rows, down_proj, counts)  # (P, I)
+        grad_weights = (grad_act * act).sum(-1) if need_weights else None  # (P,)
+        grad_down = grouped_outer(grad_rows, act * row_weights[:, None], counts) if need_down else None
+        grad_act *= row_weights[:, None]
+        grad_x = grad_gate_up = None
+        if need_x or need_gate_up:
+            grad_h = torch.empty_like(h)  # (P, 2I) = [d gate | d up]
+            I = up.shape[-1]  # noqa: E741
+            torch.mul(grad_act, silu, out=grad_h[:, I:])
+            grad_h[:, :I] = torch.ops.aten.silu_backward(grad_act * up, gate)
+            if need_gate_up:
+                grad_gate_up = grouped_outer(grad_h, x.index_select(0, token_of_row), counts)  # (E, 2I, H)
+            if need_x:
+                grad_rows = grouped_matmul(grad_h, gate_up_proj, counts)  # (P, H)
+                grad_x = torch.zeros_like(x).index_add_(0, token_of_row, grad_rows)  # (N, H)
+        return grad_x, grad_gate_up, grad_down, grad_weights, None, None
 
 
 class RoutedExperts(nn.Module):
@@ -53,6 +132,12 @@ class RoutedExperts(nn.Module):
         expert_of_row = flat_experts[order]  # (P,) sorted
         token_of_row = pair_token[order]
         counts = torch.bincount(expert_of_row, minlength=self.n_experts)  # (E,)
+        row_weights = flat_weights[order].to(x.dtype)  # (P,)
+
+        if self.beta is None and self.activation_scale is None:
+            return _SwiGLUExperts.apply(
+                x, self.gate_up_proj, self.down_proj, row_weights, token_of_row, counts
+            )
 
         rows = x[token_of_row]  # (P, H)
         gate, up = grouped_linear(rows, self.gate_up_proj, counts).chunk(2, dim=-1)  # (P, I) each
@@ -60,6 +145,5 @@ class RoutedExperts(nn.Module):
         act = swish(gate, beta) * up
         if self.activation_scale is not None:
             act = act * self.activation_scale[expert_of_row, None]
-        out_rows = grouped_linear(act, self.down_proj, counts)  # (P, H)
-        out_rows = out_rows * flat_weights[order, None].to(out_rows.dtype)
+        out_rows = grouped_linear(act, self.down_proj, counts) * row_weights[:, None]  # (P, H)
         return torch.zeros_like(x).index_add_(0, token_of_row, out_rows)  # (N, H)
