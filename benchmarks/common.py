@@ -1,0 +1,73 @@
+"""Shared helpers for the side-by-side benchmarks: timing, the CPU's GEMM rate, one result row.
+
+Every benchmark runs both sides in one process on the same weights and inputs, warms up, and
+reports the median of several repetitions: timings on a shared 2-core machine are noisy, and a
+median shrugs off the odd slow repetition where a mean would not.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+THREADS = 2
+NOMINAL_PEAK_GFLOPS = 140.0  # measured 1024x1024 fp32 GEMM on our 2-core AMD EPYC (DESIGN.md)
+
+
+@dataclass
+class Result:
+    """One line of the summary table: what was compared, the ratio, and the target it must meet."""
+
+    name: str
+    ratio: float  # moray / reference (higher is better)
+    target: float
+    detail: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.ratio >= self.target
+
+
+def setup(seed: int = 0) -> None:
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(seed)
+
+
+def median_time(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
+    """Median wall-clock seconds of fn() over `reps` runs, after `warmup` untimed runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def median_times(fns: dict[str, Callable[[], object]], reps: dict[str, int] | int, warmup: int = 1) -> dict:
+    """Median seconds of each fn, timed in interleaved rounds (a, b, c, a, b, c, ...) so that a
+    burst of load from elsewhere on the machine hits every side alike rather than one of them."""
+    reps = reps if isinstance(reps, dict) else dict.fromkeys(fns, reps)
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(max(reps.values())):
+        for name, fn in fns.items():
+            if i < reps[name]:
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def gemm_gflops(n: int = 1024, reps: int = 20) -> float:
+    """fp32 GFLOP/s of one n x n x n matmul on this process's threads: the practical peak."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    seconds = median_time(lambda: a @ b, reps=reps, warmup=3)
+    return 2 * n**3 / seconds / 1e9
