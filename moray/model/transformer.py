@@ -100,16 +100,25 @@ class Transformer(nn.Module):
         if cache is not None:
             # Rows are right-padded: a row's new tokens start at its cached length.
             positions = cache.lengths[:, None] + steps if position_ids is None else position_ids
-            n_new = attention_mask.sum(dim=1) if attention_mask is not None else torch.full_like(cache.lengths, T)
+            n_new = (
+                attention_mask.sum(dim=1) if attention_mask is not None else torch.full_like(cache.lengths, T)
+            )
+            if attention_mask is not None and not torch.equal(attention_mask.bool(), steps < n_new[:, None]):
+                raise ValueError("with a cache, rows must be right-padded (attention_mask 1...1 0...0)")
             new_lengths = cache.lengths + n_new
             key_len = int(new_lengths.max())
             k_valid = torch.arange(key_len, device=device)[None] < new_lengths[:, None]
         else:
-            positions = steps.expand(B, T) if position_ids is None else position_ids
             key_len = T
-            k_valid = None if attention_mask is None else attention_mask.bool()
-            if attention_mask is None or bool(attention_mask.all()):
-                k_valid = None
+            k_valid = None
+            if attention_mask is not None and not bool(attention_mask.all()):
+                k_valid = attention_mask.bool()
+            if position_ids is not None:
+                positions = position_ids
+            elif k_valid is not None:  # a row's first real token is position 0, however much left padding
+                positions = (attention_mask.long().cumsum(dim=1) - 1).clamp_min(0)
+            else:
+                positions = steps.expand(B, T)
         if absorb is None:
             absorb = cache is not None and T <= ABSORB_MAX_TOKENS
         # SDPA's is_causal fast path: no cache, no padding, no sparse pattern or relative bias (the

@@ -156,16 +156,20 @@ def test_a_long_relative_offset_gets_a_gradient_once_the_sequence_reaches_it():
 @pytest.mark.parametrize("name", sorted(EXTRAS))
 def test_absorbed_equals_expanded_with_the_extra(name):
     model = perturbed(name)
-    ids = ids_for(model.config, 2, T)
-    mask = torch.ones(2, T, dtype=torch.long)
-    mask[1, 15:] = 0
+    ids = ids_for(model.config, 3, T)
+    mask = torch.ones(3, T, dtype=torch.long)
+    mask[1, 15:] = 0  # right padding
+    mask[2, :5] = 0  # left padding
     with torch.no_grad():
         assert max_diff(model(ids, absorb=True).logits, model(ids, absorb=False).logits) <= TOL
         padded_abs = model(ids, attention_mask=mask, absorb=True).logits
         padded_exp = model(ids, attention_mask=mask, absorb=False).logits
-        alone = model(ids[1:, :15]).logits
+        right_alone = model(ids[1:2, :15]).logits[0]
+        left_alone = model(ids[2:3, 5:]).logits[0]
     assert max_diff(padded_abs, padded_exp) <= TOL
-    assert max_diff(padded_exp[1, :15], alone[0]) <= TOL  # right padding is invisible
+    # Padding is invisible on either side, global tokens included (they are a row's first real tokens).
+    assert max_diff(padded_exp[1, :15], right_alone) <= TOL
+    assert max_diff(padded_exp[2, 5:], left_alone) <= TOL
 
 
 @pytest.mark.parametrize("name", sorted(EXTRAS))

@@ -228,6 +228,25 @@ def test_cache_stores_the_normalized_latent_and_the_rotated_rope_key():
         assert stored.shape[-1] == c + r
 
 
+def test_left_padding_is_refused_with_a_cache():
+    model = build(tiny())
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    with torch.no_grad(), pytest.raises(ValueError, match="right-padded"):
+        model(ids_for(model.config, 2, 3), attention_mask=mask, cache=LatentCache(model.config, 2, 8))
+
+
+def test_left_padding_shifts_positions_to_the_first_real_token():
+    model = build(tiny())
+    ids = ids_for(model.config, 2, 10)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :4] = 0
+    explicit = torch.stack([torch.arange(10), (torch.arange(10) - 4).clamp_min(0)])
+    with torch.no_grad():
+        implied = model(ids, attention_mask=mask).logits
+        given = model(ids, attention_mask=mask, position_ids=explicit).logits
+    assert max_diff(implied, given) == 0.0
+
+
 def test_full_cache_is_refused():
     model = build(tiny())
     cache = LatentCache(model.config, 1, 4)
