@@ -9,7 +9,7 @@ instead of oscillating; its state goes into checkpoints for exact resume.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 
 @dataclass
@@ -44,5 +44,10 @@ class CapacityController:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        for k, v in state.items():
+        names = {f.name for f in fields(self)}
+        unknown = sorted(set(state) - names)
+        if unknown:
+            raise ValueError(f"unknown capacity controller state {unknown}; expected {sorted(names)}")
+        checked = CapacityController(**{**asdict(self), **state})  # the factor must lie within its bounds
+        for k, v in asdict(checked).items():
             setattr(self, k, v)

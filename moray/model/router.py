@@ -114,7 +114,8 @@ def balance_losses(
     expert_balance = (f * P).sum()
 
     device_of_expert = device_of_expert.to(scores.device)
-    experts_per_device = torch.bincount(device_of_expert, minlength=n_devices).float()  # (D,)
+    # (D,); a device without experts (a sparse placement) has f' = 0, not 0/0.
+    experts_per_device = torch.bincount(device_of_expert, minlength=n_devices).float().clamp_min(1)
     f_dev = torch.zeros(n_devices, device=scores.device).index_add_(0, device_of_expert, f) / experts_per_device
     P_dev = torch.zeros(n_devices, device=scores.device, dtype=P.dtype).index_add_(0, device_of_expert, P)
     device_balance = (f_dev * P_dev).sum()

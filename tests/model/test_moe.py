@@ -367,3 +367,14 @@ def test_gradients_equal_the_per_token_loops(case):
     assert got.keys() == want.keys()
     for name in want:
         assert (got[name] - want[name]).abs().max().item() <= 1e-5, name
+
+
+def test_capacity_controller_refuses_bad_state():
+    c = CapacityController(factor=1.5)
+    with pytest.raises(ValueError, match="unknown capacity controller state"):
+        c.load_state_dict({"factor": 1.2, "capacity": 3})
+    with pytest.raises(ValueError):
+        c.load_state_dict({"factor": 9.0})  # above max_factor
+    assert c.factor == 1.5  # unchanged by a refused load
+    c.load_state_dict({"factor": 2.0, "max_factor": 3.0})
+    assert (c.factor, c.max_factor, c.min_factor) == (2.0, 3.0, 1.0)

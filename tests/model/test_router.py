@@ -261,3 +261,11 @@ def test_load_entropy_and_device_map():
     assert 0.0 < load_entropy(torch.tensor([5, 1, 0, 2])) < 1.0
     assert contiguous_device_map(8, 4).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     assert contiguous_device_map(8, 1).tolist() == [0] * 8
+
+
+def test_a_device_without_experts_does_not_poison_the_losses():
+    r = hand_routing()
+    got = balance_losses(r, torch.tensor([0, 0, 2, 2]), n_devices=3, max_devices_per_token=1)
+    assert all(torch.isfinite(v) for v in got.values())
+    same = balance_losses(r, torch.tensor([0, 0, 1, 1]), n_devices=2, max_devices_per_token=1)
+    assert got["device_balance"].item() == pytest.approx(same["device_balance"].item())
