@@ -74,6 +74,16 @@ class RotaryEmbedding(nn.Module):
         else:
             self.register_buffer("_inv_freq", inv_freq, persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) would round the frequency table too, and a relative error of 2^-9
+        # moves the angle at position p by up to p/512 radians. Keep it float32; only move devices.
+        inv = getattr(self, "_inv_freq", None)
+        out = super()._apply(fn, recurse)
+        if inv is not None and self._inv_freq.dtype != torch.float32:
+            moved = self._inv_freq
+            self._inv_freq = moved.float() if inv.is_meta or moved.is_meta else inv.to(moved.device)
+        return out
+
     @property
     def inv_freq(self) -> torch.Tensor:
         return self.log_inv_freq.exp() if hasattr(self, "log_inv_freq") else self._inv_freq

@@ -398,3 +398,18 @@ def test_yarn_softmax_scale_is_used_by_attention():
     ids = ids_for(cfg, 1, 12)
     with torch.no_grad():
         assert max_diff(plain(ids).logits, model(ids).logits) > 1e-3
+
+
+def test_rope_frequencies_stay_float32_under_a_dtype_cast():
+    cfg = tiny(qk_rope_head_dim=32, rope_scaling=YARN)
+    model = Transformer(cfg)
+    want_cos, want_sin = model.rotary(torch.tensor([[4000]]))
+    model = model.to(torch.bfloat16)
+    assert model.rotary.inv_freq.dtype == torch.float32
+    cos, sin = model.rotary(torch.tensor([[4000]]))
+    assert max_diff(cos, want_cos) <= 1e-6 and max_diff(sin, want_sin) <= 1e-6
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    with torch.no_grad():  # a bf16 model still runs, prefill and decode
+        cache = LatentCache(cfg, 1, 8, dtype=torch.bfloat16)
+        assert model(ids_for(cfg, 1, 5), cache=cache).logits.dtype == torch.bfloat16
+        assert model(ids_for(cfg, 1, 1), cache=cache).logits.isfinite().all()
