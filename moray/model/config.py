@@ -219,7 +219,11 @@ class ModelConfig:
         transformers 5 (`rope_parameters`). Unknown HF keys (architectures, torch_dtype...) are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
-        kw.update({k: v for k, v in (d.get("moray") or {}).items() if k in names})
+        extras = d.get("moray") or {}
+        unknown = sorted(set(extras) - names)
+        if unknown:  # our own fields: a typo (or a newer extra) must not silently change the model
+            raise ConfigError(f"unknown moray config fields under 'moray': {unknown}")
+        kw.update(extras)
         rope = d.get("rope_parameters")
         if rope:  # transformers 5 folds rope_theta and the scaling into one dict
             rope = dict(rope)

@@ -330,3 +330,13 @@ def test_published_presets_match_the_release():
     assert lite.q_lora_rank is None and lite.rope_type == "yarn" and lite.rope_scaling["factor"] == 40
     assert v2.q_lora_rank == 1536 and v2.n_routed_experts == 160 and (v2.n_group, v2.topk_group) == (8, 3)
     assert _n_params(lite) == pytest.approx(15.7e9, rel=0.02)  # DeepSeek-V2-Lite: 15.7B total
+
+
+def test_from_hf_dict_refuses_unknown_moray_fields():
+    d = preset("tiny", attention_layer_types=["full", "local", "full"]).to_hf_dict()
+    d["moray"]["sliding_windw"] = 16
+    with pytest.raises(ConfigError, match="sliding_windw"):
+        ModelConfig.from_hf_dict(d)
+    # Unknown top-level HF keys are fine: they belong to transformers.
+    d["moray"].pop("sliding_windw")
+    assert ModelConfig.from_hf_dict({**d, "use_cache": True, "attention_dropout": 0.0}).sliding_window == 256
