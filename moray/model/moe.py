@@ -19,7 +19,7 @@ from torch import nn
 from moray.model.config import ModelConfig
 from moray.model.experts import RoutedExperts
 from moray.model.norm import SwiGLU
-from moray.model.router import Router, balance_losses, contiguous_device_map, load_entropy
+from moray.model.router import Router, Routing, balance_losses, contiguous_device_map, load_entropy
 
 
 @dataclass
@@ -53,7 +53,9 @@ class RouterStats:
         }
 
 
-def capacity_mask(experts: torch.Tensor, affinity: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:
+def capacity_mask(
+    experts: torch.Tensor, affinity: torch.Tensor, n_experts: int, capacity: int
+) -> torch.Tensor:
     """(N, k) bool: which token-expert pairs fit, keeping each expert's highest-affinity pairs."""
     flat_e, flat_a = experts.reshape(-1), affinity.reshape(-1)
     by_affinity = torch.argsort(flat_a, descending=True, stable=True)
@@ -81,8 +83,11 @@ class MoE(nn.Module):
             activation_scale=config.expert_activation_scale,
         )
         self.shared_experts = (
-            SwiGLU(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts,
-                   learned_beta=config.swiglu_learned_beta)  # fmt: skip
+            SwiGLU(
+                config.hidden_size,
+                config.moe_intermediate_size * config.n_shared_experts,
+                learned_beta=config.swiglu_learned_beta,
+            )  # fmt: skip
             if config.n_shared_experts > 0
             else None
         )
@@ -95,27 +100,45 @@ class MoE(nn.Module):
         """Install the expert-parallel placement used by the device/communication losses."""
         self.device_of_expert = device_of_expert.to(self.device_of_expert.device, torch.long)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., H). token_mask (...) bool marks the real tokens of a padded batch: padding is not
+        routed (it gets the shared experts only), takes no capacity, and stays out of the statistics
+        and the balance losses. None: every token is real."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (N, H)
         routing = self.gate(flat)
         E, (N, k) = self.config.n_routed_experts, routing.experts.shape
-        keep, capacity = None, None
+        real = None if token_mask is None else token_mask.reshape(-1).to(device=flat.device, dtype=torch.bool)
+        counted = routing  # the real tokens' routing: capacity, statistics and losses
+        if real is not None:
+            rows = real.nonzero().squeeze(1)
+            counted = Routing(
+                experts=routing.experts[rows],
+                weights=routing.weights[rows],
+                affinity=routing.affinity[rows],
+                scores=routing.scores[rows],
+                logits=routing.logits[rows],
+            )
+        n_real = counted.experts.shape[0]
+        keep, kept, capacity = None, None, None
         if self.training and self.capacity_factor is not None:
-            capacity = math.ceil(self.capacity_factor * N * k / E)
-            keep = capacity_mask(routing.experts, routing.affinity, E, capacity)
+            capacity = math.ceil(self.capacity_factor * n_real * k / E)
+            kept = capacity_mask(counted.experts, counted.affinity, E, capacity)  # (n_real, k)
+            keep = kept if real is None else kept.new_zeros(N, k).index_copy_(0, rows, kept)
+        elif real is not None:
+            keep = real[:, None].expand(N, k)
         out = self.experts(flat, routing.experts, routing.weights, keep)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
 
         with torch.no_grad():
-            tokens_per_expert = torch.bincount(routing.experts.reshape(-1), minlength=E)
-            dropped = 0 if keep is None else int((~keep).sum())
-        self.last_stats = RouterStats(tokens_per_expert, dropped, N * k, capacity)
-        if self.training and torch.is_grad_enabled():
+            tokens_per_expert = torch.bincount(counted.experts.reshape(-1), minlength=E)
+            dropped = 0 if kept is None else int((~kept).sum())
+        self.last_stats = RouterStats(tokens_per_expert, dropped, n_real * k, capacity)
+        if self.training and torch.is_grad_enabled() and n_real > 0:
             n_dev = int(self.device_of_expert.max()) + 1
             m = self.config.max_devices_per_token or min(n_dev, k)
-            self.last_losses = balance_losses(routing, self.device_of_expert, n_dev, m)
+            self.last_losses = balance_losses(counted, self.device_of_expert, n_dev, m)
         else:
             self.last_losses = None
         return out.view(shape)

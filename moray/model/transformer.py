@@ -42,9 +42,12 @@ class Block(nn.Module):
         else:
             self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, config.swiglu_learned_beta)
 
-    def forward(self, x: torch.Tensor, inp: AttentionInputs) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, inp: AttentionInputs, token_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), inp)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, token_mask) if isinstance(self.mlp, MoE) else self.mlp(h))
 
 
 class Transformer(nn.Module):
@@ -124,12 +127,16 @@ class Transformer(nn.Module):
         # SDPA's is_causal fast path: no cache, no padding, no sparse pattern or relative bias (the
         # mask carries those), and the expanded form (the absorbed form only masks with an explicit mask).
         plain = cache is None and k_valid is None and not absorb and not self._needs_mask
+        # The real new tokens (padding is kept out of MoE capacity, statistics and balance losses).
+        token_mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            token_mask = attention_mask.bool()
         cos, sin = self.rotary(positions)
         inp = AttentionInputs(positions, cos, sin, k_valid, cache, key_len, absorb, plain_causal=plain)
 
         x = self.embed_tokens(input_ids)  # (B, T, H)
         for block in self.layers:
-            x = block(x, inp)
+            x = block(x, inp, token_mask)
         x = self.norm(x)
         if num_logits_to_keep:
             x = x[:, -num_logits_to_keep:]

@@ -378,3 +378,53 @@ def test_capacity_controller_refuses_bad_state():
     assert c.factor == 1.5  # unchanged by a refused load
     c.load_state_dict({"factor": 2.0, "max_factor": 3.0})
     assert (c.factor, c.max_factor, c.min_factor) == (2.0, 3.0, 1.0)
+
+
+def test_padding_is_not_routed_and_not_counted():
+    moe = make_moe(capacity_factor=1.0).train()
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 10, H, generator=g)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[0, 7:] = False  # right padding
+    mask[1, :4] = False  # left padding
+    real = x[mask]  # (13, H)
+    out = moe(x, mask)
+    stats, losses = moe.last_stats, moe.last_losses
+    want = moe(real)  # the real tokens alone: same routing, same capacity, same statistics
+    assert (out[mask] - want).abs().max().item() <= 1e-5
+    assert stats.pairs == 13 * 2 and int(stats.tokens_per_expert.sum()) == 26
+    assert torch.equal(stats.tokens_per_expert, moe.last_stats.tokens_per_expert)
+    assert stats.capacity == moe.last_stats.capacity == math.ceil(13 * 2 / 8)
+    assert stats.dropped == moe.last_stats.dropped
+    for name, value in moe.last_losses.items():
+        assert losses[name].item() == pytest.approx(value.item(), rel=1e-6), name
+    with torch.no_grad():  # a pad position gets the shared experts only
+        shared_only = reference(moe, x, torch.zeros(20, 2, dtype=torch.bool))
+    assert (out[~mask] - shared_only[~mask]).abs().max().item() <= 1e-6
+
+
+def test_padding_takes_no_capacity_from_real_tokens():
+    moe, x = one_hot_router_moe(k=1, factor=1.0, n=8)  # every token wants expert 0
+    moe.train()
+    x[4:, 0] += 10.0  # the pads have the highest affinity of all
+    mask = torch.tensor([True] * 4 + [False] * 4)
+    out = moe(x, mask)
+    cap = math.ceil(4 * 1 / 4)  # 1, from the 4 real tokens
+    assert moe.last_stats.capacity == cap and moe.last_stats.dropped == 3
+    best_real = int(x[:4, 0].argmax())
+    keep = torch.tensor([[t == best_real] for t in range(8)])
+    with torch.no_grad():
+        assert (out - reference(moe, x, keep)).abs().max().item() <= 1e-5
+
+
+def test_a_padded_transformer_batch_counts_real_tokens_only():
+    cfg = tiny(capacity_factor=1.0, **LOSS_CFG)
+    model = build(cfg).train()
+    ids = ids_for(cfg, 2, 12)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 5:] = 0
+    out = model(ids, attention_mask=mask)
+    for stats in out.router_stats.values():
+        assert stats.pairs == 17 * cfg.num_experts_per_tok == int(stats.tokens_per_expert.sum())
+        assert stats.capacity == math.ceil(17 * cfg.num_experts_per_tok / cfg.n_routed_experts)
+    assert torch.isfinite(out.aux_loss) and out.aux_loss.item() > 0
