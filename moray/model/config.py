@@ -230,7 +230,11 @@ class ModelConfig:
             kw["rope_theta"] = rope.pop("rope_theta", kw.get("rope_theta", 10000.0))
             rope_type = rope.pop("rope_type", rope.pop("type", "default"))
             kw["rope_scaling"] = None if rope_type == "default" else {"type": rope_type, **rope}
-        if kw.get("n_group") is not None and kw.get("topk_method", "greedy") == "greedy" and kw["n_group"] <= 1:
+        if (
+            kw.get("n_group") is not None
+            and kw.get("topk_method", "greedy") == "greedy"
+            and kw["n_group"] <= 1
+        ):
             kw["n_group"] = kw["topk_group"] = None
         for key in ("bos_token_id", "eos_token_id"):  # a list of ids: keep the first as the default
             if isinstance(kw.get(key), list):

@@ -60,7 +60,9 @@ class Router(nn.Module):
         weights = weights * cfg.routed_scaling_factor
         if cfg.scoring_func == "sigmoid":  # probabilities for the balance losses
             scores = scores / scores.sum(dim=-1, keepdim=True)
-        return Routing(experts=experts, weights=weights.type_as(x), affinity=affinity, scores=scores, logits=logits)
+        return Routing(
+            experts=experts, weights=weights.type_as(x), affinity=affinity, scores=scores, logits=logits
+        )
 
     def _mask_groups(self, choice: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -116,7 +118,9 @@ def balance_losses(
     device_of_expert = device_of_expert.to(scores.device)
     # (D,); a device without experts (a sparse placement) has f' = 0, not 0/0.
     experts_per_device = torch.bincount(device_of_expert, minlength=n_devices).float().clamp_min(1)
-    f_dev = torch.zeros(n_devices, device=scores.device).index_add_(0, device_of_expert, f) / experts_per_device
+    f_dev = (
+        torch.zeros(n_devices, device=scores.device).index_add_(0, device_of_expert, f) / experts_per_device
+    )
     P_dev = torch.zeros(n_devices, device=scores.device, dtype=P.dtype).index_add_(0, device_of_expert, P)
     device_balance = (f_dev * P_dev).sum()
 
