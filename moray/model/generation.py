@@ -45,22 +45,22 @@ def generate(
         generator = torch.Generator(device=device).manual_seed(params.seed)
     cache = LatentCache(model.config, B, T + params.max_new_tokens, dtype=model.lm_head.weight.dtype, device=device)
     out: list[list[int]] = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    done = [False] * B
     try:
-        logits = model(ids, attention_mask=mask, cache=cache).logits  # (B, T, V)
-        logits = logits[torch.arange(B, device=device), lengths - 1]  # (B, V) last real token
-        for _ in range(params.max_new_tokens):
+        # Logits only where a row's last real token can be: the (B, T, V) of every position would
+        # cost more than the rest of the prefill at a large vocabulary.
+        keep = T - int(lengths.min()) + 1
+        logits = model(ids, attention_mask=mask, cache=cache, num_logits_to_keep=keep).logits  # (B, keep, V)
+        logits = logits[torch.arange(B, device=device), lengths - 1 - (T - keep)]  # (B, V) last real token
+        for step in range(params.max_new_tokens):
             nxt = sample(logits, params, generator)  # (B,)
             for i, t in enumerate(nxt.tolist()):
                 if not done[i]:
                     out[i].append(t)
-                    if t in stop:
-                        done[i] = True
-            if bool(done.all()) or len(out[0]) == params.max_new_tokens and all(
-                len(o) == params.max_new_tokens or d for o, d in zip(out, done.tolist())
-            ):
+                    done[i] = t in stop
+            if all(done) or step == params.max_new_tokens - 1:
                 break
-            logits = model(nxt[:, None], cache=cache).logits[:, -1]
+            logits = model(nxt[:, None], cache=cache).logits[:, -1]  # (B, V)
     finally:
         model.train(was_training)
     return out
