@@ -105,7 +105,43 @@ class _SwiGLUExperts(torch.autograd.Function):
         return grad_x, grad_gate_up, grad_down, grad_weights, None, None
 
 
+def swiglu_experts_few_rows(
+    x: torch.Tensor,  # (N, H)
+    token_of_row: torch.Tensor,  # (P,) pairs sorted by expert
+    gate_up_proj: torch.Tensor,  # (E, 2I, H)
+    down_proj: torch.Tensor,  # (E, H, I)
+    counts: torch.Tensor,  # (E,)
+) -> torch.Tensor:
+    """down_e(silu(gate_e(x)) * up_e(x)) for each pair's row, when experts get a handful of rows each
+    (decode): (P, H), unweighted.
+
+    Then the cost is streaming each hit expert's weights once, and MKL streams them several times
+    faster as W (out, in) @ x.T (in, n) than as x @ W.T (what F.linear and grouped_mm run), or than
+    its matrix-vector path for n = 1. So a lone row is read together with the next one (a spare
+    row at the end makes that always possible) and the extra output column is dropped.
+    Inference only: no autograd graph is kept through the per-expert slices.
+    """
+    I = down_proj.shape[-1]  # noqa: E741
+    spare = token_of_row[-1:]
+    rows = x.index_select(0, torch.cat([token_of_row, spare]))  # (P + 1, H)
+    out = torch.empty_like(rows[:-1])  # (P, H)
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        if n == 0:
+            continue
+        x_t = rows[start : start + max(n, 2)].t()  # (H, n')
+        h_t = gate_up_proj[e] @ x_t  # (2I, n')
+        act_t = F.silu(h_t[:I]) * h_t[I:]  # (I, n')
+        out[start : start + n] = (down_proj[e] @ act_t)[:, :n].t()
+        start += n
+    return out
+
+
 class RoutedExperts(nn.Module):
+    # Up to this many rows per expert on average, CPU inference takes the per-expert W @ x.T loop
+    # (swiglu_experts_few_rows): decode, small batches. Beyond it the grouped GEMM wins.
+    FEW_ROWS_PER_EXPERT = 4
+
     def __init__(self, n_experts: int, hidden: int, width: int, learned_beta: bool, activation_scale: bool):
         super().__init__()
         self.n_experts, self.width = n_experts, width
@@ -135,6 +171,10 @@ class RoutedExperts(nn.Module):
         row_weights = flat_weights[order].to(x.dtype)  # (P,)
 
         if self.beta is None and self.activation_scale is None:
+            few_rows = len(token_of_row) <= self.FEW_ROWS_PER_EXPERT * self.n_experts
+            if few_rows and x.device.type == "cpu" and not torch.is_grad_enabled():
+                out_rows = swiglu_experts_few_rows(x, token_of_row, self.gate_up_proj, self.down_proj, counts)
+                return torch.zeros_like(x).index_add_(0, token_of_row, out_rows * row_weights[:, None])
             return _SwiGLUExperts.apply(
                 x, self.gate_up_proj, self.down_proj, row_weights, token_of_row, counts
             )
