@@ -14,7 +14,7 @@ dn qk_nope_head_dim, dv v_head_dim.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,35 @@ class AttentionInputs:
     key_len: int = 0  # keys to read from the cache after this step's write
     absorb: bool = False  # use the absorbed (decode) formulation
     plain_causal: bool = False  # no padding, no cache, no extras: SDPA's is_causal fast path
+    masks: dict = field(default_factory=dict)  # layer type -> additive mask, shared by the layers
+
+
+class SmallBatchLinear(nn.Linear):
+    """nn.Linear that, for a handful of rows on CPU without autograd (decode), computes (W @ x.T).T.
+
+    Same result, but MKL streams W several times faster that way round than as x @ W.T, and
+    its matrix-vector path for one row is slower still (so a lone row goes in twice). Measured
+    on our EPYC CPUs: 36 weights of 1024x512 at 4 rows, 19 ms as F.linear vs 2.5 ms as W @ x.T;
+    a 32000x512 output head at 8 rows, 5.5 ms vs 2.9 ms. Anything else (training, long inputs,
+    GPUs, DTensor weights) is plain F.linear.
+    """
+
+    MAX_ROWS = 16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if (
+            rows > self.MAX_ROWS
+            or x.device.type != "cpu"
+            or torch.is_grad_enabled()
+            or self.bias is not None
+            or type(x) is not torch.Tensor  # tensor subclasses (DTensor...) keep their own dispatch
+            or type(self.weight) is not nn.Parameter
+        ):
+            return F.linear(x, self.weight, self.bias)
+        x2 = x.reshape(rows, x.shape[-1])  # (n, in)
+        x_t = x2.t() if rows > 1 else x2.repeat(2, 1).t()  # (in, n')
+        return (self.weight @ x_t).t()[:rows].reshape(*x.shape[:-1], self.out_features)
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -51,15 +80,15 @@ class MultiHeadLatentAttention(nn.Module):
         self.dn, self.dv = config.qk_nope_head_dim, config.v_head_dim
         dq = config.qk_head_dim
         if config.q_lora_rank is None:
-            self.q_proj = nn.Linear(config.hidden_size, H * dq, bias=False)
+            self.q_proj = SmallBatchLinear(config.hidden_size, H * dq, bias=False)
         else:
-            self.q_a_proj = nn.Linear(config.hidden_size, config.q_lora_rank, bias=False)
+            self.q_a_proj = SmallBatchLinear(config.hidden_size, config.q_lora_rank, bias=False)
             self.q_a_layernorm = RMSNorm(config.q_lora_rank)
-            self.q_b_proj = nn.Linear(config.q_lora_rank, H * dq, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(config.hidden_size, c + r, bias=False)
+            self.q_b_proj = SmallBatchLinear(config.q_lora_rank, H * dq, bias=False)
+        self.kv_a_proj_with_mqa = SmallBatchLinear(config.hidden_size, c + r, bias=False)
         self.kv_a_layernorm = RMSNorm(c)
         self.kv_b_proj = nn.Linear(c, H * (self.dn + self.dv), bias=False)
-        self.o_proj = nn.Linear(H * self.dv, config.hidden_size, bias=False)
+        self.o_proj = SmallBatchLinear(H * self.dv, config.hidden_size, bias=False)
         self.scale = config.softmax_scale
         if config.relative_bias_offsets:
             self.relative_bias = nn.Parameter(torch.zeros(H, len(config.relative_bias_offsets)))
@@ -100,13 +129,20 @@ class MultiHeadLatentAttention(nn.Module):
 
         mask = None
         if not inp.plain_causal:
-            allowed = allowed_keys(self.config, self.layer_type, inp.q_pos, k_pos, inp.k_valid)
-            mask = additive_mask(allowed, q.dtype)  # (B, 1, T, S)
+            mask = inp.masks.get(self.layer_type)
+            if mask is None:
+                allowed = allowed_keys(self.config, self.layer_type, inp.q_pos, k_pos, inp.k_valid)
+                mask = additive_mask(allowed, q.dtype)  # (B, 1, T, S), the same for every such layer
+                inp.masks[self.layer_type] = mask
             if self.config.relative_bias_offsets:
-                mask = mask + relative_bias(self.config.relative_bias_offsets, self.relative_bias, inp.q_pos, k_pos)
+                mask = mask + relative_bias(
+                    self.config.relative_bias_offsets, self.relative_bias, inp.q_pos, k_pos
+                )
 
         if inp.absorb:
-            out = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask)
+            # A shared rope key: [c_kv | k_pe] is `latent` itself, the keys of one bmm for all heads.
+            keys = latent if k_pe.shape[1] == 1 else None
+            out = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask, keys)
         else:
             out = self._expanded(q_nope, q_pe, c_kv, k_pe, mask)  # (B, H, T, dv)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.dv))
@@ -122,14 +158,15 @@ class MultiHeadLatentAttention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
 
-    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask, keys=None):
         B, H, T, _ = q_nope.shape
         w = self.kv_b_proj.weight.view(H, self.dn + self.dv, self.c)
         w_uk, w_uv = w[:, : self.dn], w[:, self.dn :]  # (H, dn, c), (H, dv, c)
         q_lat = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)  # (B, H, T, c)
         if k_pe.shape[1] == 1:  # shared rope key: one bmm over [latent | rope] for all heads
             q_cat = torch.cat([q_lat, q_pe], dim=-1).reshape(B, H * T, -1)  # (B, H*T, c + r)
-            keys = torch.cat([c_kv, k_pe[:, 0]], dim=-1)  # (B, S, c + r)
+            if keys is None:
+                keys = torch.cat([c_kv, k_pe[:, 0]], dim=-1)  # (B, S, c + r)
             scores = torch.bmm(q_cat, keys.transpose(1, 2)).view(B, H, T, -1)  # (B, H, T, S)
         else:
             scores = q_lat @ c_kv[:, None].transpose(-1, -2) + q_pe @ k_pe.transpose(-1, -2)
