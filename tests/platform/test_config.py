@@ -1,0 +1,48 @@
+from dataclasses import dataclass, field
+
+import pytest
+
+from moray.model.config import ConfigError
+from moray.platform.config import apply_overrides, from_dict
+
+
+@dataclass
+class Train:
+    max_steps: int = 10
+    lr: float = 1e-3
+
+    def __post_init__(self):
+        if self.max_steps <= 0:
+            raise ConfigError(f"max_steps={self.max_steps}: must be positive")
+
+
+@dataclass
+class Job:
+    name: str = "x"
+    train: Train = field(default_factory=Train)
+    workers: int | None = None
+
+
+def test_overrides_and_nested_dataclasses():
+    data = apply_overrides({"train": {"lr": 0.1}}, ["train.max_steps=20", "workers=2", "name=run"])
+    job = from_dict(Job, data)
+    assert job == Job(name="run", train=Train(max_steps=20, lr=0.1), workers=2)
+
+
+@pytest.mark.parametrize(
+    "data,match",
+    [
+        ({"train": {"max_steps": -1}}, r"^train\.max_steps=-1: must be positive"),
+        ({"train": {"max_step": 3}}, r"unknown field\(s\) in train: max_step"),
+        ({"train": {"lr": "fast"}}, r"train\.lr='fast': expected float"),
+        ({"bogus": 1}, r"unknown field\(s\): bogus"),
+    ],
+)
+def test_errors_name_the_field(data, match):
+    with pytest.raises(ConfigError, match=match):
+        from_dict(Job, data)
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="key.path=value"):
+        apply_overrides({}, ["train.max_steps"])
