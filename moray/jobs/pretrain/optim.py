@@ -1,0 +1,171 @@
+"""Optimizers, gradient clipping and the learning-rate schedule for pre-training.
+
+- `adamw`: torch.optim.AdamW.
+- `lamb_adam`: Adam's element-wise update m_hat / (sqrt(v_hat) + eps), scaled per parameter
+  tensor (a "layer") by LAMB's trust ratio ||w|| / ||update||, with decoupled weight decay
+  (applied to the weight directly, not through the update). Optionally the decay adapts per
+  parameter group to the gradient statistics: lambda_t = lambda * EMA(||g|| / ||w||) /
+  EMA_0, so groups whose gradients are large relative to their weights are decayed harder.
+- Clipping per layer (each transformer block's parameters) and per expert (each routed expert's
+  slice of the stacked weights), and optionally globally.
+- Schedule: linear warmup, optionally with a sinusoidal oscillation on top of the ramp, then
+  cosine decay or warmup-stable-decay (WSD).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class LambAdam(torch.optim.Optimizer):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.1,
+        max_trust_ratio: float = 10.0,
+        adaptive_weight_decay: bool = False,
+        awd_beta: float = 0.99,
+    ):
+        if lr <= 0 or eps <= 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1) or weight_decay < 0:
+            raise ValueError(
+                f"bad LambAdam hyper-parameters: lr={lr} betas={betas} eps={eps} wd={weight_decay}"
+            )
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_trust_ratio=max_trust_ratio,
+                        adaptive_weight_decay=adaptive_weight_decay, awd_beta=awd_beta)  # fmt: skip
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _norm(t: torch.Tensor) -> float:
+        """Norm of the whole tensor, also when FSDP2 shards it (a DTensor)."""
+        n = torch.linalg.vector_norm(t)
+        return float(n.full_tensor() if hasattr(n, "full_tensor") else n)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            wd = group["weight_decay"]
+            if group["adaptive_weight_decay"] and wd > 0:
+                wd = self._adaptive_decay(group, wd)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros(())
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t = float(state["step"])
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.lerp_(p.grad, 1 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                update = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + group["eps"])
+                w_norm, u_norm = self._norm(p), self._norm(update)
+                trust = min(w_norm / u_norm, group["max_trust_ratio"]) if w_norm > 0 and u_norm > 0 else 1.0
+                if wd > 0:  # decoupled: decay the weight itself, not through the adaptive update
+                    p.mul_(1 - group["lr"] * wd)
+                p.add_(update, alpha=-group["lr"] * trust)
+        return loss
+
+    def _adaptive_decay(self, group: dict, wd: float) -> float:
+        g_norm = math.sqrt(sum(self._norm(p.grad) ** 2 for p in group["params"] if p.grad is not None))
+        w_norm = math.sqrt(sum(self._norm(p) ** 2 for p in group["params"]))
+        ratio = g_norm / max(w_norm, 1e-12)
+        ema = group.get("awd_ema")
+        group["awd_ema"] = ratio if ema is None else group["awd_beta"] * ema + (1 - group["awd_beta"]) * ratio
+        group.setdefault("awd_ref", group["awd_ema"])
+        return wd * group["awd_ema"] / max(group["awd_ref"], 1e-12)
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, betas=(0.9, 0.95), eps=1e-8,
+                    adaptive_weight_decay: bool = False) -> torch.optim.Optimizer:  # fmt: skip
+    """Two groups: matrices decay, vectors (norms, biases, router biases, betas, scales) do not."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    if name == "lamb_adam":
+        return LambAdam(groups, lr=lr, betas=betas, eps=eps, adaptive_weight_decay=adaptive_weight_decay)
+    raise ValueError(f"optimizer {name!r}: use 'adamw' or 'lamb_adam'")
+
+
+def _clip_(params: list[torch.Tensor], max_norm: float) -> float:
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad:
+        return 0.0
+    return float(torch.nn.utils.clip_grad_norm_(with_grad, max_norm))
+
+
+def clip_gradients(model: nn.Module, per_layer: float | None, per_expert: float | None,
+                   global_norm: float | None) -> dict[str, float]:  # fmt: skip
+    """Clip per routed expert (each expert's rows of the stacked weights), then per transformer
+    block, then globally. Returns the global grad norm before clipping and the clip counts."""
+    stats = {"experts_clipped": 0, "layers_clipped": 0}
+    if per_expert is not None:
+        for module in model.modules():
+            if hasattr(module, "gate_up_proj") and isinstance(
+                getattr(module, "gate_up_proj", None), nn.Parameter
+            ):
+                gu, down = module.gate_up_proj.grad, module.down_proj.grad
+                if gu is None or down is None:
+                    continue
+                norms = (gu.flatten(1).pow(2).sum(1) + down.flatten(1).pow(2).sum(1)).sqrt()  # (E,)
+                scale = (per_expert / (norms + 1e-6)).clamp(max=1.0)
+                stats["experts_clipped"] += int((scale < 1).sum())
+                gu.mul_(scale[:, None, None])
+                down.mul_(scale[:, None, None])
+    if per_layer is not None:
+        for block in getattr(model, "layers", []):
+            norm = _clip_(list(block.parameters()), per_layer)
+            stats["layers_clipped"] += int(norm > per_layer)
+    stats["grad_norm"] = _clip_(
+        list(model.parameters()), global_norm if global_norm is not None else math.inf
+    )
+    return stats
+
+
+@dataclass
+class Schedule:
+    """lr multiplier at a step: warmup (with optional oscillation), then cosine or WSD decay."""
+
+    max_steps: int
+    warmup_steps: int = 0
+    kind: str = "cosine"  # "cosine" | "wsd" | "constant"
+    min_ratio: float = 0.1  # floor of the decay, as a fraction of the peak lr
+    decay_fraction: float = 0.2  # WSD: the last fraction of training decays
+    warmup_oscillation: float = 0.0  # amplitude of the sinusoid on the warmup ramp (0: off)
+    warmup_periods: float = 2.0  # full sine periods over the warmup
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("cosine", "wsd", "constant"):
+            raise ValueError(f"kind={self.kind!r}: use 'cosine', 'wsd' or 'constant'")
+        if not 0 <= self.warmup_steps <= self.max_steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, max_steps={self.max_steps}]")
+        if not 0 <= self.warmup_oscillation < 1:
+            raise ValueError(f"warmup_oscillation={self.warmup_oscillation} must be in [0, 1)")
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            ramp = (step + 1) / self.warmup_steps
+            wave = 1 + self.warmup_oscillation * math.sin(2 * math.pi * self.warmup_periods * ramp)
+            return ramp * wave
+        if self.kind == "constant":
+            return 1.0
+        span = max(1, self.max_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        if self.kind == "cosine":
+            return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        start = 1 - self.decay_fraction  # WSD: stable until `start`, then linear decay to the floor
+        if progress <= start:
+            return 1.0
+        return 1 - (1 - self.min_ratio) * (progress - start) / self.decay_fraction
