@@ -1,0 +1,21 @@
+"""The inference engine host: continuous batching over the paged MLA latent cache."""
+
+from moray.actors.engine.block_cache import BlockPool, PagedCacheView
+from moray.actors.engine.engine import (
+    AsyncEngine,
+    Engine,
+    EngineConfig,
+    EngineError,
+    ModelRunner,
+    Overloaded,
+    RequestOutput,
+    TokenLogprob,
+)
+from moray.actors.engine.scheduler import Request, RequestParams, Scheduler
+from moray.actors.engine.tokenizer import Detokenizer, Tokenizer
+
+__all__ = [
+    "AsyncEngine", "BlockPool", "Detokenizer", "Engine", "EngineConfig", "EngineError", "ModelRunner",
+    "Overloaded", "PagedCacheView", "Request", "RequestOutput", "RequestParams", "Scheduler", "TokenLogprob",
+    "Tokenizer",
+]  # fmt: skip

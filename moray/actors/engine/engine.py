@@ -1,0 +1,358 @@
+"""The inference engine: continuous batching over the paged latent cache.
+
+`Engine` is synchronous and single-threaded (`add_request`, `step`), for tests and benchmarks;
+`AsyncEngine` runs its step loop in a background thread and streams each request's outputs to an
+async iterator, which is what a Serve replica holds. Model execution sits behind `ModelRunner`
+(one forward over a batch of paged rows), the boundary where experts can later move to actors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+
+from moray.actors.engine.block_cache import BlockPool, PagedCacheView
+from moray.actors.engine.scheduler import Request, RequestParams, Scheduler, Status
+from moray.model.sampling import SamplingParams, sample
+from moray.model.transformer import Transformer
+
+
+class EngineError(ValueError):
+    """A request the engine can never serve (too long for the context or the cache)."""
+
+
+@dataclass
+class EngineConfig:
+    kv_cache_bytes: int = 64 << 20  # budget for the paged latent cache
+    block_size: int = 16
+    max_num_seqs: int = 64  # running requests at once
+    max_num_batched_tokens: int = 512  # tokens per step (decodes + prefill chunks)
+    prefill_chunk: int = 256  # longest prompt piece in one step
+    max_waiting: int = 1024  # queue beyond which add_request raises Overloaded
+    quantize_int8: bool = False
+
+
+class Overloaded(RuntimeError):
+    pass
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+
+
+class ModelRunner:
+    """Runs the model on paged rows; the one place the engine touches `Transformer`."""
+
+    def __init__(self, model: Transformer):
+        self.model = model.eval()
+        self.config = model.config
+
+    @torch.inference_mode()
+    def forward(self, pool: BlockPool, works) -> tuple[torch.Tensor, dict]:
+        """works: rows of equal token count. Returns logits (B, V) of each row's last token and the
+        router statistics of this forward."""
+        ids = torch.tensor([w.tokens for w in works], dtype=torch.long, device=pool.data.device)  # (B, T)
+        view = PagedCacheView(pool, [w.request.blocks for w in works], [w.start for w in works])
+        out = self.model(ids, cache=view, num_logits_to_keep=1)
+        return out.logits[:, -1], out.router_stats
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer=None, config: EngineConfig | None = None, metrics=None):
+        self.config = config or EngineConfig()
+        if self.config.quantize_int8:
+            from moray.model.quant import quantize_int8
+
+            model = quantize_int8(model)
+        self.model_config = model.config
+        self.runner = ModelRunner(model)
+        self.tokenizer = tokenizer
+        dtype = next(model.parameters()).dtype
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            dtype = torch.float32
+        device = model.lm_head.weight.device if hasattr(model.lm_head, "weight") else "cpu"
+        self.pool = BlockPool.from_budget(
+            model.config, self.config.kv_cache_bytes, self.config.block_size, dtype, device
+        )
+        self.scheduler = Scheduler(
+            self.pool, self.config.max_num_seqs, self.config.max_num_batched_tokens, self.config.prefill_chunk
+        )
+        self.eos = model.config.eos_token_id
+        self.max_context = model.config.max_position_embeddings
+        self.metrics = metrics
+        self._ids = itertools.count()
+        self.requests: dict[str, Request] = {}
+        self.last_batch_size = 0
+
+    # ---------------------------------------------------------------- requests
+    def check(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Raise EngineError if a request of this size can never run."""
+        if num_prompt_tokens < 1:
+            raise EngineError("the prompt is empty")
+        if num_prompt_tokens + max_tokens > self.max_context:
+            raise EngineError(
+                f"this model's maximum context length is {self.max_context} tokens; the request has "
+                f"{num_prompt_tokens} prompt tokens and asks for {max_tokens} more"
+            )
+        need = self.pool.blocks_for(num_prompt_tokens + max_tokens)
+        if need > self.pool.capacity_blocks:
+            raise EngineError(
+                f"the request needs {need * self.pool.block_size} tokens of KV cache; the engine holds "
+                f"{self.pool.capacity_blocks * self.pool.block_size}"
+            )
+
+    def add_request(
+        self,
+        prompt_ids: list[int],
+        params: RequestParams | None = None,
+        request_id: str | None = None,
+        sink=None,
+    ) -> Request:
+        params = params or RequestParams()
+        prompt_ids = [int(t) for t in prompt_ids]
+        self.check(len(prompt_ids), params.max_tokens)
+        if any(not 0 <= t < self.model_config.vocab_size for t in prompt_ids):
+            raise EngineError(f"prompt token ids must be in [0, {self.model_config.vocab_size})")
+        if len(self.scheduler.waiting) >= self.config.max_waiting:
+            raise Overloaded(f"{len(self.scheduler.waiting)} requests are waiting")
+        request_id = request_id or f"req-{next(self._ids)}"
+        r = Request(request_id, prompt_ids, params, sink=sink)
+        if self.tokenizer is not None:
+            from moray.actors.engine.tokenizer import Detokenizer
+
+            r.detok = Detokenizer(self.tokenizer, params.stop)
+        self.requests[request_id] = r
+        self.scheduler.add(r)
+        return r
+
+    def abort(self, request_id: str) -> None:
+        r = self.scheduler.abort(request_id)
+        self.requests.pop(request_id, None)
+        if r is not None and self.metrics:
+            self.metrics.on_finish(r)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ---------------------------------------------------------------- one step
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if plan.empty:
+            return []
+        outputs: list[RequestOutput] = []
+        stats: list[dict] = []
+        if plan.decode:
+            logits, rs = self.runner.forward(self.pool, plan.decode)
+            stats.append(rs)
+            outputs += self._advance(plan.decode, logits)
+        for w in plan.prefill:
+            logits, rs = self.runner.forward(self.pool, [w])
+            stats.append(rs)
+            outputs += self._advance([w], logits)
+        self.last_batch_size = len(plan.decode) + len(plan.prefill)
+        if self.metrics:
+            self.metrics.on_step(self, plan, stats)
+        return outputs
+
+    def _advance(self, works, logits: torch.Tensor) -> list[RequestOutput]:
+        now = time.monotonic()
+        for w in works:
+            w.request.num_computed = w.start + len(w.tokens)
+        rows = [i for i, w in enumerate(works) if w.sample]
+        if not rows:
+            return []
+        logits = logits[rows].float()  # (n, V)
+        sampled = self._sample([works[i].request for i in rows], logits)
+        outs = []
+        for j, i in enumerate(rows):
+            r = works[i].request
+            if r.status is not Status.RUNNING:
+                continue
+            tok = sampled[j]
+            r.output_ids.append(tok)
+            if r.first_token_time is None:
+                r.first_token_time = now
+                if self.metrics:
+                    self.metrics.on_first_token(r, now)
+            elif self.metrics:
+                self.metrics.on_token(r, now)
+            r.last_token_time = now
+            lp = []
+            if r.params.logprobs is not None:
+                lp = [self._logprob(logits[j], tok, r.params.logprobs)]
+            reason = None
+            if (tok == self.eos and not r.params.ignore_eos) or tok in r.params.stop_token_ids:
+                reason = "stop"
+            elif len(r.output_ids) >= r.params.max_tokens or r.num_tokens >= self.max_context:
+                reason = "length"
+            text = ""
+            if r.detok is not None:
+                ids = r.output_ids[:-1] if reason == "stop" else r.output_ids  # stop tokens are not text
+                text = r.detok.update(ids, final=reason is not None)
+                if r.detok.stopped:
+                    reason = "stop"
+            if reason is not None:
+                self.scheduler.finish(r, reason)
+                self.requests.pop(r.request_id, None)
+                if self.metrics:
+                    self.metrics.on_finish(r)
+            outs.append(
+                RequestOutput(
+                    r.request_id,
+                    [tok],
+                    text,
+                    lp,
+                    reason is not None,
+                    reason,
+                    len(r.prompt_ids),
+                    len(r.output_ids),
+                )
+            )
+        return outs
+
+    @staticmethod
+    def _sample(requests: list[Request], logits: torch.Tensor) -> list[int]:
+        out = logits.argmax(dim=-1).tolist()
+        for j, r in enumerate(requests):
+            p = r.params
+            if not p.greedy:
+                sp = SamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p)
+                out[j] = int(sample(logits[j : j + 1], sp, r.generator)[0])
+        return out
+
+    @staticmethod
+    def _logprob(logits: torch.Tensor, tok: int, top: int) -> TokenLogprob:
+        lsm = torch.log_softmax(logits, dim=-1)
+        best = []
+        if top:
+            v, i = torch.topk(lsm, top)
+            best = list(zip(i.tolist(), v.tolist()))
+        return TokenLogprob(tok, float(lsm[tok]), best)
+
+    # ---------------------------------------------------------------- offline use
+    def generate(
+        self, prompts: list[list[int]], params: RequestParams | list[RequestParams]
+    ) -> list[list[int]]:
+        """Run prompts to completion (all added up front); returns each one's new tokens."""
+        ps = params if isinstance(params, list) else [params] * len(prompts)
+        reqs = [self.add_request(p, q) for p, q in zip(prompts, ps)]
+        while self.has_work():
+            self.step()
+        return [r.output_ids for r in reqs]
+
+
+class AsyncEngine:
+    """The engine's step loop in a background thread; `generate` streams a request's outputs."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = False
+        self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._thread = threading.Thread(target=self._loop, name="moray-engine", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stop:
+            with self._lock:
+                busy = self.engine.has_work()
+                if busy:
+                    try:
+                        outputs = self.engine.step()
+                    except Exception as e:  # never leave clients hanging
+                        self._fail_all(e)
+                        outputs = []
+            if not busy:
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            for o in outputs:
+                r_sink = self._sinks.pop(o.request_id, None) if o.finished else self._sinks.get(o.request_id)
+                if r_sink is not None:
+                    loop, q = r_sink
+                    loop.call_soon_threadsafe(q.put_nowait, o)
+
+    def _fail_all(self, e: BaseException) -> None:
+        for rid in list(self.engine.requests):
+            self.engine.abort(rid)
+            sink = self._sinks.pop(rid, None)
+            if sink is not None:
+                sink[0].call_soon_threadsafe(sink[1].put_nowait, e)
+
+    def add(self, prompt_ids: list[int], params: RequestParams, request_id: str | None = None):
+        """Enqueue; raises EngineError/Overloaded at once. Returns (request_id, queue)."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            r = self.engine.add_request(prompt_ids, params, request_id)
+            self._sinks[r.request_id] = (loop, q)
+        self._wake.set()
+        return r.request_id, q
+
+    async def stream(self, request_id: str, q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        try:
+            while True:
+                o = await q.get()
+                if isinstance(o, BaseException):
+                    raise RuntimeError(f"engine failed: {o}") from o
+                yield o
+                if o.finished:
+                    return
+        finally:
+            if request_id in self._sinks:  # the client went away early
+                self.abort(request_id)
+
+    async def generate(self, prompt_ids, params, request_id=None) -> AsyncIterator[RequestOutput]:
+        rid, q = self.add(prompt_ids, params, request_id)
+        async for o in self.stream(rid, q):
+            yield o
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._sinks.pop(request_id, None)
+            self.engine.abort(request_id)
+
+    def stats(self) -> dict:
+        e = self.engine
+        return {
+            "running": e.num_running,
+            "waiting": e.num_waiting,
+            "kv_cache_usage": e.pool.usage,
+            "preemptions": e.scheduler.num_preemptions,
+        }
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=5)
