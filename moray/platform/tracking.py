@@ -15,12 +15,38 @@ def tracking_uri() -> str:
 
 
 def setup_mlflow(experiment: str):
-    """Point mlflow at the tracking URI and select (creating if needed) the experiment."""
+    """Point mlflow at the tracking URI and select (creating if needed) the experiment. With the
+    embedded default, artifacts go under the work directory too (not ./mlruns)."""
     import mlflow
 
+    embedded = not os.environ.get("MLFLOW_TRACKING_URI")  # read first: set_tracking_uri exports it
     mlflow.set_tracking_uri(tracking_uri())
+    if embedded:  # don't leak the embedded URI into this process's environment (and children's)
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        location = (work_dir() / "mlartifacts").as_uri() if embedded else None
+        try:
+            mlflow.create_experiment(experiment, artifact_location=location)
+        except mlflow.exceptions.MlflowException:  # created concurrently by another process: fine
+            pass
     mlflow.set_experiment(experiment)
     return mlflow
+
+
+def register_hf_model(hf_dir, name: str, run_id: str, artifact_path: str = "model") -> int:
+    """Log a Hugging Face model directory as run artifacts and register it as a new version of
+    `name`; `models:/NAME/VERSION` then downloads that directory. Returns the version."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    client.log_artifacts(run_id, str(hf_dir), artifact_path=artifact_path)
+    try:
+        client.create_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        pass  # already registered: add a version
+    source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    return int(client.create_model_version(name, source=source, run_id=run_id).version)
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:

@@ -46,3 +46,21 @@ def test_errors_name_the_field(data, match):
 def test_bad_override_syntax():
     with pytest.raises(ConfigError, match="key.path=value"):
         apply_overrides({}, ["train.max_steps"])
+
+
+def test_register_hf_model_round_trip(tmp_path, monkeypatch):
+    monkeypatch.setenv("MORAY_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    from moray.platform.tracking import register_hf_model, setup_mlflow
+
+    mlflow = setup_mlflow("unit")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    with mlflow.start_run() as run:
+        pass
+    assert register_hf_model(hf, "unit-model", run.info.run_id) == 1
+    assert register_hf_model(hf, "unit-model", run.info.run_id) == 2
+    local = mlflow.artifacts.download_artifacts("models:/unit-model/2")
+    assert (tmp_path / "home").as_posix() in mlflow.get_experiment_by_name("unit").artifact_location
+    assert sorted(p.name for p in __import__("pathlib").Path(local).iterdir()) == ["config.json"]
