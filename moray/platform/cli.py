@@ -88,10 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=cmd_model_generate)
+    for name, (_, help_text) in JOBS.items():  # listed here; their own parsers take the arguments
+        groups.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
+# Job commands: `moray NAME ARGS...` is `python -m MODULE ARGS...` (the module's own argparse).
+JOBS = {
+    "pretrain": ("moray.jobs.pretrain.job", "pre-train on Ray Train: --config FILE --set KEY=VALUE ..."),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in JOBS:
+        import importlib
+
+        return importlib.import_module(JOBS[argv[0]][0]).main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

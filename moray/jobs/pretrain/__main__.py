@@ -1,0 +1,5 @@
+import sys
+
+from moray.jobs.pretrain.job import main
+
+sys.exit(main())

@@ -1,0 +1,154 @@
+"""The pre-training job driver: validate, connect, track, train on Ray Train, export, register.
+
+`python -m moray.jobs.pretrain --config configs/pretrain/tiny.yaml --set train.max_steps=20`
+(the same line under `ray job submit`), or `moray pretrain ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+from moray.jobs.pretrain.config import PretrainConfig, validate
+from moray.model.config import ConfigError
+from moray.platform.config import apply_overrides, from_dict, load_yaml
+from moray.platform.workdir import work_dir
+
+log = logging.getLogger("moray.pretrain")
+
+
+def load_config(path: str | None, overrides: list[str]) -> PretrainConfig:
+    data = load_yaml(path) if path else {}
+    return from_dict(PretrainConfig, apply_overrides(data, overrides))
+
+
+def _mlflow_run(mlflow, cfg: PretrainConfig, params: dict) -> str:
+    """Reuse the unfinished MLflow run of this run name (a resumed run), else start a new one."""
+    from moray.platform.tracking import flatten
+
+    exp = mlflow.get_experiment_by_name(cfg.run.experiment)
+    runs = mlflow.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`moray.run_name` = '{cfg.run.name}'", output_format="list"
+    )
+    for run in runs:
+        if run.info.status != "FINISHED":
+            return run.info.run_id
+    run = mlflow.MlflowClient().create_run(exp.experiment_id, run_name=cfg.run.name,
+                                           tags={"moray.run_name": cfg.run.name})  # fmt: skip
+    client = mlflow.MlflowClient()
+    items = sorted(flatten(params).items())
+    for i in range(0, len(items), 100):
+        client.log_batch(
+            run.info.run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in items[i : i + 100]]
+        )
+    return run.info.run_id
+
+
+def run(cfg: PretrainConfig, fault_injection: dict | None = None) -> dict:
+    """Train; returns a summary (run dir, MLflow run id, model version, final metrics)."""
+    model_config, manifest = validate(cfg)  # before any cluster work
+
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from moray.jobs.pretrain.data import read_split
+    from moray.jobs.pretrain.loop import read_metrics, train_func
+    from moray.platform.cluster import connect
+    from moray.platform.tracking import register_hf_model, setup_mlflow, tracking_uri
+
+    storage = cfg.run.storage_path or str(work_dir() / "runs")
+    run_dir = Path(storage) / cfg.run.name
+    mlflow = setup_mlflow(cfg.run.experiment)
+    params = {"config": dataclasses.asdict(cfg), "model": model_config.to_dict()}
+    run_id = _mlflow_run(mlflow, cfg, params)
+    connect()
+
+    lo, hi = cfg.scaling.worker_range
+    loop_config = {
+        "config": dataclasses.asdict(cfg),
+        "model_config": model_config.to_dict(),
+        "manifest": manifest,
+        "run_dir": str(run_dir),
+        "data_path": str(Path(cfg.data.path).resolve()),
+        "global_batch": cfg.data.global_batch_size,
+        "train_sequences": manifest["train_sequences"],
+        "mlflow_run_id": run_id,
+        "tracking_uri": tracking_uri(),
+        "threads_per_worker": max(1, int(cfg.scaling.cpus_per_worker)),
+        "fault_injection": fault_injection,
+    }
+    options = ray.data.ExecutionOptions(preserve_order=True)
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=(lo, hi) if lo != hi else lo,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        ),
+        datasets={"train": read_split(cfg.data.path, "train"), "val": read_split(cfg.data.path, "val")},
+        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=options),
+    )
+    try:
+        trainer.fit()
+    except Exception:
+        mlflow.MlflowClient().set_terminated(run_id, status="FAILED")
+        raise
+
+    client = mlflow.MlflowClient()
+    export = run_dir / "export"
+    for plot in sorted((export / "plots").glob("*.png")):
+        client.log_artifact(run_id, str(plot), artifact_path="plots")
+    if (run_dir / "metrics.jsonl").is_file():
+        client.log_artifact(run_id, str(run_dir / "metrics.jsonl"))
+    version = None
+    if cfg.run.register_model:
+        version = register_hf_model(export / "model", cfg.run.register_model, run_id)
+    client.set_terminated(run_id, status="FINISHED")
+    rows = read_metrics(run_dir)
+    return {
+        "run_dir": str(run_dir),
+        "mlflow_run_id": run_id,
+        "tracking_uri": tracking_uri(),
+        "registered_model": f"models:/{cfg.run.register_model}/{version}" if version else None,
+        "hf_export": str(export / "model"),
+        "steps": len(rows),
+        "final": {k: v for k, v in rows[-1].items() if k != "loads"} if rows else {},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="moray pretrain", description="Pre-train a moray model on Ray Train."
+    )
+    parser.add_argument("--config", help="a YAML file (configs/pretrain/*.yaml)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        cfg = load_config(args.config, args.set)
+        summary = run(cfg)
+    except ConfigError as e:
+        print(f"moray pretrain: invalid config: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"\nrun {cfg.run.name}: {summary['steps']} steps, final loss {summary['final'].get('loss', float('nan')):.4f}"
+    )
+    print(f"  checkpoints + metrics: {summary['run_dir']}")
+    print(f"  Hugging Face export:   {summary['hf_export']}")
+    print(f"  MLflow run:            {summary['mlflow_run_id']} ({summary['tracking_uri']})")
+    if summary["registered_model"]:
+        print(f"  registered model:      {summary['registered_model']}")
+    print("  browse it: make mlflow-ui")
+    return 0
