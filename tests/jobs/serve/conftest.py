@@ -1,0 +1,53 @@
+import socket
+from types import SimpleNamespace
+
+import pytest
+
+from tests.actors.engine_fixtures import make_model_dir
+
+API_KEY = "sk-moray-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("tiny_hf_serve"))
+
+
+@pytest.fixture(scope="session")
+def serve_app(ray_local, tiny_model_dir):
+    """One moray Serve application (HTTP + gRPC) for the whole session, on localhost ports."""
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from moray.jobs.serve.app import GRPC_SERVICER, build_app
+
+    http_port, grpc_port = _free_port(), _free_port()
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": http_port},
+        grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]),
+    )
+    settings = {
+        "model": str(tiny_model_dir),
+        "served_model_name": "tiny",
+        "api_keys": [API_KEY],
+        "max_num_seqs": 4,
+        "max_waiting": 4,
+        "torch_threads": 1,
+    }
+    serve.run(build_app(settings), name="moray", route_prefix="/moray")
+    try:
+        yield SimpleNamespace(
+            base_url=f"http://127.0.0.1:{http_port}/moray/v1",
+            root=f"http://127.0.0.1:{http_port}/moray",
+            grpc_target=f"127.0.0.1:{grpc_port}",
+            api_key=API_KEY,
+            model="tiny",
+        )
+    finally:
+        serve.shutdown()
