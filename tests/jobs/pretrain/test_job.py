@@ -1,0 +1,154 @@
+"""The pre-training job end to end on Ray Train (one shared local Ray): a 2-worker run, exact
+resume after a killed worker, resuming onto another data-parallel size, corrupt checkpoints."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from moray.jobs.pretrain import checkpoint as ckpt
+from moray.jobs.pretrain.job import load_config, run
+from moray.jobs.pretrain.loop import read_metrics
+from moray.model.config import ConfigError
+
+STEPS = 12
+
+
+def _cfg(data: Path, name: str, *extra: str):
+    return load_config(
+        None,
+        [
+            f"data.path={data}",
+            f"run.name={name}",
+            f"train.max_steps={STEPS}",
+            "train.checkpoint_every=3",
+            "train.val_every=6",
+            "train.warmup_steps=2",
+            "train.keep_checkpoints=2",
+            "scaling.num_workers=2",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def baseline(ray_local, packed_data):
+    """An uninterrupted 2-worker run: the reference for the fault and elastic runs."""
+    summary = run(_cfg(packed_data, "baseline"))
+    return summary, read_metrics(Path(summary["run_dir"]))
+
+
+def test_run_trains_tracks_checkpoints_and_registers(baseline, ray_local):
+    import mlflow
+
+    summary, rows = baseline
+    assert [r["step"] for r in rows] == list(range(STEPS))
+    assert rows[-1]["lm_loss"] < rows[0]["lm_loss"] - 0.3
+    assert all(math.isfinite(r["val_loss"]) for r in rows if (r["step"] + 1) % 6 == 0)
+    for key in ("expert_balance", "device_balance", "comm_balance", "router_z_loss", "grad_norm", "lr",
+                "tokens_per_s", "mfu", "drop_rate", "capacity_factor", "layer1/load_entropy"):  # fmt: skip
+        assert key in rows[-1], key
+    assert 0 < rows[-1]["mfu"] < 1
+    # the capacity controller moved the factor from its initial value toward the target drop rate
+    assert rows[-1]["capacity_factor"] != pytest.approx(1.25)
+
+    run_dir = Path(summary["run_dir"])
+    kept = sorted(p.name for p in run_dir.glob("checkpoint-*"))
+    assert kept == ["checkpoint-0000009", "checkpoint-0000012"]  # keep the last 2
+    m0 = ckpt.verify(run_dir / kept[-1])
+    assert m0["world_size"] == 2 and m0["state"]["step"] == STEPS
+    assert m0["state"]["samples_consumed"] == STEPS * 8
+
+    from moray.model import load_pretrained
+
+    model = load_pretrained(summary["hf_export"])
+    assert (Path(summary["hf_export"]) / "tokenizer.json").is_file()
+    with torch.no_grad():
+        assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, model.config.vocab_size)
+
+    mlflow.set_tracking_uri(summary["tracking_uri"])
+    client = mlflow.MlflowClient()
+    r = client.get_run(summary["mlflow_run_id"])
+    assert r.info.status == "FINISHED"
+    assert r.data.params["config.train.max_steps"] == str(STEPS)
+    assert len(client.get_metric_history(r.info.run_id, "loss")) == STEPS
+    artifacts = {a.path for a in client.list_artifacts(r.info.run_id, "plots")}
+    assert artifacts == {"plots/loss_curve.png", "plots/expert_load_heatmap.png"}
+    local = mlflow.artifacts.download_artifacts(summary["registered_model"])
+    assert (Path(local) / "config.json").is_file()
+
+
+def test_killed_worker_resumes_exactly(baseline, packed_data, tmp_path):
+    _, want = baseline
+    fault = {"rank": 1, "step": 7, "marker": str(tmp_path / "killed")}
+    summary = run(_cfg(packed_data, "fault", "scaling.max_failures=1"), fault_injection=fault)
+    assert (tmp_path / "killed").exists()  # a worker really died
+    got = read_metrics(Path(summary["run_dir"]))
+    assert [r["step"] for r in got] == list(range(STEPS))
+    # deterministic mode: the same sequences, exactly once each, and the same losses step for step
+    assert [r["batch_token_sum"] for r in got] == [r["batch_token_sum"] for r in want]
+    assert [r["sample_start"] for r in got] == [8.0 * s for s in range(STEPS)]
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], abs=1e-6)
+
+
+def test_resumes_onto_another_data_parallel_size(baseline, packed_data, tmp_path):
+    _, want = baseline
+    fault = {"rank": 0, "step": 7, "marker": str(tmp_path / "stop")}
+    import ray.train
+
+    with pytest.raises(
+        ray.train.TrainingFailedError
+    ):  # no retries: the 2-worker run stops after checkpoint 6
+        run(_cfg(packed_data, "elastic", "scaling.max_failures=0"), fault_injection=fault)
+    summary = run(_cfg(packed_data, "elastic", "scaling.num_workers=1"))  # resharded onto 1 rank
+    got = read_metrics(Path(summary["run_dir"]))
+    assert [r["step"] for r in got] == list(range(STEPS))
+    assert ckpt.verify(Path(summary["run_dir"]) / "checkpoint-0000012")["world_size"] == 1
+    assert [r["batch_token_sum"] for r in got] == [r["batch_token_sum"] for r in want]
+    # 1 rank x 2 micro-batches == 2 ranks x 1: equal up to float summation order
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], abs=2e-4)
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous(baseline, tmp_path, caplog):
+    summary, _ = baseline
+    run_dir = tmp_path / "copy"
+    import shutil
+
+    for name in ("checkpoint-0000009", "checkpoint-0000012"):
+        shutil.copytree(Path(summary["run_dir"]) / name, run_dir / name)
+    shard = next((run_dir / "checkpoint-0000012").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-10] + b"corrupted!")
+    path, m0 = ckpt.latest_valid(run_dir)
+    assert path.name == "checkpoint-0000009" and m0["state"]["step"] == 9
+    assert "fails its checksum" in caplog.text
+    (run_dir / "checkpoint-0000009" / "manifest-rank1.json").unlink()
+    assert ckpt.latest_valid(run_dir) is None and "partial checkpoint" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("scaling.num_workers=3", "global_batch_size=8"),
+        ("train.max_steps=0", "max_steps=0"),
+        ("parallel.tp=2", "tp=2"),
+        ("model.preset=huge", "unknown model preset"),
+        ("data.path=/nonexistent", "no manifest.json"),
+        ("train.capacity_factor=9", "capacity_factor=9"),
+    ],
+)
+def test_bad_configs_are_refused_before_cluster_work(packed_data, override, match):
+    with pytest.raises(ConfigError, match=match):
+        run(_cfg(packed_data, "bad", override))
+
+
+def test_manifest_and_tokenizer_are_required(packed_data, tmp_path):
+    import shutil
+
+    broken = tmp_path / "data"
+    shutil.copytree(packed_data, broken)
+    (broken / "tokenizer.json").unlink()
+    with pytest.raises(ConfigError, match="no tokenizer.json"):
+        run(_cfg(broken, "bad"))
+    json.loads((packed_data / "manifest.json").read_text())  # the fixture itself is intact
