@@ -246,7 +246,10 @@ class Engine:
             p = r.params
             if not p.greedy:
                 sp = SamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p)
-                out[j] = int(sample(logits[j : j + 1], sp, r.generator)[0])
+                try:
+                    out[j] = int(sample(logits[j : j + 1], sp, r.generator)[0])
+                except RuntimeError:  # a degenerate distribution (inf/nan): keep the argmax
+                    pass
         return out
 
     @staticmethod

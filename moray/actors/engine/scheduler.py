@@ -53,7 +53,8 @@ class RequestParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        # below 1e-5, logits / temperature overflow to inf (vLLM draws the same line)
+        return self.temperature < 1e-5 or self.top_k == 1
 
 
 @dataclass

@@ -1,0 +1,48 @@
+"""The Serve config file validates against Ray's ServeDeploySchema and its args against moray's
+settings; `moray serve` parses its flags (binding to localhost by default)."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moray.jobs.serve.app import GRPC_SERVICER, ServeSettings
+from moray.model.config import ConfigError
+
+CONFIG = Path(__file__).parents[3] / "configs" / "serve" / "moray.yaml"
+
+
+def test_config_file_validates():
+    from ray.serve.schema import ServeDeploySchema
+
+    data = yaml.safe_load(CONFIG.read_text())
+    schema = ServeDeploySchema.model_validate(data) if hasattr(ServeDeploySchema, "model_validate") else None
+    schema = schema or ServeDeploySchema.parse_obj(data)
+    assert schema.http_options.host == "127.0.0.1"
+    assert GRPC_SERVICER in data["grpc_options"]["grpc_servicer_functions"]
+    (app,) = data["applications"]
+    s = ServeSettings.from_dict(app["args"])
+    assert s.name() == "moray-tiny" and s.model.startswith("models:/")
+
+
+def test_settings_refuse_unknown_and_name_defaults():
+    with pytest.raises(ConfigError, match="unknown"):
+        ServeSettings.from_dict({"model": "x", "max_tokenz": 3})
+    with pytest.raises(ConfigError, match="model"):
+        ServeSettings.from_dict({})
+    assert ServeSettings.from_dict({"model": "models:/moe@champion"}).name() == "moe"
+    assert ServeSettings.from_dict({"model": "/a/b/tiny-hf/"}).name() == "tiny-hf"
+    assert ServeSettings.from_dict({"model": "x", "api_keys": "a,b"}).api_keys == ["a", "b"]
+
+
+def test_cli_flags():
+    import argparse
+
+    from moray.jobs.serve.__main__ import add_arguments, settings_from_args
+    from moray.platform.cli import JOBS
+
+    assert JOBS["serve"][0] == "moray.jobs.serve.__main__"
+    args = add_arguments(argparse.ArgumentParser()).parse_args(["--model", "d", "--api-key", "k", "--int8"])
+    assert args.host == "127.0.0.1" and args.port == 8000
+    s = ServeSettings.from_dict(settings_from_args(args))
+    assert s.api_keys == ["k"] and s.quantize_int8
