@@ -1,0 +1,139 @@
+"""The human-readable report: `<out>/report.md` with PNG plots in `<out>/report_plots/`.
+
+Stage funnel, mix target vs achieved, length and perplexity histograms, the largest duplicate
+clusters, top removal reasons, and where the time went.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+
+def _plots(out: Path, manifest: dict, table) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = out / "report_plots"
+    d.mkdir(exist_ok=True)
+    names = []
+    df = table.to_pandas()
+    kept = df[df["outcome"] == "kept"]
+
+    funnel = manifest["funnel"]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar([r["stage"] for r in funnel], [r["all"] for r in funnel], color="tab:blue")
+    ax.set_ylabel("documents remaining")
+    ax.set_title("stage funnel")
+    plt.xticks(rotation=30)
+    fig.tight_layout()
+    fig.savefig(d / "funnel.png")
+    plt.close(fig)
+    names.append("funnel.png")
+
+    mix = manifest["mix"]
+    doms = sorted(mix)
+    x = np.arange(len(doms))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar(x - 0.2, [100 * mix[k]["target"] for k in doms], 0.4, label="target")
+    ax.bar(x + 0.2, [100 * mix[k]["achieved"] for k in doms], 0.4, label="achieved")
+    ax.set_xticks(x, doms)
+    ax.set_ylabel("% of tokens")
+    ax.legend()
+    ax.set_title("domain mix")
+    fig.tight_layout()
+    fig.savefig(d / "mix.png")
+    plt.close(fig)
+    names.append("mix.png")
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for dom, g in kept.groupby("domain"):
+        ax.hist(np.log10(g["n_chars"].clip(lower=1)), bins=40, alpha=0.5, label=dom)
+    ax.set_xlabel("log10(characters) of kept documents")
+    ax.legend(fontsize=7)
+    ax.set_title("document lengths")
+    fig.tight_layout()
+    fig.savefig(d / "lengths.png")
+    plt.close(fig)
+    names.append("lengths.png")
+
+    scored = df[df["ppl"].notna() & np.isfinite(df["ppl"])]
+    if len(scored):
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        for dom, g in scored.groupby("domain"):
+            ax.hist(np.log10(g["ppl"]), bins=40, alpha=0.5, label=dom)
+        ax.set_xlabel("log10(perplexity) under the proxy bigram LM")
+        ax.legend(fontsize=7)
+        ax.set_title("perplexity")
+        fig.tight_layout()
+        fig.savefig(d / "perplexity.png")
+        plt.close(fig)
+        names.append("perplexity.png")
+    return names
+
+
+def write(out: Path, manifest: dict, table) -> Path:
+    plots = _plots(out, manifest, table)
+    lines = ["# Curation report", ""]
+    c = manifest["counts"]["all"]
+    lines += [f"{manifest['records_read']:,} records read: {c['kept']:,} kept, {c['filtered']:,} filtered, "
+              f"{c['duplicate']:,} duplicates, {c['quarantined']:,} quarantined. "
+              f"seq_len {manifest['seq_len']}, vocab {manifest['vocab_size']:,}, "
+              f"{manifest['splits']['train']['sequences']:,} train / {manifest['splits']['val']['sequences']:,} val "
+              f"sequences; {manifest['seconds']:.0f} s.", ""]  # fmt: skip
+    lines += ["## Counts per domain", "", "| domain | input | kept | filtered | duplicate | quarantined |",
+              "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for dom, r in manifest["counts"].items():
+        lines.append(
+            f"| {dom} | {r['input']:,} | {r['kept']:,} | {r['filtered']:,} | {r['duplicate']:,} | {r['quarantined']:,} |"
+        )
+    doms = [k for k in manifest["funnel"][0] if k != "stage"]
+    lines += ["", "## Stage funnel (documents remaining)", "", "![funnel](report_plots/funnel.png)", "",
+              "| stage | " + " | ".join(doms) + " |", "|---|" + "---:|" * len(doms)]  # fmt: skip
+    for r in manifest["funnel"]:
+        lines.append(f"| {r['stage']} | " + " | ".join(f"{r[k]:,}" for k in doms) + " |")
+    lines += ["", "## Mix: target vs achieved (tokens after packing)", "", "![mix](report_plots/mix.png)", "",
+              "| domain | target | achieved | tokens | sampling ratio |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for dom, m in manifest["mix"].items():
+        lines.append(
+            f"| {dom} | {100 * m['target']:.1f}% | {100 * m['achieved']:.1f}% | {m['tokens']:,} | {m['sampling_ratio']:.2f} |"
+        )
+    lines += ["", "## Top removal reasons", "", "| reason | documents |", "|---|---:|"]
+    for r, n in list(manifest["reasons"].items())[:25]:
+        lines.append(f"| `{r}` | {n:,} |")
+    lines += [
+        "",
+        "## Largest duplicate clusters",
+        "",
+        "| reason | size | survivor | some members |",
+        "|---|---:|---|---|",
+    ]
+    clusters = [
+        c for k in ("dedup", "semdedup") for c in manifest["dedup"].get(k, {}).get("largest_clusters", [])
+    ]
+    for cl in sorted(clusters, key=lambda c: -c["size"])[:15]:
+        lines.append(
+            f"| {cl['reason']} | {cl['size']} | `{cl['survivor']}` | {', '.join(f'`{m}`' for m in cl['members'][:3])} |"
+        )
+    for name in plots[2:]:
+        lines += ["", f"![{name}](report_plots/{name})"]
+    t = manifest.get("timings_s", {})
+    if t:
+        lines += [
+            "",
+            "## Time per stage (s)",
+            "",
+            " · ".join(f"{k} {v:.1f}" for k, v in t.items() if not math.isnan(v)),
+        ]
+    if manifest.get("stages_skipped_on_resume"):
+        lines += [
+            "",
+            f"Skipped on resume (already done for this config): {', '.join(manifest['stages_skipped_on_resume'])}",
+        ]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

