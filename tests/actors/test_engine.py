@@ -176,3 +176,22 @@ def test_async_engine_streams_concurrent_requests(model, prompts, reference):
             ae.shutdown()
 
     assert asyncio.run(main()) == reference
+
+
+def test_chunked_prefill_interleaves_with_decode(model):
+    """A long prompt is prefilled in chunks while a running request keeps decoding every step."""
+    e = Engine(model, config=EngineConfig(prefill_chunk=32, max_num_batched_tokens=64))
+    a = e.add_request([5, 6, 7], RequestParams(max_tokens=50, temperature=0, ignore_eos=True))
+    e.step()
+    b = e.add_request(list(range(3, 203)), RequestParams(max_tokens=4, temperature=0, ignore_eos=True))
+    steps = 0
+    while not b.output_ids:
+        before = len(a.output_ids)
+        e.step()
+        steps += 1
+        assert len(a.output_ids) == before + 1  # the decode never stalls behind the prefill
+    assert steps == 7  # ceil(200 / 32) chunks
+    ref = generate(model, [list(range(3, 203))], SamplingParams(max_new_tokens=4, stop_token_ids=(-1,)))[0]
+    while e.has_work():
+        e.step()
+    assert b.output_ids == ref

@@ -57,7 +57,7 @@ class RequestParams:
         return self.temperature < 1e-5 or self.top_k == 1
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a request is only ever equal to itself
 class Request:
     request_id: str
     prompt_ids: list[int]
@@ -191,7 +191,7 @@ class Scheduler:
         # 3. admit waiting requests while there are blocks (the whole sequence so far) and budget
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             r = self.waiting[0]
-            if plan.preempted and r in plan.preempted:
+            if any(r is p for p in plan.preempted):
                 break  # it was pushed back this step: the pool is dry
             blocks = self.pool.allocate(self.pool.blocks_for(r.num_tokens))
             if blocks is None:
