@@ -61,7 +61,9 @@ class Embedder:
 def embed(ds, cfg: SemDedupConfig):
     from ray.data import ActorPoolStrategy
 
-    return ds.select_columns(["uid", "text"]).map_batches(
+    # Stage outputs read back as few large blocks: split them so every actor of the pool gets work.
+    ds = ds.select_columns(["uid", "text"]).repartition(target_num_rows_per_block=cfg.batch_size * 4)
+    return ds.map_batches(
         Embedder,
         fn_constructor_kwargs={"max_chars": cfg.max_chars},
         batch_size=cfg.batch_size,
