@@ -70,12 +70,22 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, pool: BlockPool, works) -> tuple[torch.Tensor, dict]:
-        """works: rows of equal token count. Returns logits (B, V) of each row's last token and the
-        router statistics of this forward."""
-        ids = torch.tensor([w.tokens for w in works], dtype=torch.long, device=pool.data.device)  # (B, T)
+        """works: rows of new tokens (right-padded into one batch when their lengths differ).
+        Returns the logits (B, V) of each row's last new token and this forward's router statistics."""
+        device = pool.data.device
+        lengths = [len(w.tokens) for w in works]
+        T = max(lengths)
+        ids = torch.zeros(len(works), T, dtype=torch.long)  # (B, T)
+        for i, w in enumerate(works):
+            ids[i, : len(w.tokens)] = torch.tensor(w.tokens, dtype=torch.long)
+        mask = None
+        if min(lengths) != T:  # padding: the model keeps it out of attention, MoE and statistics
+            mask = (torch.arange(T)[None] < torch.tensor(lengths)[:, None]).to(device)
         view = PagedCacheView(pool, [w.request.blocks for w in works], [w.start for w in works])
-        out = self.model(ids, cache=view, num_logits_to_keep=1)
-        return out.logits[:, -1], out.router_stats
+        keep = T - min(lengths) + 1
+        out = self.model(ids.to(device), attention_mask=mask, cache=view, num_logits_to_keep=keep)
+        last = torch.tensor(lengths, device=device) - 1 - (T - keep)  # each row's last real token
+        return out.logits[torch.arange(len(works), device=device), last], out.router_stats
 
 
 class Engine:
@@ -174,10 +184,10 @@ class Engine:
             logits, rs = self.runner.forward(self.pool, plan.decode)
             stats.append(rs)
             outputs += self._advance(plan.decode, logits)
-        for w in plan.prefill:
-            logits, rs = self.runner.forward(self.pool, [w])
+        if plan.prefill:  # every prefill chunk of this step in one right-padded forward
+            logits, rs = self.runner.forward(self.pool, plan.prefill)
             stats.append(rs)
-            outputs += self._advance([w], logits)
+            outputs += self._advance(plan.prefill, logits)
         self.last_batch_size = len(plan.decode) + len(plan.prefill)
         if self.metrics:
             self.metrics.on_step(self, plan, stats)
@@ -190,7 +200,9 @@ class Engine:
         rows = [i for i, w in enumerate(works) if w.sample]
         if not rows:
             return []
-        logits = logits[rows].float()  # (n, V)
+        logits = (
+            logits[rows].float().cpu()
+        )  # (n, V); sampled on the CPU, where the per-request generators live
         sampled = self._sample([works[i].request for i in rows], logits)
         outs = []
         for j, i in enumerate(rows):
