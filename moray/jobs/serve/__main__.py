@@ -14,7 +14,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default: localhost only)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (the OpenAI API under /v1)")
-    p.add_argument("--grpc-port", type=int, default=9000, help="gRPC port (moray.MorayGenerate); 0: no gRPC")
+    p.add_argument(
+        "--grpc-port", type=int, default=0,
+        help="serve gRPC (moray.MorayGenerate) on this port; off by default: Ray Serve's gRPC proxy listens "
+        "on every interface ([::]), not only --host",
+    )  # fmt: skip
     p.add_argument("--name", default=None, help="the model name clients send (default: from --model)")
     p.add_argument("--api-key", action="append", default=[], help="require this bearer key (repeatable)")
     p.add_argument("--replicas", type=int, default=1)
@@ -53,7 +57,13 @@ def run(args: argparse.Namespace, blocking: bool = True):
     serve.start(http_options={"host": args.host, "port": args.port}, grpc_options=grpc)
     app = MorayServer.options(num_replicas=args.replicas).bind(settings.__dict__)
     print(f"moray: serving {settings.name()!r} at http://{args.host}:{args.port}/v1", flush=True)
-    return serve.run(app, name="moray", route_prefix="/", blocking=blocking)
+    if args.grpc_port:
+        print(f"moray: gRPC moray.MorayGenerate on port {args.grpc_port} (all interfaces)", flush=True)
+    try:
+        return serve.run(app, name="moray", route_prefix="/", blocking=blocking)
+    except KeyboardInterrupt:
+        print("moray: shutting down", flush=True)
+        serve.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
