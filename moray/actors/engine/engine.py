@@ -309,6 +309,10 @@ class AsyncEngine:
                         self._fail_all(e)
                         outputs = []
             if not busy:
+                m = self.engine.metrics
+                if m is not None and time.monotonic() - m._last_flush >= m.flush_every_s:
+                    with self._lock:
+                        m.flush(self.engine)  # gauges fall back to zero when idle
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue

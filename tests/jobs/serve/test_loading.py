@@ -37,3 +37,20 @@ def test_mlflow_registered_model_version_and_alias(tiny_model_dir, tmp_path):
         model, tok, _ = load_for_serving(model_uri, uri, cache_dir=tmp_path / "cache")
         ids = torch.tensor([[5, 6, 7]])
         assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+def test_chat_template_from_tokenizer_config(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    from moray.actors.engine import Tokenizer
+
+    d = tmp_path / "with_template"
+    shutil.copytree(tiny_model_dir, d)
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}"
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    tok = Tokenizer.from_dir(d)
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert text == "[user] hi\n[assistant] "
+    (d / "chat_template.jinja").write_text("{{ messages[0]['content'] }}!")  # takes precedence
+    assert Tokenizer.from_dir(d).apply_chat_template([{"role": "user", "content": "hi"}]) == "hi!"
