@@ -19,9 +19,10 @@ def tiny_model_dir(tmp_path_factory):
     return make_model_dir(tmp_path_factory.mktemp("tiny_hf_serve"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def serve_app(ray_local, tiny_model_dir):
-    """One moray Serve application (HTTP + gRPC) for the whole session, on localhost ports."""
+    """One moray Serve application (HTTP + gRPC) for this test package, on localhost ports; shut down
+    when the package is done so later Ray tests in the session get the CPUs back."""
     from ray import serve
     from ray.serve.config import gRPCOptions
 
