@@ -4,7 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench lint clean
+.PHONY: setup demo test bench lint mlflow-ui clean
+
+MORAY_HOME ?= .moray
 
 setup: $(STAMP)
 
@@ -24,6 +26,9 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py
+
+mlflow-ui: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(MORAY_HOME))/mlflow.db --host 127.0.0.1 --port 5000
 
 lint: setup
 	$(BIN)/ruff check moray tests benchmarks

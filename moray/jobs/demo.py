@@ -1,64 +1,96 @@
-"""`make demo`: what moray does today, end to end on one machine, in a few seconds.
+"""`make demo`: the platform end to end on one machine with a local Ray.
 
-Builds the tiny DeepSeek-V2 model, prints its accounting, round-trips it through a Hugging Face
-directory, generates with the latent cache, and shows what int8 weights cost in accuracy.
-Later stages (curation, pre-training, serving) join this job as they land.
+1. the model's accounting (`moray model info tiny`);
+2. curation of a small slice of ../shared/data on Ray Data (configs/curate/smoke.yaml);
+3. pre-training of the tiny model on 2 Ray Train workers, tracked in MLflow, registered as a model;
+4. the registered model, downloaded from MLflow, generating text through the latent cache;
+5. where to look next.
+
+Everything lands under the work directory (MORAY_HOME, default .moray/).
 """
 
 from __future__ import annotations
 
-import os
+import json
+import time
 from pathlib import Path
 
 import torch
 
-from moray.model import SamplingParams, Transformer, generate, load_pretrained, preset, save_pretrained
+from moray.model import SamplingParams, generate, load_pretrained, preset
 from moray.model.accounting import account, format_accounting
-from moray.model.cache import LatentCache
-from moray.model.quant import quantization_report
+from moray.platform.workdir import work_dir
+
+
+def banner(text: str) -> None:
+    print(f"\n{'=' * 8} {text} {'=' * max(0, 70 - len(text))}", flush=True)
 
 
 def main() -> None:
     torch.manual_seed(0)
-    work = Path(os.environ.get("MORAY_HOME", ".moray")) / "demo"
-    config = preset("tiny")
+    home = work_dir()
+    banner("1. the model: moray model info tiny")
+    print(format_accounting("tiny", account(preset("tiny"))))
 
-    print("== 1. the model: `moray model info tiny` ==")
-    print(format_accounting("tiny", account(config)))
+    banner("2. curation on Ray Data (configs/curate/smoke.yaml)")
+    from moray.jobs.curate.pipeline import load_config as curate_config
+    from moray.jobs.curate.pipeline import run as curate
 
-    print("\n== 2. a Hugging Face DeepSeek-V2 directory, written and read back ==")
-    model = Transformer(config).eval()
-    hf_dir = save_pretrained(model, work / "tiny-hf")
-    loaded = load_pretrained(hf_dir)
-    ids = torch.randint(3, config.vocab_size, (2, 16))
-    with torch.no_grad():
-        diff = (loaded(ids).logits - model(ids).logits).abs().max().item()
+    from moray.platform.cluster import connect
+
+    connect(include_dashboard=False)
+    t0 = time.time()
+    ccfg = curate_config("configs/curate/smoke.yaml", [f"output={home / 'curated' / 'demo'}"])
+    manifest = curate(ccfg)
     print(
-        f"wrote {hf_dir} ({', '.join(sorted(p.name for p in hf_dir.iterdir()))}); reloaded logits differ by {diff:.1e}"
+        f"curated in {time.time() - t0:.0f}s: {json.dumps(manifest['counts']['all'])}; "
+        f"{manifest['splits']['train']['sequences']} train / {manifest['splits']['val']['sequences']} val "
+        f"sequences of {manifest['seq_len']} tokens; report: {ccfg.output}/report.md"
     )
 
-    print("\n== 3. generation with the MLA latent cache (random weights, so the tokens are noise) ==")
-    prompts = [[1, 17, 42, 99], [1, 7]]
-    for name, params in [
-        ("greedy", SamplingParams(max_new_tokens=12, stop_token_ids=(-1,))),
-        ("top-p 0.9, T=0.8, seed 7", SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=7,
-                                                   stop_token_ids=(-1,))),
-    ]:  # fmt: skip
-        for prompt, out in zip(prompts, generate(loaded, prompts, params)):
-            print(f"{name:>26}: {prompt} -> {out}")
-    cache = LatentCache(config, batch_size=1, max_len=1)
-    mha = config.num_hidden_layers * config.num_attention_heads * (config.qk_head_dim + config.v_head_dim) * 4
-    print(f"latent cache: {cache.bytes_per_token()} bytes/token (fp32) vs {mha} for multi-head attention")
+    banner("3. pre-training on Ray Train: 2 workers, FSDP2, MLflow (configs/pretrain/tiny.yaml)")
+    from moray.jobs.pretrain.job import load_config as pretrain_config
+    from moray.jobs.pretrain.job import run as pretrain
 
-    print("\n== 4. int8 weight-only quantization ==")
-    r = quantization_report(loaded, ids)
-    print(
-        f"weights {r['bytes_before']:,} -> {r['bytes_after']:,} bytes ({100 * r['memory_saved_fraction']:.0f}% saved), "
-        f"relative logit error {r['relative_logit_error']:.4f}, top-1 agreement {100 * r['top1_agreement']:.1f}%"
+    t0 = time.time()
+    pcfg = pretrain_config(
+        "configs/pretrain/tiny.yaml",
+        [
+            f"data.path={ccfg.output}",
+            "run.name=demo",
+            "train.max_steps=60",
+            "train.lr=5e-3",
+            "scaling.num_workers=2",
+        ],
     )
+    summary = pretrain(pcfg)
+    final = summary["final"]
     print(
-        "\nNext: `make test` runs the parity tests against transformers; `make bench` prints the speed ratios."
+        f"trained {summary['steps']} steps in {time.time() - t0:.0f}s: LM loss {final['lm_loss']:.3f}, "
+        f"val loss {final.get('val_loss', float('nan')):.3f}, capacity factor {final['capacity_factor']:.2f}, "
+        f"drop rate {final['drop_rate']:.3f}"
     )
+    print(f"registered {summary['registered_model']} (MLflow run {summary['mlflow_run_id']})")
+
+    banner("4. the registered model, from MLflow, generating with the latent cache")
+    import mlflow
+    from tokenizers import Tokenizer
+
+    mlflow.set_tracking_uri(summary["tracking_uri"])
+    local = Path(mlflow.artifacts.download_artifacts(summary["registered_model"]))
+    model = load_pretrained(local)
+    tok = Tokenizer.from_file(str(local / "tokenizer.json"))
+    prompts = ["Call me Ishmael.", "def bubble_sort(arr):"]
+    params = SamplingParams(max_new_tokens=24, temperature=0.7, top_p=0.9, seed=0)
+    for prompt, out in zip(prompts, generate(model, [tok.encode(p).ids for p in prompts], params)):
+        print(f"{prompt!r} -> {tok.decode(out)!r}")
+
+    banner("5. where to look")
+    print(f"work directory:    {home}")
+    print(f"curation report:   {ccfg.output}/report.md (ledger.parquet says why each record was dropped)")
+    print(f"checkpoints:       {summary['run_dir']}")
+    print(f"MLflow:            {summary['tracking_uri']} -> `make mlflow-ui`, then http://127.0.0.1:5000")
+    print("tests, benchmarks: `make test`, `make bench`")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,10 @@ def read_split(data_path: str, split: str):
     """A Ray Dataset over one split's shards, in file order."""
     import ray.data
 
-    return ray.data.read_parquet(shard_files(data_path, split), shuffle=None)
+    ds = ray.data.read_parquet(shard_files(data_path, split), shuffle=None)
+    # Every rank re-reads the split each epoch: per-worker progress bars would only be noise.
+    ds.context.enable_progress_bars = False
+    return ds
 
 
 def tokens_column(names) -> str:
