@@ -35,7 +35,6 @@ def main() -> None:
     banner("2. curation on Ray Data (configs/curate/smoke.yaml)")
     from moray.jobs.curate.pipeline import load_config as curate_config
     from moray.jobs.curate.pipeline import run as curate
-
     from moray.platform.cluster import connect
 
     connect(include_dashboard=False)
