@@ -51,3 +51,21 @@ def test_cli_flags():
     assert args.host == "127.0.0.1" and args.port == 8000 and args.grpc_port == 0
     s = ServeSettings.from_dict(settings_from_args(args))
     assert s.api_keys == ["k"] and s.quantize_int8
+
+
+def test_rayservice_manifest_validates():
+    import jsonschema
+    from ray.serve.schema import ServeDeploySchema
+
+    root = Path(__file__).parents[3]
+    crd_file = root.parent / "shared" / "kuberay-crds" / "ray.io_rayservices.yaml"
+    if not crd_file.is_file():
+        pytest.skip("KubeRay CRDs not available")
+    crd = yaml.safe_load(crd_file.read_text())
+    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+    manifest = yaml.safe_load((root / "infra" / "rayservice-serve.yaml").read_text())
+    jsonschema.validate(manifest, schema)
+    serve_config = ServeDeploySchema.model_validate(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
+    (app,) = serve_config.applications
+    assert app.import_path == "moray.jobs.serve.app:build_app"
+    ServeSettings.from_dict(app.args)
