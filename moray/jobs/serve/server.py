@@ -93,10 +93,13 @@ class OpenAIServer:
             code = "context_length_exceeded" if "context" in str(e) or "KV cache" in str(e) else None
             raise APIError(400, str(e), "invalid_request_error", param, code) from e
 
-    def default_max_tokens(self, n_prompt: int, asked: int | None) -> int:
+    def default_max_tokens(self, n_prompt: int, asked: int | None, default: int | None = 16) -> int:
+        """OpenAI's defaults: 16 for completions, the rest of the context for chat (default None)."""
         if asked is not None:
             return asked
-        return max(1, min(16, self.engine.engine.max_context - n_prompt))
+        e = self.engine.engine
+        room = min(e.max_context, e.pool.capacity_blocks * e.pool.block_size) - n_prompt
+        return max(1, room if default is None else min(default, room))
 
     def token_text(self, t: int) -> str:
         return self.tokenizer.decode([t]) if self.tokenizer is not None else str(t)
@@ -179,7 +182,7 @@ class OpenAIServer:
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         rid, q = self.add(
-            ids, self.params(req, self.default_max_tokens(len(ids), asked), logprobs), "messages"
+            ids, self.params(req, self.default_max_tokens(len(ids), asked, None), logprobs), "messages"
         )
         cid, created = new_id("chatcmpl"), now()
         stream = self.engine.stream(rid, q)

@@ -127,3 +127,14 @@ def test_overload_is_429_with_retry_after(serve_app):
     assert any(r == "1" for r in results), results
     assert all(r == 60 for r in results if r != "1")
     assert sum(r == 60 for r in results) >= 8
+
+
+def test_chat_without_max_tokens_runs_to_the_context(client):
+    r = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Go on"}],
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.total_tokens == 1024  # the tiny preset's context, OpenAI's chat default
