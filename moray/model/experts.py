@@ -1,15 +1,16 @@
-"""Routed experts computed as grouped matmuls: no Python loop over tokens (nor over experts).
+"""Routed experts computed as grouped matmuls: no Python loop over tokens.
 
 Token-expert pairs are sorted by expert so each expert's rows are contiguous, then one grouped
 GEMM does every expert's gate+up projection and another the down projection. Weights are
 stacked as HF's fused layout: gate_up_proj (E, 2I, H) = [gate; up], down_proj (E, H, I).
 
 The published model (SiLU, no per-expert scales) runs gather -> FFN -> weighted combine as one
-autograd Function with a hand-written backward: autograd's own version of the same graph spends
-about a sixth of a training step outside the GEMMs (an accumulating index_put for the gather's
-backward, transposed weight gradients copied back into the parameters' layout, saved
-intermediates it does not need). The extras (learned beta, activation scale) keep the plain
-autograd path.
+autograd Function with a hand-written backward. Autograd's own graph for the same computation
+adds an accumulating index_put for the gather's backward (~7% of a training step on the small
+preset) and weight gradients in the transposed layout, copied back into the parameters'.
+The extras (learned beta, activation scale) keep the plain autograd path. CPU inference with a
+handful of rows per expert (decode) loops over the hit experts instead: see
+swiglu_experts_few_rows.
 
 Shapes: N tokens, k experts per token, P kept pairs (<= N*k), E experts, H hidden, I expert width.
 """
