@@ -93,9 +93,12 @@ def main() -> list[Result]:
         module(xi).backward(grad_out)
         grads[name] = (xi.grad, module.experts.gate_up_proj.grad, module.gate.weight.grad)
     for name in ("moray", "hf grouped_mm"):
-        diff = max((a - b).abs().max().item() for a, b in zip(grads[name], grads["hf loop"]))
-        print(f"  max |{name} - hf loop| gradients: {diff:.2e}")
-        assert diff < 1e-4, f"{name} gradients disagree with HF"
+        # Relative to each gradient's largest entry: weight gradients sum over thousands of tokens.
+        diff = max(
+            ((a - b).abs().max() / b.abs().max()).item() for a, b in zip(grads[name], grads["hf loop"])
+        )
+        print(f"  max |{name} - hf loop| / max |hf loop| gradients (input, gate_up, router): {diff:.2e}")
+        assert diff < 1e-5, f"{name} gradients disagree with HF"
 
     peak = gemm_gflops()
     print(

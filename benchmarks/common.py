@@ -24,12 +24,32 @@ class Result:
 
     name: str
     ratio: float  # moray / reference (higher is better)
-    target: float
+    target: float | None  # None: for information, no target
     detail: str = ""
 
     @property
-    def passed(self) -> bool:
-        return self.ratio >= self.target
+    def status(self) -> str:
+        if self.target is None:
+            return "info"
+        return "PASS" if self.ratio >= self.target else "MISS"
+
+
+def random_hf_model(preset_name: str = "small", seed: int = 0):
+    """A transformers DeepseekV2ForCausalLM with a moray preset's shapes and random weights."""
+    import transformers
+
+    from moray.model import PRESETS
+
+    torch.manual_seed(seed)
+    config = transformers.DeepseekV2Config(**PRESETS[preset_name], tie_word_embeddings=False)
+    model = transformers.DeepseekV2ForCausalLM(config).eval()
+    with torch.no_grad():  # HF zero-inits some weights; randomize all, peaky enough for stable argmaxes
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.05)
+    return model
 
 
 def setup(seed: int = 0) -> None:
