@@ -32,15 +32,15 @@ def main() -> int:
         rows += [(name, r, time.perf_counter() - t0) for r in results]
 
     print("\n== summary (ratio = moray / reference, higher is better)")
-    print(f"{'benchmark':46s} {'ratio':>8s} {'target':>7s}  {'status':6s}  detail")
+    print(f"{'benchmark':52s} {'ratio':>8s} {'target':>7s}  {'status':6s}  detail")
     ok = True
     for name, r, seconds in rows:
         if r is None:
-            print(f"{name:46s} {'-':>8s} {'-':>7s}  ERROR   see the traceback above ({seconds:.0f} s)")
+            print(f"{name:52s} {'-':>8s} {'-':>7s}  ERROR   see the traceback above ({seconds:.0f} s)")
             ok = False
             continue
         target = "-" if r.target is None else f"{r.target:g}x"
-        print(f"{r.name:46s} {r.ratio:7.2f}x {target:>7s}  {r.status:6s}  {r.detail}")
+        print(f"{r.name:52s} {r.ratio:7.2f}x {target:>7s}  {r.status:6s}  {r.detail}")
         ok &= r.status != "MISS"
     return 0 if ok else 1
 
