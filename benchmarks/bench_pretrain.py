@@ -91,7 +91,8 @@ def main() -> None:
     plain2 = plain_pytorch(data, args.steps, threads=2)
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # 4 logical CPUs on 2 cores: workers take 2 (their threads), Ray Data keeps 2 for reading.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     ray1 = ray_train(data, args.steps, 1, home)
     ray2 = ray_train(data, args.steps, 2, home)
     ray.shutdown()

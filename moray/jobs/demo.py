@@ -4,7 +4,8 @@
 2. curation of a small slice of ../shared/data on Ray Data (configs/curate/smoke.yaml);
 3. pre-training of the tiny model on 2 Ray Train workers, tracked in MLflow, registered as a model;
 4. the registered model, downloaded from MLflow, generating text through the latent cache;
-5. where to look next.
+5. the same registered model served on Ray Serve, answering a chat request from the `openai` client;
+6. where to look next.
 
 Everything lands under the work directory (MORAY_HOME, default .moray/).
 """
@@ -84,11 +85,44 @@ def main() -> None:
     for prompt, out in zip(prompts, generate(model, [tok.encode(p).ids for p in prompts], params)):
         print(f"{prompt!r} -> {tok.decode(out)!r}")
 
-    banner("5. where to look")
+    banner("5. serving it on Ray Serve: OpenAI-compatible API, continuous batching")
+    import argparse
+
+    from openai import OpenAI
+    from ray import serve
+
+    from moray.jobs.serve.__main__ import add_arguments
+    from moray.jobs.serve.__main__ import run as serve_run
+
+    port = 8000
+    args = add_arguments(argparse.ArgumentParser()).parse_args(
+        ["--model", summary["registered_model"], "--port", str(port), "--name", "moray-tiny",
+         "--tracking-uri", summary["tracking_uri"]]
+    )  # fmt: skip
+    serve_run(args, blocking=False)
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        reply = client.chat.completions.create(
+            model="moray-tiny", messages=[{"role": "user", "content": "Tell me about the whale."}], max_tokens=24,
+            temperature=0.7, seed=0,
+        )  # fmt: skip
+        print(f"POST /v1/chat/completions -> {reply.choices[0].message.content!r}")
+        print(
+            f"usage: {reply.usage.prompt_tokens} prompt + {reply.usage.completion_tokens} completion tokens"
+        )
+    finally:
+        serve.shutdown()
+
+    banner("6. where to look")
     print(f"work directory:    {home}")
     print(f"curation report:   {ccfg.output}/report.md (ledger.parquet says why each record was dropped)")
     print(f"checkpoints:       {summary['run_dir']}")
     print(f"MLflow:            {summary['tracking_uri']} -> `make mlflow-ui`, then http://127.0.0.1:5000")
+    print(
+        "serve it yourself: moray serve --model "
+        + summary["registered_model"]
+        + " (http://127.0.0.1:8000/v1)"
+    )
     print("tests, benchmarks: `make test`, `make bench`")
 
 

@@ -79,6 +79,11 @@ def _coerce(tp: Any, value: Any, dotted: str) -> Any:
         return from_dict(tp, value, dotted)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 5e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ConfigError(f"{dotted}={value!r}: expected {tp.__name__}")
     return value

@@ -43,6 +43,10 @@ def test_errors_name_the_field(data, match):
         from_dict(Job, data)
 
 
+def test_exponent_without_a_dot_is_a_float():
+    assert from_dict(Job, apply_overrides({}, ["train.lr=5e-3"])).train.lr == 0.005
+
+
 def test_bad_override_syntax():
     with pytest.raises(ConfigError, match="key.path=value"):
         apply_overrides({}, ["train.max_steps"])
