@@ -44,7 +44,9 @@ class LatentCache:
     def write(self, layer: int, positions: torch.Tensor, latent: torch.Tensor) -> None:
         """Store latent (B, T, c + r) at positions (B, T)."""
         if int(positions.max()) >= self.max_len:
-            raise ValueError(f"latent cache is full: position {int(positions.max())} >= max_len {self.max_len}")
+            raise ValueError(
+                f"latent cache is full: position {int(positions.max())} >= max_len {self.max_len}"
+            )
         index = positions[..., None].expand(-1, -1, self.width)
         self.layers[layer].scatter_(1, index, latent.to(self.layers[layer].dtype))
 

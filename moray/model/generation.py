@@ -31,7 +31,9 @@ def generate(
     T = int(lengths.max())
     limit = model.config.max_position_embeddings
     if T + params.max_new_tokens > limit:
-        raise ValueError(f"prompt ({T}) + max_new_tokens ({params.max_new_tokens}) exceeds the context {limit}")
+        raise ValueError(
+            f"prompt ({T}) + max_new_tokens ({params.max_new_tokens}) exceeds the context {limit}"
+        )
     ids = torch.zeros(B, T, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         ids[i, : len(p)] = torch.tensor(p, device=device)
@@ -39,11 +41,16 @@ def generate(
 
     was_training = model.training
     model.eval()
-    stop = set(params.stop_token_ids or ([model.config.eos_token_id] if model.config.eos_token_id is not None else []))
+    stop = set(
+        params.stop_token_ids
+        or ([model.config.eos_token_id] if model.config.eos_token_id is not None else [])
+    )
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
-    cache = LatentCache(model.config, B, T + params.max_new_tokens, dtype=model.lm_head.weight.dtype, device=device)
+    cache = LatentCache(
+        model.config, B, T + params.max_new_tokens, dtype=model.lm_head.weight.dtype, device=device
+    )
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
     try:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moray.model.config import ModelConfig
+from moray.model.linear import SmallBatchLinear
 from moray.model.masks import additive_mask, allowed_keys, relative_bias
 from moray.model.norm import RMSNorm
 from moray.model.rope import apply_rope
@@ -39,34 +40,6 @@ class AttentionInputs:
     absorb: bool = False  # use the absorbed (decode) formulation
     plain_causal: bool = False  # no padding, no cache, no extras: SDPA's is_causal fast path
     masks: dict = field(default_factory=dict)  # layer type -> additive mask, shared by the layers
-
-
-class SmallBatchLinear(nn.Linear):
-    """nn.Linear that, for a handful of rows on CPU without autograd (decode), computes (W @ x.T).T.
-
-    Same result, but MKL streams W several times faster that way round than as x @ W.T, and
-    its matrix-vector path for one row is slower still (so a lone row goes in twice). Measured
-    on our EPYC CPUs: 36 weights of 1024x512 at 4 rows, 19 ms as F.linear vs 2.5 ms as W @ x.T;
-    a 32000x512 output head at 8 rows, 5.5 ms vs 2.9 ms. Anything else (training, long inputs,
-    GPUs, DTensor weights) is plain F.linear.
-    """
-
-    MAX_ROWS = 16
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if (
-            rows > self.MAX_ROWS
-            or x.device.type != "cpu"
-            or torch.is_grad_enabled()
-            or self.bias is not None
-            or type(x) is not torch.Tensor  # tensor subclasses (DTensor...) keep their own dispatch
-            or type(self.weight) is not nn.Parameter
-        ):
-            return F.linear(x, self.weight, self.bias)
-        x2 = x.reshape(rows, x.shape[-1])  # (n, in)
-        x_t = x2.t() if rows > 1 else x2.repeat(2, 1).t()  # (in, n')
-        return (self.weight @ x_t).t()[:rows].reshape(*x.shape[:-1], self.out_features)
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -117,7 +90,7 @@ class MultiHeadLatentAttention(nn.Module):
 
         if inp.cache is not None:
             inp.cache.write(self.layer_idx, inp.q_pos, latent)
-            latent = inp.cache.read(self.layer_idx, inp.key_len)  # (B, S, c + r)
+            latent = inp.cache.read(self.layer_idx, inp.key_len).to(x.dtype)  # (B, S, c + r)
             k_pos = torch.arange(latent.shape[1], device=x.device).expand(B, -1)
         else:
             k_pos = inp.q_pos
@@ -127,8 +100,11 @@ class MultiHeadLatentAttention(nn.Module):
             cos, sin = self._rope(k_pos)
             k_pe = apply_rope(k_pe.expand(-1, H, -1, -1), cos, sin)  # (B, H, S, r)
 
+        # SDPA's is_causal fast path only where it is exactly this layer's mask: a full layer without
+        # relative biases, in the expanded form (the absorbed form takes an explicit mask).
+        fast = inp.plain_causal and self.layer_type == "full" and not self.config.relative_bias_offsets
         mask = None
-        if not inp.plain_causal:
+        if not (fast and not inp.absorb):
             mask = inp.masks.get(self.layer_type)
             if mask is None:
                 allowed = allowed_keys(self.config, self.layer_type, inp.q_pos, k_pos, inp.k_valid)

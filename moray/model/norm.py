@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moray.model.linear import SmallBatchLinear
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -29,9 +31,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, learned_beta: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = SmallBatchLinear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = SmallBatchLinear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = SmallBatchLinear(intermediate_size, hidden_size, bias=False)
         self.beta = nn.Parameter(torch.ones(())) if learned_beta else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

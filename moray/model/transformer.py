@@ -14,6 +14,7 @@ from torch import nn
 
 from moray.model.cache import LatentCache
 from moray.model.config import ModelConfig
+from moray.model.linear import SmallBatchLinear
 from moray.model.mla import AttentionInputs, MultiHeadLatentAttention
 from moray.model.moe import MoE, RouterStats
 from moray.model.norm import RMSNorm, SwiGLU
@@ -59,7 +60,7 @@ class Transformer(nn.Module):
         rope = [self.rotary]  # shared by every layer, registered once
         self.layers = nn.ModuleList(Block(config, i, rope) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = SmallBatchLinear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # Sparse layer patterns and relative biases live in the attention mask: never skip it.

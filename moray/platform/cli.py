@@ -96,8 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
 # Job commands: `moray NAME ARGS...` is `python -m MODULE ARGS...` (the module's own argparse).
 JOBS = {
     "pretrain": ("moray.jobs.pretrain.job", "pre-train on Ray Train: --config FILE --set KEY=VALUE ..."),
-    "curate": ("moray.jobs.curate.__main__", "curate a corpus on Ray Data: --config FILE | --input PATH[=DOMAIN] ... --output DIR"),
-    "serve": ("moray.jobs.serve.__main__", "serve a model on Ray Serve: --model PATH_OR_URI [--host] [--port]"),
+    "curate": (
+        "moray.jobs.curate.__main__",
+        "curate a corpus on Ray Data: --config FILE | --input PATH[=DOMAIN] ... --output DIR",
+    ),
+    "serve": (
+        "moray.jobs.serve.__main__",
+        "serve a model on Ray Serve: --model PATH_OR_URI [--host] [--port]",
+    ),
 }
 
 

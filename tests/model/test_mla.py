@@ -415,15 +415,9 @@ def test_rope_frequencies_stay_float32_under_a_dtype_cast():
         assert model(ids_for(cfg, 1, 1), cache=cache).logits.isfinite().all()
 
 
-# ---- known bugs in mla.py (owned elsewhere; strict xfail so a fix shows up as XPASS) --------------------
+# ---- regressions: a float32 cache under a bf16 model; the absorbed form on the fast path ------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="mla.py: the latent read from a LatentCache is not cast to the compute dtype, so a bf16 model "
-    "with a float32 cache (LatentCache's default dtype) fails with 'expected scalar type Float but found BFloat16'",
-)
 def test_bf16_model_with_a_float32_cache():
     model = build(tiny()).to(torch.bfloat16)
     with torch.no_grad():
@@ -431,12 +425,6 @@ def test_bf16_model_with_a_float32_cache():
     assert out.logits.isfinite().all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mla.py: MultiHeadLatentAttention._absorbed applies no causal mask when plain_causal=True (mask is "
-    "None), and plain_causal also skips the layer's own sparse pattern / relative bias; the layer trusts the "
-    "caller. Transformer.forward no longer sets plain_causal with absorb or extras, but the layer is unsafe",
-)
 def test_attention_layer_is_causal_in_absorbed_form_on_the_fast_path():
     from moray.model.mla import AttentionInputs
 
