@@ -66,10 +66,12 @@ def labelled_set(n_docs: int):
     return docs, truth
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list:
+    from common import Result
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--docs", type=int, default=400)
-    args = ap.parse_args()
+    args = ap.parse_args(argv if argv is not None else [])
     docs, truth = labelled_set(args.docs)
     cfg = minhash.MinHashConfig()
     t0 = time.perf_counter()
@@ -100,7 +102,14 @@ def main() -> None:
         if kind.startswith("~"):
             sel = {t for t in sel if "~" not in t[0]}  # original vs copy
         print(f"  recall {kind:>6}: {len(sel & predicted) / max(1, len(sel)):.3f} of {len(sel)} pairs")
+    return [
+        Result("curate: MinHash near-dup precision", precision, 0.98, f"{len(predicted)} pairs predicted"),
+        Result("curate: MinHash near-dup recall", recall, 0.95, f"{len(truth)} labelled pairs (1-5% edits)"),
+        Result(
+            "curate: MinHash docs/s (vs datatrove: not yet run)", len(docs) / seconds, None, f"{mb:.1f} MB"
+        ),
+    ]
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -71,10 +71,12 @@ def ray_train(data: Path, steps: int, workers: int, home: Path) -> float:
     return statistics.median(r["tokens_per_s"] for r in rows[1:])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list:
+    from common import Result
+
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=5)
-    args = p.parse_args()
+    args = p.parse_args(argv if argv is not None else [])
     from moray.model import preset
     from moray.model.accounting import account
 
@@ -108,8 +110,16 @@ def main() -> None:
         print(f"{name:<34}{tps:>10.0f}{100 * mfu(tps):>7.1f}%")
     print(f"Ray overhead (1 worker vs plain, 2 threads): {100 * (1 - ray1 / plain2):.1f}%")
     print(f"scaling efficiency (2 workers vs 1 worker, same 2 cores): {ray2 / ray1:.2f}")
-    print(f"RATIO pretrain_ray1_vs_plain {ray1 / plain2:.2f}")
+    return [
+        Result(
+            "pretrain: Ray Train 1 worker vs plain PyTorch",
+            ray1 / plain2,
+            None,
+            f"{ray1:.0f} vs {plain2:.0f} tok/s",
+        ),
+        Result("pretrain: 2 workers vs 1 worker (same 2 cores)", ray2 / ray1, None, f"{ray2:.0f} tok/s"),
+    ]
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

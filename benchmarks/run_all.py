@@ -11,12 +11,22 @@ import sys
 import time
 import traceback
 
+import bench_curate
 import bench_decode
 import bench_kv_cache
 import bench_moe
+import bench_pretrain
+import bench_serve
 from common import Result
 
-BENCHMARKS = {"moe": bench_moe, "decode": bench_decode, "kv_cache": bench_kv_cache}
+BENCHMARKS = {
+    "moe": bench_moe,
+    "decode": bench_decode,
+    "kv_cache": bench_kv_cache,
+    "curate": bench_curate,
+    "pretrain": bench_pretrain,
+    "serve": bench_serve,
+}
 
 
 def main() -> int:

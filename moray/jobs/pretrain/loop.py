@@ -137,10 +137,10 @@ def train_func(loop_config: dict) -> None:
             lm_loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
             loss = lm_loss + tc.aux_loss_weight * out.aux_loss
             (loss / n_micro).backward()
-            sums["loss"] += float(loss) / n_micro
-            sums["lm_loss"] += float(lm_loss) / n_micro
+            sums["loss"] += float(loss.detach()) / n_micro
+            sums["lm_loss"] += float(lm_loss.detach()) / n_micro
             for name, v in out.balance_losses.items():
-                sums[name] = sums.get(name, 0.0) + float(v) / n_micro
+                sums[name] = sums.get(name, 0.0) + float(v.detach()) / n_micro
             for i, st in out.router_stats.items():
                 layer_tokens[i] = layer_tokens.get(i, 0) + st.tokens_per_expert.float()
                 dropped += st.dropped
