@@ -8,6 +8,16 @@ from dataclasses import dataclass
 import torch
 
 
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """The checks every sampling request shares (generation here, the serving engine's requests)."""
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0")
+    if top_k < 0:
+        raise ValueError(f"top_k={top_k} must be >= 0")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 32
@@ -20,12 +30,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 0")
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0")
-        if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        check_sampling(self.temperature, self.top_k, self.top_p)
 
     @property
     def greedy(self) -> bool:

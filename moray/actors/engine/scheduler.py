@@ -17,6 +17,7 @@ from enum import Enum
 import torch
 
 from moray.actors.engine.block_cache import BlockPool
+from moray.model.sampling import check_sampling
 
 
 class Status(Enum):
@@ -42,12 +43,7 @@ class RequestParams:
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens={self.max_tokens} must be >= 1")
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0")
-        if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        check_sampling(self.temperature, self.top_k, self.top_p)
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs={self.logprobs} must be in [0, 20]")
 

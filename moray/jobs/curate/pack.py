@@ -19,6 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from moray.platform.files import sha256_file
+
 _TOKENIZERS: dict[str, object] = {}
 
 
@@ -98,14 +100,6 @@ def pack(
     return out
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_shards(
     out_dir: Path, split: str, seqs: np.ndarray, domains: list[str], cfg: PackConfig
 ) -> list[dict]:
@@ -128,5 +122,5 @@ def write_shards(
         path = d / f"{split}-{k:05d}.parquet"
         pq.write_table(table, path)
         shards.append({"path": f"{split}/{path.name}", "rows": len(part), "tokens": int(part.size),
-                       "bytes": path.stat().st_size, "sha256": sha256(path)})  # fmt: skip
+                       "bytes": path.stat().st_size, "sha256": sha256_file(path)})  # fmt: skip
     return shards

@@ -12,7 +12,6 @@ DCP reshards on load, so a checkpoint written by N ranks restores onto M (elasti
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -28,6 +27,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from moray.platform.files import sha256_file
+
 log = logging.getLogger("moray.pretrain")
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -36,20 +37,12 @@ def checkpoint_name(step: int) -> str:
     return f"checkpoint-{step:07d}"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save(directory: Path, model, optimizer, extra: dict, rank: int, world_size: int) -> None:
     """Collective: every rank calls it with its own (empty) staging directory."""
     directory.mkdir(parents=True, exist_ok=True)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory))
-    files = {p.name: _sha256(p) for p in sorted(directory.iterdir()) if p.is_file()}
+    files = {p.name: sha256_file(p) for p in sorted(directory.iterdir()) if p.is_file()}
     manifest = {"rank": rank, "world_size": world_size, "files": files}
     if rank == 0:
         manifest["state"] = extra
@@ -70,7 +63,7 @@ def verify(directory: Path) -> dict:
             path = directory / name
             if not path.is_file():
                 raise ValueError(f"{directory}: {name} is missing")
-            if _sha256(path) != digest:
+            if sha256_file(path) != digest:
                 raise ValueError(f"{directory}: {name} fails its checksum (corrupt)")
     return m0
 
