@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
+import posixpath
 import re
+import tempfile
 from pathlib import Path
 
 import torch
@@ -28,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from moray.platform.files import sha256_file
+from moray.platform.storage import Storage
 
 log = logging.getLogger("moray.pretrain")
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -49,45 +52,49 @@ def save(directory: Path, model, optimizer, extra: dict, rank: int, world_size: 
     (directory / f"manifest-rank{rank}.json").write_text(json.dumps(manifest, indent=1))
 
 
-def verify(directory: Path) -> dict:
+def verify(storage: Storage, directory: str) -> dict:
     """Rank 0's manifest if the checkpoint is complete and intact; raises ValueError otherwise."""
-    head = directory / "manifest-rank0.json"
-    if not head.is_file():
+    head = posixpath.join(directory, "manifest-rank0.json")
+    if not storage.exists(head):
         raise ValueError(f"{directory}: no manifest-rank0.json (partial checkpoint)")
-    m0 = json.loads(head.read_text())
+    m0 = json.loads(storage.read_bytes(head))
     for r in range(m0["world_size"]):
-        mf = directory / f"manifest-rank{r}.json"
-        if not mf.is_file():
+        mf = posixpath.join(directory, f"manifest-rank{r}.json")
+        if not storage.exists(mf):
             raise ValueError(f"{directory}: rank {r}'s manifest is missing (partial checkpoint)")
-        for name, digest in json.loads(mf.read_text())["files"].items():
-            path = directory / name
-            if not path.is_file():
+        for name, digest in json.loads(storage.read_bytes(mf))["files"].items():
+            path = posixpath.join(directory, name)
+            if not storage.exists(path):
                 raise ValueError(f"{directory}: {name} is missing")
-            if sha256_file(path) != digest:
+            if storage.sha256(path) != digest:
                 raise ValueError(f"{directory}: {name} fails its checksum (corrupt)")
     return m0
 
 
-def latest_valid(run_dir: Path) -> tuple[Path, dict] | None:
+def latest_valid(storage: Storage, run_dir: str) -> tuple[str, dict] | None:
     """The newest checkpoint under run_dir that verifies; warns about each one skipped."""
-    if not run_dir.is_dir():
-        return None
     found = sorted(
-        (int(m[1]), p) for p in run_dir.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))
+        (int(m[1]), name) for name in storage.list_dirs(run_dir) if (m := CHECKPOINT_RE.match(name))
     )
-    for _, path in reversed(found):
+    for _, name in reversed(found):
+        path = posixpath.join(run_dir, name)
         try:
-            return path, verify(path)
+            return path, verify(storage, path)
         except (ValueError, OSError, json.JSONDecodeError) as e:
-            log.warning("skipping checkpoint %s: %s; trying the previous one", path.name, e)
+            log.warning("skipping checkpoint %s: %s; trying the previous one", name, e)
     return None
 
 
-def load(directory: Path, model, optimizer) -> None:
-    """Collective: restore model and optimizer, resharding onto the current world size."""
+def load(storage: Storage, directory: str, model, optimizer) -> None:
+    """Collective: restore model and optimizer, resharding onto the current world size.
+    A checkpoint on remote storage is downloaded to a local staging directory first."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(directory))
+    if storage.is_local:
+        dcp.load(state, checkpoint_id=directory)
+    else:
+        with tempfile.TemporaryDirectory() as local:
+            dcp.load(state, checkpoint_id=str(storage.download_dir(directory, Path(local))))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 

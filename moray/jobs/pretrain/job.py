@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
+import posixpath
 import sys
+import tempfile
 from pathlib import Path
 
 from moray.jobs.pretrain.config import PretrainConfig, validate
 from moray.model.config import ConfigError
 from moray.platform.config import apply_overrides, from_dict, load_yaml
+from moray.platform.storage import Storage
 from moray.platform.workdir import work_dir
 
 log = logging.getLogger("moray.pretrain")
@@ -60,8 +64,9 @@ def run(cfg: PretrainConfig, fault_injection: dict | None = None) -> dict:
     from moray.platform.cluster import connect
     from moray.platform.tracking import register_hf_model, setup_mlflow, tracking_uri
 
-    storage = cfg.run.storage_path or str(work_dir() / "runs")
-    run_dir = Path(storage) / cfg.run.name
+    storage_uri = cfg.run.storage_path or str(work_dir() / "runs")
+    storage = Storage(storage_uri)
+    run_dir = storage.path(cfg.run.name)
     mlflow = setup_mlflow(cfg.run.experiment)
     params = {"config": dataclasses.asdict(cfg), "model": model_config.to_dict()}
     run_id = _mlflow_run(mlflow, cfg, params)
@@ -72,7 +77,7 @@ def run(cfg: PretrainConfig, fault_injection: dict | None = None) -> dict:
         "config": dataclasses.asdict(cfg),
         "model_config": model_config.to_dict(),
         "manifest": manifest,
-        "run_dir": str(run_dir),
+        "storage": storage_uri,
         "data_path": str(Path(cfg.data.path).resolve()),
         "global_batch": cfg.data.global_batch_size,
         "train_sequences": manifest["train_sequences"],
@@ -93,7 +98,7 @@ def run(cfg: PretrainConfig, fault_injection: dict | None = None) -> dict:
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
-            storage_path=storage,
+            storage_path=storage_uri,
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
@@ -107,18 +112,24 @@ def run(cfg: PretrainConfig, fault_injection: dict | None = None) -> dict:
         raise
 
     client = mlflow.MlflowClient()
-    export = run_dir / "export"
+    # The export and metrics live in run storage; MLflow logs from a local copy when it is remote.
+    local = Path(run_dir) if storage.is_local else Path(tempfile.mkdtemp(prefix="moray-export-"))
+    if not storage.is_local:
+        storage.download_dir(posixpath.join(run_dir, "export"), local / "export")
+    export = local / "export"
     for plot in sorted((export / "plots").glob("*.png")):
         client.log_artifact(run_id, str(plot), artifact_path="plots")
-    if (run_dir / "metrics.jsonl").is_file():
-        client.log_artifact(run_id, str(run_dir / "metrics.jsonl"))
+    rows = read_metrics(run_dir, storage)
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics_file = Path(tmp) / "metrics.jsonl"
+        metrics_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        client.log_artifact(run_id, str(metrics_file))
     version = None
     if cfg.run.register_model:
         version = register_hf_model(export / "model", cfg.run.register_model, run_id)
     client.set_terminated(run_id, status="FINISHED")
-    rows = read_metrics(run_dir)
     return {
-        "run_dir": str(run_dir),
+        "run_dir": run_dir if storage.is_local else f"{storage_uri.rstrip('/')}/{cfg.run.name}",
         "mlflow_run_id": run_id,
         "tracking_uri": tracking_uri(),
         "registered_model": f"models:/{cfg.run.register_model}/{version}" if version else None,

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import posixpath
 import signal
 import tempfile
 import time
@@ -31,6 +32,7 @@ from moray.jobs.pretrain.parallel import build_mesh_shape, parallelize
 from moray.model import CapacityController, ModelConfig, Transformer
 from moray.model.accounting import account
 from moray.platform.config import from_dict
+from moray.platform.storage import Storage
 
 log = logging.getLogger("moray.pretrain")
 METRICS_FILE = "metrics.jsonl"
@@ -55,7 +57,9 @@ def train_func(loop_config: dict) -> None:
 
     cfg: PretrainConfig = from_dict(PretrainConfig, loop_config["config"])
     model_config = ModelConfig.from_dict(loop_config["model_config"])
-    manifest, run_dir = loop_config["manifest"], Path(loop_config["run_dir"])
+    manifest = loop_config["manifest"]
+    storage = Storage(loop_config["storage"])
+    run_dir = storage.path(cfg.run.name)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     tc = cfg.train
@@ -91,10 +95,10 @@ def train_func(loop_config: dict) -> None:
 
     # ---- resume ------------------------------------------------------------------------------
     start_step, mlflow_run_id = 0, loop_config.get("mlflow_run_id")
-    found = ckpt.latest_valid(run_dir)
+    found = ckpt.latest_valid(storage, run_dir)
     if found is not None:
         path, m0 = found
-        ckpt.load(path, model, optimizer)
+        ckpt.load(storage, path, model, optimizer)
         state = m0["state"]
         start_step = state["step"]
         lr_sched.load_state_dict(state["scheduler"])
@@ -105,10 +109,10 @@ def train_func(loop_config: dict) -> None:
         for i, bias in (state.get("router_bias") or {}).items():
             model.layers[int(i)].mlp.gate.e_score_correction_bias.copy_(torch.tensor(bias))
         if rank == 0:
-            log.warning("resuming from %s at step %d (saved by %d ranks, now %d)", path.name, start_step,
+            log.warning("resuming from %s at step %d (saved by %d ranks, now %d)", path, start_step,
                         m0["world_size"], world)  # fmt: skip
 
-    tracker = _Tracker(rank, loop_config, mlflow_run_id)
+    tracker = _Tracker(rank, loop_config, mlflow_run_id, storage, run_dir)
     flops_per_token = account(model_config, seq_len=manifest["seq_len"]).train_flops_per_token
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -214,7 +218,7 @@ def train_func(loop_config: dict) -> None:
                     checkpoint_dir_name=ckpt.checkpoint_name(done),
                 )
 
-    _finish(model, model_config, loop_config, tracker, rank)
+    _finish(model, model_config, loop_config, storage, run_dir, rank)
 
 
 @torch.no_grad()
@@ -240,12 +244,18 @@ def _validate(
 
 
 class _Tracker:
-    """Rank 0's metrics: MLflow (every step) and metrics.jsonl in the run directory, which
-    survives restarts and feeds the end-of-run plots."""
+    """Rank 0's metrics: MLflow (every step) and metrics.jsonl in run storage, which survives
+    restarts and feeds the end-of-run plots. Rewritten whole each step (object stores cannot
+    append; the file is small)."""
 
-    def __init__(self, rank: int, loop_config: dict, run_id: str | None):
+    def __init__(self, rank: int, loop_config: dict, run_id: str | None, storage: Storage, run_dir: str):
         self.rank, self.run_id = rank, run_id
-        self.path = Path(loop_config["run_dir"]) / METRICS_FILE
+        self.storage, self.path = storage, posixpath.join(run_dir, METRICS_FILE)
+        self.lines = (
+            storage.read_bytes(self.path).decode().splitlines()
+            if rank == 0 and storage.exists(self.path)
+            else []
+        )
         self.mlflow = None
         if rank == 0 and run_id:
             import mlflow
@@ -257,30 +267,34 @@ class _Tracker:
     def step(self, step: int, metrics: dict, loads: dict) -> None:
         if self.rank != 0:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics, "loads": loads}) + "\n")
+        self.lines.append(json.dumps({"step": step, **metrics, "loads": loads}))
+        self.storage.write_bytes(self.path, ("\n".join(self.lines) + "\n").encode())
         if self.mlflow is not None:
             ms = [self.mlflow.entities.Metric(k.replace("/", "."), float(v), int(time.time() * 1000), step)
                   for k, v in metrics.items()]  # fmt: skip
             self.client.log_batch(self.run_id, metrics=ms)
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
+def read_metrics(run_dir: str | Path, storage: Storage | None = None) -> list[dict]:
     """Per-step metrics of a run, the latest attempt of each step winning (after a restart the
     steps since the last checkpoint are trained again)."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
+    if storage is None:  # run_dir is itself a local path or URI
+        storage = Storage(str(run_dir))
+        run_dir = storage.root
+    path = posixpath.join(str(run_dir), METRICS_FILE)
+    if not storage.exists(path):
         return []
     by_step: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
+    for line in storage.read_bytes(path).decode().splitlines():
         row = json.loads(line)
         by_step[row["step"]] = row
     return [by_step[s] for s in sorted(by_step)]
 
 
-def _finish(model, model_config: ModelConfig, loop_config: dict, tracker: _Tracker, rank: int) -> None:
-    """Gather the full weights, export the HF directory and plots (rank 0)."""
+def _finish(
+    model, model_config: ModelConfig, loop_config: dict, storage: Storage, run_dir: str, rank: int
+) -> None:
+    """Gather the full weights, export the HF directory and plots into run storage (rank 0)."""
     state = ckpt.full_model_state(model)
     if rank != 0:
         return
@@ -289,6 +303,10 @@ def _finish(model, model_config: ModelConfig, loop_config: dict, tracker: _Track
 
     export = Transformer(model_config)
     export.load_state_dict(state)
-    out = Path(loop_config["run_dir"]) / "export"
-    save_pretrained(export.eval(), out / "model", tokenizer=Path(loop_config["data_path"]) / "tokenizer.json")
-    write_plots(read_metrics(Path(loop_config["run_dir"])), out / "plots")
+    with tempfile.TemporaryDirectory() as staging:
+        out = Path(staging)
+        save_pretrained(
+            export.eval(), out / "model", tokenizer=Path(loop_config["data_path"]) / "tokenizer.json"
+        )
+        write_plots(read_metrics(run_dir, storage), out / "plots")
+        storage.upload_dir(out, posixpath.join(run_dir, "export"))
