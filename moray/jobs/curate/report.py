@@ -50,29 +50,25 @@ def _plots(out: Path, manifest: dict, table) -> list[str]:
     plt.close(fig)
     names.append("mix.png")
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for dom, g in kept.groupby("domain"):
-        ax.hist(np.log10(g["n_chars"].clip(lower=1)), bins=40, alpha=0.5, label=dom)
-    ax.set_xlabel("log10(characters) of kept documents")
-    ax.legend(fontsize=7)
-    ax.set_title("document lengths")
-    fig.tight_layout()
-    fig.savefig(d / "lengths.png")
-    plt.close(fig)
-    names.append("lengths.png")
+    def histogram(frame, values, xlabel: str, title: str, name: str) -> None:
+        """One log10 histogram per domain, overlaid."""
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        for dom, g in frame.groupby("domain"):
+            ax.hist(np.log10(values(g)), bins=40, alpha=0.5, label=dom)
+        ax.set_xlabel(xlabel)
+        ax.legend(fontsize=7)
+        ax.set_title(title)
+        fig.tight_layout()
+        fig.savefig(d / name)
+        plt.close(fig)
+        names.append(name)
 
+    histogram(kept, lambda g: g["n_chars"].clip(lower=1), "log10(characters) of kept documents",
+              "document lengths", "lengths.png")  # fmt: skip
     scored = df[df["ppl"].notna() & np.isfinite(df["ppl"])]
     if len(scored):
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        for dom, g in scored.groupby("domain"):
-            ax.hist(np.log10(g["ppl"]), bins=40, alpha=0.5, label=dom)
-        ax.set_xlabel("log10(perplexity) under the proxy bigram LM")
-        ax.legend(fontsize=7)
-        ax.set_title("perplexity")
-        fig.tight_layout()
-        fig.savefig(d / "perplexity.png")
-        plt.close(fig)
-        names.append("perplexity.png")
+        histogram(scored, lambda g: g["ppl"], "log10(perplexity) under the proxy bigram LM", "perplexity",
+                  "perplexity.png")  # fmt: skip
     return names
 
 

@@ -208,7 +208,8 @@ def validate(cfg: PretrainConfig) -> tuple[ModelConfig, dict]:
     g, micro = cfg.data.global_batch_size, cfg.data.micro_batch_size
     for world in range(lo, hi + 1):
         dp = world // per_replica
-        if world % per_replica == 0 and g % (dp * min(micro, g // dp or 1)):
+        # each rank takes g / dp sequences, in micro-batches of micro (or fewer, if that is all it has)
+        if world % per_replica == 0 and (g % dp or (g // dp) % min(micro, g // dp)):
             raise ConfigError(
                 f"data.global_batch_size={g}: must split into {dp} data-parallel ranks x micro-batches "
                 f"of {micro} (world size {world} is in scaling.num_workers)"

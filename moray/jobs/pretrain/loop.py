@@ -210,6 +210,7 @@ def train_func(loop_config: dict) -> None:
                 "samples_consumed": done * global_batch,
                 "mlflow_run_id": tracker.run_id,
             }
+            tracker.flush()
             with tempfile.TemporaryDirectory() as staging:
                 ckpt.save(Path(staging), model, optimizer, extra, rank, world)
                 ray.train.report(
@@ -218,6 +219,7 @@ def train_func(loop_config: dict) -> None:
                     checkpoint_dir_name=ckpt.checkpoint_name(done),
                 )
 
+    tracker.flush()
     _finish(model, model_config, loop_config, storage, run_dir, rank)
 
 
@@ -245,8 +247,8 @@ def _validate(
 
 class _Tracker:
     """Rank 0's metrics: MLflow (every step) and metrics.jsonl in run storage, which survives
-    restarts and feeds the end-of-run plots. Rewritten whole each step (object stores cannot
-    append; the file is small)."""
+    restarts and feeds the end-of-run plots. Written whole at each checkpoint (object stores cannot
+    append); MLflow gets every step as it happens."""
 
     def __init__(self, rank: int, loop_config: dict, run_id: str | None, storage: Storage, run_dir: str):
         self.rank, self.run_id = rank, run_id
@@ -268,11 +270,16 @@ class _Tracker:
         if self.rank != 0:
             return
         self.lines.append(json.dumps({"step": step, **metrics, "loads": loads}))
-        self.storage.write_bytes(self.path, ("\n".join(self.lines) + "\n").encode())
         if self.mlflow is not None:
             ms = [self.mlflow.entities.Metric(k.replace("/", "."), float(v), int(time.time() * 1000), step)
                   for k, v in metrics.items()]  # fmt: skip
             self.client.log_batch(self.run_id, metrics=ms)
+
+    def flush(self) -> None:
+        """Persist the rows so far: at each checkpoint and at the end. Rows after the last checkpoint
+        need not survive a crash, since those steps are trained (and logged) again on resume."""
+        if self.rank == 0:
+            self.storage.write_bytes(self.path, ("\n".join(self.lines) + "\n").encode())
 
 
 def read_metrics(run_dir: str | Path, storage: Storage | None = None) -> list[dict]:
