@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import random
 import socket
@@ -35,12 +36,20 @@ class HFGenerator:
     """HF transformers `generate` on one request at a time, streaming token ids as SSE lines."""
 
     def __init__(self, path: str, threads: int):
+        import concurrent.futures
+
         import torch
         import transformers
 
-        torch.set_num_threads(threads)
+        def load():
+            torch.set_num_threads(threads)  # per OS thread (see AsyncEngine._loop)
+            return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+        # one thread loads the model and runs every generate, as moray's engine thread does (see
+        # AsyncEngine: a second OpenMP thread team slows small matmuls down on a small machine)
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self.model = self.pool.submit(load).result()
         self.torch = torch
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         self.lock = asyncio.Lock()  # one generate at a time: no continuous batching
 
     async def stream(self, prompt: list[int], max_tokens: int):
@@ -62,11 +71,12 @@ class HFGenerator:
 
         async with self.lock:
             ids = self.torch.tensor([prompt])
-            task = asyncio.create_task(
-                asyncio.to_thread(
+            task = loop.run_in_executor(
+                self.pool,
+                functools.partial(
                     self.model.generate, ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=max_tokens,
                     min_new_tokens=max_tokens, do_sample=False, streamer=Streamer(), pad_token_id=0,
-                )
+                ),
             )  # fmt: skip
             while (t := await q.get()) is not None:
                 yield f"data: {json.dumps({'choices': [{'index': 0, 'text': '', 'token': t}]})}\n\n"

@@ -178,6 +178,63 @@ def test_async_engine_streams_concurrent_requests(model, prompts, reference):
     assert asyncio.run(main()) == reference
 
 
+def test_async_engine_accepts_requests_while_a_step_runs(model, prompts, reference):
+    """add() only validates and enqueues: it returns while the loop thread is inside a step (the
+    old engine-wide lock made every new request wait for the step, one admission per step)."""
+    import threading
+
+    in_step, release = threading.Event(), threading.Event()
+
+    class SlowEngine(Engine):
+        def step(self):
+            if self.num_running and not release.is_set():
+                in_step.set()
+                release.wait(30)  # the timeout only keeps a broken add() from hanging the suite
+            return super().step()
+
+    async def main():
+        ae = AsyncEngine(SlowEngine(model))
+        try:
+            first = asyncio.ensure_future(_collect(ae, prompts[0]))
+            while not in_step.is_set():
+                await asyncio.sleep(0.01)
+            rid, q = ae.add(prompts[1], GREEDY)  # while the step is blocked
+            accepted_during_step = not release.is_set()
+            release.set()
+            second = [t async for o in ae.stream(rid, q) for t in o.new_token_ids]
+            return accepted_during_step, await first, second
+        finally:
+            ae.shutdown()
+
+    accepted, first, second = asyncio.run(main())
+    assert accepted
+    assert [first, second] == reference[:2]
+
+
+async def _collect(ae, prompt):
+    return [t async for o in ae.generate(prompt, GREEDY) for t in o.new_token_ids]
+
+
+def test_async_engine_builds_on_its_thread_and_reports_build_errors(model):
+    import threading
+
+    built_on = []
+
+    def build():
+        built_on.append(threading.current_thread().name)
+        return Engine(model)
+
+    ae = AsyncEngine(build)
+    ae.shutdown()
+    assert built_on == ["moray-engine"]
+
+    def broken():
+        raise FileNotFoundError("no model here")
+
+    with pytest.raises(FileNotFoundError, match="no model here"):
+        AsyncEngine(broken)
+
+
 def test_chunked_prefill_interleaves_with_decode(model):
     """A long prompt is prefilled in chunks while a running request keeps decoding every step."""
     e = Engine(model, config=EngineConfig(prefill_chunk=32, max_num_batched_tokens=64))

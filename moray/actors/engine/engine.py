@@ -9,10 +9,11 @@ async iterator, which is what a Serve replica holds. Model execution sits behind
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -132,6 +133,18 @@ class Engine:
                 f"{self.pool.capacity_blocks * self.pool.block_size}"
             )
 
+    def validate(self, prompt_ids: list[int], params: RequestParams) -> list[int]:
+        """The prompt as ints, or EngineError if the request can never run. Reads no mutable state,
+        so a front end may call it from its own thread while the step loop runs."""
+        prompt_ids = [int(t) for t in prompt_ids]
+        self.check(len(prompt_ids), params.max_tokens)
+        if any(not 0 <= t < self.model_config.vocab_size for t in prompt_ids):
+            raise EngineError(f"prompt token ids must be in [0, {self.model_config.vocab_size})")
+        return prompt_ids
+
+    def new_request_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
     def add_request(
         self,
         prompt_ids: list[int],
@@ -140,13 +153,10 @@ class Engine:
         sink=None,
     ) -> Request:
         params = params or RequestParams()
-        prompt_ids = [int(t) for t in prompt_ids]
-        self.check(len(prompt_ids), params.max_tokens)
-        if any(not 0 <= t < self.model_config.vocab_size for t in prompt_ids):
-            raise EngineError(f"prompt token ids must be in [0, {self.model_config.vocab_size})")
+        prompt_ids = self.validate(prompt_ids, params)
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise Overloaded(f"{len(self.scheduler.waiting)} requests are waiting")
-        request_id = request_id or f"req-{next(self._ids)}"
+        request_id = request_id or self.new_request_id()
         r = Request(request_id, prompt_ids, params, sink=sink)
         if self.tokenizer is not None:
             from moray.actors.engine.tokenizer import Detokenizer
@@ -286,41 +296,80 @@ class Engine:
 
 
 class AsyncEngine:
-    """The engine's step loop in a background thread; `generate` streams a request's outputs."""
+    """The engine's step loop in a background thread; `generate` streams a request's outputs.
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self._lock = threading.Lock()
+    Only the loop thread touches the engine's state. Callers (an asyncio event loop serving HTTP)
+    validate a request in their own thread, then hand it over through an inbox that the loop
+    drains between steps, so accepting a request never waits for a step to finish.
+
+    Pass a function that builds the Engine (loads the model) to have the loop thread do it: then
+    that thread is the only one that ever runs OpenMP work. A second thread team in the process
+    (say, from loading the model on another thread) makes libgomp see more threads than cores and
+    cut its spin-waiting, which doubles the time of decode's many small matmuls on a small machine.
+    """
+
+    def __init__(self, engine: Engine | Callable[[], Engine]):
+        self.engine: Engine = engine if isinstance(engine, Engine) else None  # type: ignore[assignment]
+        self._inbox: collections.deque = collections.deque()  # ("add", rid, ids, params) | ("abort", rid)
         self._wake = threading.Event()
         self._stop = False
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._thread = threading.Thread(target=self._loop, name="moray-engine", daemon=True)
+        self._threads = torch.get_num_threads()
+        self._ready = threading.Event()
+        self._build_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, args=(engine,), name="moray-engine", daemon=True)
         self._thread.start()
+        self._ready.wait()
+        if self._build_error is not None:
+            raise self._build_error
 
-    def _loop(self) -> None:
+    def _loop(self, build) -> None:
         torch.set_grad_enabled(False)
+        # OpenMP's thread count is per OS thread and a new thread starts from OMP_NUM_THREADS, which
+        # Ray sets to the actor's num_cpus: without this the engine runs on one core in a replica.
+        torch.set_num_threads(self._threads)
+        try:
+            if self.engine is None:
+                self.engine = build()
+        except BaseException as e:  # surfaces in __init__
+            self._build_error = e
+            return
+        finally:
+            self._ready.set()
         while not self._stop:
-            with self._lock:
-                busy = self.engine.has_work()
-                if busy:
-                    try:
-                        outputs = self.engine.step()
-                    except Exception as e:  # never leave clients hanging
-                        self._fail_all(e)
-                        outputs = []
-            if not busy:
+            self._drain_inbox()
+            if not self.engine.has_work():
                 m = self.engine.metrics
                 if m is not None and time.monotonic() - m._last_flush >= m.flush_every_s:
-                    with self._lock:
-                        m.flush(self.engine)  # gauges fall back to zero when idle
-                self._wake.wait(0.05)
+                    m.flush(self.engine)  # gauges fall back to zero when idle
+                if not self._inbox:
+                    self._wake.wait(0.05)
                 self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # never leave clients hanging
+                self._fail_all(e)
                 continue
             for o in outputs:
                 r_sink = self._sinks.pop(o.request_id, None) if o.finished else self._sinks.get(o.request_id)
                 if r_sink is not None:
                     loop, q = r_sink
                     loop.call_soon_threadsafe(q.put_nowait, o)
+
+    def _drain_inbox(self) -> None:
+        while self._inbox:
+            kind, rid, *rest = self._inbox.popleft()
+            if kind == "abort":
+                self.engine.abort(rid)
+                continue
+            if rid not in self._sinks:  # aborted before it reached the engine
+                continue
+            try:
+                self.engine.add_request(*rest, request_id=rid)
+            except Exception as e:  # validated already; only a race on the waiting limit lands here
+                loop, q = self._sinks.pop(rid)
+                loop.call_soon_threadsafe(q.put_nowait, e)
 
     def _fail_all(self, e: BaseException) -> None:
         for rid in list(self.engine.requests):
@@ -330,14 +379,18 @@ class AsyncEngine:
                 sink[0].call_soon_threadsafe(sink[1].put_nowait, e)
 
     def add(self, prompt_ids: list[int], params: RequestParams, request_id: str | None = None):
-        """Enqueue; raises EngineError/Overloaded at once. Returns (request_id, queue)."""
+        """Validate and enqueue; raises EngineError/Overloaded at once. Returns (request_id, queue)."""
         loop = asyncio.get_running_loop()
+        prompt_ids = self.engine.validate(prompt_ids, params)
+        waiting = self.engine.num_waiting + len(self._inbox)
+        if waiting >= self.engine.config.max_waiting:
+            raise Overloaded(f"{waiting} requests are waiting")
+        rid = request_id or self.engine.new_request_id()
         q: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            r = self.engine.add_request(prompt_ids, params, request_id)
-            self._sinks[r.request_id] = (loop, q)
+        self._sinks[rid] = (loop, q)
+        self._inbox.append(("add", rid, prompt_ids, params))
         self._wake.set()
-        return r.request_id, q
+        return rid, q
 
     async def stream(self, request_id: str, q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         try:
@@ -358,9 +411,9 @@ class AsyncEngine:
             yield o
 
     def abort(self, request_id: str) -> None:
-        with self._lock:
-            self._sinks.pop(request_id, None)
-            self.engine.abort(request_id)
+        self._sinks.pop(request_id, None)
+        self._inbox.append(("abort", request_id))
+        self._wake.set()
 
     def stats(self) -> dict:
         e = self.engine

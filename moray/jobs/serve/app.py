@@ -69,14 +69,18 @@ class MorayServer:
         s = ServeSettings.from_dict(settings)
         if s.torch_threads:
             torch.set_num_threads(s.torch_threads)
-        model, tok, _ = load_for_serving(s.model, s.tracking_uri)
         cfg = EngineConfig(
             kv_cache_bytes=s.kv_cache_bytes, block_size=s.block_size, max_num_seqs=s.max_num_seqs,
             max_num_batched_tokens=s.max_num_batched_tokens, prefill_chunk=s.prefill_chunk,
             max_waiting=s.max_waiting, quantize_int8=s.quantize_int8,
         )  # fmt: skip
         self.metrics = EngineMetrics(s.name())
-        self.engine = AsyncEngine(Engine(model, tok, cfg, metrics=self.metrics))
+
+        def build_engine() -> Engine:
+            model, tok, _ = load_for_serving(s.model, s.tracking_uri)
+            return Engine(model, tok, cfg, metrics=self.metrics)
+
+        self.engine = AsyncEngine(build_engine)  # loads the model on the engine's thread (see there)
         self.server = OpenAIServer(self.engine, s.name(), s.api_keys)
 
     def __serve_build_asgi_app__(self):
