@@ -16,10 +16,20 @@ def ray_local(tmp_path_factory):
     """One local Ray for the whole test session (starting Ray costs 5-10 s on 2 CPUs).
 
     4 logical CPUs on a 2-core machine so a trainer's workers, Ray Data's tasks and a Serve
-    replica can coexist without starving each other (see DESIGN.md on ResourceBudget hangs)."""
+    replica can coexist without starving each other (see DESIGN.md on ResourceBudget hangs).
+    Ray's Prometheus endpoint is on a free port, `ray_local.metrics_url` (see test_prometheus)."""
+    import socket
+
     ray = pytest.importorskip("ray")
     os.environ.setdefault("MORAY_HOME", str(tmp_path_factory.mktemp("moray_home")))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(
+            num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
+            _metrics_export_port=port,
+        )  # fmt: skip
+    ray.metrics_url = f"http://127.0.0.1:{port}/metrics"
     yield ray
     ray.shutdown()
