@@ -3,6 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: setup demo test bench lint mlflow-ui clean
 
@@ -18,13 +19,19 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
+# The benchmarks also need the `bench` extra (datatrove, side by side with the curation job);
+# `make test` and CI install only `.[test]`.
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
 demo: setup
 	$(BIN)/python -m moray.jobs.demo
 
 test: setup
 	$(BIN)/python -m pytest -q tests
 
-bench: setup
+bench: setup $(BENCH_STAMP)
 	$(BIN)/python benchmarks/run_all.py
 
 mlflow-ui: setup
