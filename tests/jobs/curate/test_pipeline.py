@@ -33,13 +33,41 @@ def _bad_inputs(tmp_path):
     return d
 
 
+# A news item and a paraphrase of it: word 5-gram Jaccard 0.03 (MinHash cannot see it), MiniLM
+# cosine 0.968 (SemDeDup at eps 0.05 can).
+NEWS = (
+    "The city council approved the new budget for public schools on Tuesday evening. "
+    "The plan adds forty teachers and repairs the roofs of six older buildings. "
+    "Parents who attended the meeting said the money was long overdue. "
+    "The mayor called the vote a turning point for the district and thanked the volunteers who campaigned for it. "
+    "Work on the buildings will start in the summer, when classes are out. "
+    "The council will review the spending again next spring."
+)
+NEWS_PARAPHRASED = (
+    "On Tuesday evening, the new public school budget was approved by the city council. "
+    "Forty teachers will be added under the plan, and six older buildings will get their roofs repaired. "
+    "According to parents at the meeting, the money should have come much sooner. "
+    "Thanking the volunteers who campaigned for it, the mayor described the vote as a turning point for the district. "
+    "Repairs to the buildings begin in summer, once classes have ended. "
+    "Next spring the council plans another review of the spending."
+)
+
+
 def test_curate_slice_end_to_end(ray_local, tmp_path, corpus):
     bad = _bad_inputs(tmp_path)
     out = tmp_path / "out"
+    news = tmp_path / "news.jsonl"
+    news.write_text(
+        "".join(
+            json.dumps({"id": i, "text": t}) + "\n"
+            for i, t in (("news-a", NEWS), ("news-b", NEWS_PARAPHRASED))
+        )
+    )
     data = {
         "output": str(out),
         "sources": [
             {"path": str(bad), "domain": "web"},
+            {"path": str(news), "domain": "web"},
             {"path": str(corpus / "web" / "c4-validation-2k.parquet"), "domain": "web", "max_records": 80},
             {"path": str(corpus / "academic" / "sci-cite.jsonl"), "domain": "academic", "max_records": 120},
             {"path": str(corpus / "books" / "moby-dick"), "domain": "books"},
@@ -51,7 +79,7 @@ def test_curate_slice_end_to_end(ray_local, tmp_path, corpus):
             },
         ],
         "normalize": {"max_bytes": 1_500_000},
-        "semdedup": {"enabled": False},
+        "semdedup": {"eps": 0.05, "domains": ["web"]},
         "tokenizer": {"vocab_size": 512, "train_chars": 400_000},
         "pack": {"seq_len": 64, "val_fraction": 0.1, "rows_per_shard": 1000},
         "num_blocks": 2,
@@ -77,6 +105,15 @@ def test_curate_slice_end_to_end(ray_local, tmp_path, corpus):
     survivor = books[books["outcome"] == "kept"]["doc_id"].item()
     assert set(books[books["outcome"] == "duplicate"]["duplicate_of"]) == {survivor}
 
+    # SemDeDup (MiniLM in a Ray Data actor pool) catches the paraphrase, and only it
+    sem = led[led["reason"] == "semantic_duplicate"]
+    assert len(sem) == 1 and {sem["doc_id"].item(), sem["duplicate_of"].item()} == {"news-a", "news-b"}
+    assert led.set_index("doc_id").at[sem["duplicate_of"].item(), "outcome"] == "kept"
+    kept_web_before_sem = (
+        (led["domain"] == "web") & ((led["outcome"] == "kept") | (led["stage"] == "semdedup"))
+    ).sum()
+    assert m["dedup"]["semdedup"]["embedded"] == kept_web_before_sem
+
     # shards: seq_len + 1 ids, a domain per row, token counts and checksums consistent
     assert m["seq_len"] == 64 and m["vocab_size"] == 512 and (out / "tokenizer.json").exists()
     for split in ("train", "val"):
@@ -96,7 +133,9 @@ def test_curate_slice_end_to_end(ray_local, tmp_path, corpus):
 
     # a re-run with the same config skips the finished stages and gives the same shards
     m2 = Curation(load_config(data=data)).run()
-    assert {"prepare", "perplexity", "dedup", "mix", "tokenizer"} <= set(m2["stages_skipped_on_resume"])
+    assert {"prepare", "perplexity", "dedup", "semdedup", "mix", "tokenizer"} <= set(
+        m2["stages_skipped_on_resume"]
+    )
     assert [s["sha256"] for s in m2["splits"]["train"]["shards"]] == [
         s["sha256"] for s in m["splits"]["train"]["shards"]
     ]
