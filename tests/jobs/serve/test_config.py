@@ -69,3 +69,21 @@ def test_rayservice_manifest_validates():
     (app,) = serve_config.applications
     assert app.import_path == "moray.jobs.serve.app:build_app"
     ServeSettings.from_dict(app.args)
+
+
+def test_grafana_dashboard_queries_only_metrics_the_engine_exports():
+    """infra/grafana/moray-serving.json: every query names a metric EngineMetrics defines (with the
+    ray_ prefix and the suffix Prometheus gives its type), and every defined metric has a panel."""
+    import json
+    import re
+
+    from moray.actors.engine import metrics
+
+    root = Path(__file__).parents[3]
+    dash = json.loads((root / "infra" / "grafana" / "moray-serving.json").read_text())
+    defined = set(re.findall(r'"(moray_[a-z_]+)"', Path(metrics.__file__).read_text()))
+    queried = set()
+    for panel in dash["panels"]:
+        for target in panel["targets"]:
+            queried |= set(re.findall(r"ray_(moray_[a-z_]+?)(?:_bucket)?\{", target["expr"]))
+    assert queried == defined
