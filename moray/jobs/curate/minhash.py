@@ -1,10 +1,17 @@
 """MinHash-LSH near-deduplication (Broder 1997; as in datatrove and NeMo Curator).
 
 Word n-gram shingles (default 5-grams of lowercased words without punctuation) are hashed to 32
-bits (murmur3), permuted by `num_bands * rows_per_band` universal hashes `(a*x + b) mod (2^61-1)`,
-and the minimum per permutation forms the signature. Each band of `rows_per_band` minima hashes to
-a bucket key; documents sharing any bucket are candidate duplicates. With 14 bands x 8 rows a pair
-is caught with probability 1 - (1 - J^8)^14: 0.92 at Jaccard 0.8, 0.05 at 0.5.
+bits (murmur3) and permuted by `num_bands * rows_per_band` universal hashes `(a*x + b) mod p`,
+p = 2^61 - 1, with a, b drawn uniformly from [1, p) and [0, p) and the product reduced exactly
+(Mersenne folding; no 64-bit wrap-around); the minimum per hash forms the signature. Each band of
+`rows_per_band` minima hashes to a 64-bit bucket key; documents sharing any bucket are candidate
+duplicates. With 14 bands x 8 rows a pair is caught with probability 1 - (1 - J^8)^14: 0.92 at
+Jaccard 0.8, 0.05 at 0.5.
+
+(The first version drew a, b below 2^32: for a < 2^29, a*x + b never reaches p, so those hashes
+order shingles exactly as x does and all pick the same minimum, and the others wrap only a few
+times; the rows were correlated and recall fell well below that curve. tests/jobs/curate/
+test_dedup.py checks the arithmetic against Python integers and the independence of the rows.)
 
 Signatures and band keys are computed in Ray Data `map_batches`; buckets are grouped by a hash
 repartition (dedup_exact.edges_by_key); clusters are connected components.
@@ -18,7 +25,10 @@ from dataclasses import dataclass
 import mmh3
 import numpy as np
 
-_MERSENNE = np.uint64((1 << 61) - 1)
+_P = (1 << 61) - 1
+_MERSENNE = np.uint64(_P)
+_LOW29, _LOW32 = np.uint64((1 << 29) - 1), np.uint64((1 << 32) - 1)
+_S29, _S32, _S61, _ONE = np.uint64(29), np.uint64(32), np.uint64(61), np.uint64(1)
 _TOKEN = re.compile(r"\w+", re.UNICODE)
 
 
@@ -29,7 +39,7 @@ class MinHashConfig:
     num_bands: int = 14
     rows_per_band: int = 8
     seed: int = 1
-    chunk: int = 20_000  # shingles per vectorized step (bounds memory on whole books)
+    chunk: int = 4096  # shingles per vectorized step (bounds memory on whole books; cache-sized)
 
     def __post_init__(self):
         for name in ("ngram", "num_bands", "rows_per_band"):
@@ -40,8 +50,8 @@ class MinHashConfig:
 def _permutations(cfg: MinHashConfig) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(cfg.seed)
     n = cfg.num_bands * cfg.rows_per_band
-    a = rng.integers(1, 1 << 32, size=n, dtype=np.uint64)
-    b = rng.integers(0, 1 << 32, size=n, dtype=np.uint64)
+    a = rng.integers(1, _P, size=n, dtype=np.uint64)
+    b = rng.integers(0, _P, size=n, dtype=np.uint64)
     return a, b
 
 
@@ -52,25 +62,51 @@ def shingles(text: str, n: int) -> set[str]:
     return {" ".join(ws[i : i + n]) for i in range(len(ws) - n + 1)}
 
 
+def universal_hash_min(x: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """min over x of (a*x + b) mod (2^61 - 1), exactly, for 32-bit x (S,) and a, b < 2^61 (H,) -> (H,).
+
+    a*x = a_hi*x*2^32 + a_lo*x with a_lo*x < 2^64 and a_hi*x < 2^61; since 2^61 = 1 (mod p), a value
+    v = v_hi*2^61 + v_lo folds to v_hi + v_lo, and y*2^32 to (y >> 29) + ((y mod 2^29) << 32)."""
+    a_hi, a_lo = a >> _S32, a & _LOW32
+    out = np.full(len(a), np.iinfo(np.uint64).max, dtype=np.uint64)
+    for i in range(0, len(x), chunk):
+        xs = x[i : i + chunk, None]  # (S, 1)
+        lo = xs * a_lo  # (S, H) < 2^64
+        hi = xs * a_hi  # < 2^61
+        s = lo >> _S61
+        lo &= _MERSENNE
+        s += lo
+        np.right_shift(hi, _S29, out=lo)
+        s += lo
+        hi &= _LOW29
+        hi <<= _S32
+        s += hi
+        s += b  # < 2^63: a*x + b, folded once
+        np.right_shift(s, _S61, out=lo)
+        s &= _MERSENNE
+        s += lo  # < 2^61 + 4
+        s += _ONE  # exact last fold: ((s+1) mod 2^61) + ((s+1) >> 61) - 1 lies in [0, p)
+        np.right_shift(s, _S61, out=lo)
+        s &= _MERSENNE
+        s += lo
+        s -= _ONE
+        np.minimum(out, s.min(axis=0), out=out)
+    return out
+
+
 def signature(text: str, cfg: MinHashConfig, perms=None) -> np.ndarray:
     a, b = perms if perms is not None else _permutations(cfg)
     sh = shingles(text, cfg.ngram)
-    sig = np.full(len(a), np.iinfo(np.uint64).max, dtype=np.uint64)
     if not sh:
-        return sig
+        return np.full(len(a), np.iinfo(np.uint64).max, dtype=np.uint64)
     hs = np.fromiter((mmh3.hash(s, signed=False) for s in sh), dtype=np.uint64, count=len(sh))
-    for i in range(0, len(hs), cfg.chunk):
-        x = hs[i : i + cfg.chunk, None]  # (S, 1); a*x < 2^64 because both are < 2^32
-        sig = np.minimum(sig, ((x * a + b) % _MERSENNE).min(axis=0))
-    return sig
+    return universal_hash_min(hs, a, b, cfg.chunk)
 
 
-def band_keys(sig: np.ndarray, cfg: MinHashConfig) -> list[str]:
+def band_keys(sig: np.ndarray, cfg: MinHashConfig) -> list[int]:
+    """One 64-bit bucket key per band (murmur3 of the band's minima, seeded with the band index)."""
     r = cfg.rows_per_band
-    return [
-        f"{i}:{mmh3.hash64(sig[i * r : (i + 1) * r].tobytes(), signed=False)[0]:x}"
-        for i in range(cfg.num_bands)
-    ]
+    return [mmh3.hash64(sig[i * r : (i + 1) * r].tobytes(), seed=i)[0] for i in range(cfg.num_bands)]
 
 
 def jaccard_estimate(s1: np.ndarray, s2: np.ndarray) -> float:
@@ -82,10 +118,9 @@ def band_key_rows(batch, cfg: MinHashConfig):
     perms = _permutations(cfg)
     keys, uids = [], []
     for uid, text in zip(batch["uid"], batch["text"]):
-        for k in band_keys(signature(text, cfg, perms), cfg):
-            keys.append(k)
-            uids.append(uid)
-    return {"key": np.array(keys, dtype=object), "uid": np.array(uids, dtype=object)}
+        keys += band_keys(signature(text, cfg, perms), cfg)
+        uids += [uid] * cfg.num_bands
+    return {"key": np.array(keys, dtype=np.int64), "uid": np.array(uids, dtype=object)}
 
 
 def near_duplicate_edges(ds, cfg: MinHashConfig, num_blocks: int = 8):
