@@ -171,10 +171,12 @@ def _code_keys(df: pd.DataFrame, cfg) -> pd.DataFrame:
     return pd.DataFrame({"key": [k for k in keys if k], "uid": df["uid"][keep].to_numpy()})
 
 
-def _kept(df: pd.DataFrame, domains: list[str] | None = None) -> pd.DataFrame:
+def _kept(df: pd.DataFrame, domains: list[str] | None = None, exclude: set | None = None) -> pd.DataFrame:
     mask = df["outcome"] == "kept"
     if domains is not None:
         mask &= df["domain"].isin(domains)
+    if exclude:
+        mask &= ~df["uid"].isin(exclude)
     return df[mask]
 
 
@@ -273,36 +275,34 @@ class Curation:
         cfg = self.cfg
 
         def build():
-            meta = ds.select_columns(["uid", "doc_id", "outcome", "n_chars"]).to_pandas()
+            cur = ds.materialize()  # read once: every step below reads these blocks
+            meta = cur.select_columns(["uid", "doc_id", "n_chars"]).to_pandas()
             sizes = dict(zip(meta["uid"], meta["n_chars"]))
             doc_ids = dict(zip(meta["uid"], meta["doc_id"]))
-            dups: dict[str, tuple[str, str]] = {}
-            cur = ds.materialize()
             steps = []
             if cfg.exact.enabled:
-                steps.append(("exact_duplicate", lambda k: k.map_batches(
-                    _exact_keys, fn_kwargs={"lowercase": cfg.exact.lowercase}, batch_format="pandas"), None))  # fmt: skip
+                steps.append(("exact_duplicate", lambda k: dedup_exact.edges_by_key(k.map_batches(
+                    _exact_keys, fn_kwargs={"lowercase": cfg.exact.lowercase}, batch_format="pandas"),
+                    cfg.num_blocks), None))  # fmt: skip
             if cfg.code_norm.enabled:
-                steps.append(("code_normalized_duplicate", lambda k: k.map_batches(
-                    _code_keys, fn_kwargs={"cfg": cfg.code_norm}, batch_format="pandas"), ["code"]))  # fmt: skip
+                steps.append(("code_normalized_duplicate", lambda k: dedup_exact.edges_by_key(k.map_batches(
+                    _code_keys, fn_kwargs={"cfg": cfg.code_norm}, batch_format="pandas"), cfg.num_blocks), ["code"]))  # fmt: skip
+            if cfg.minhash.enabled:
+                steps.append(("near_duplicate", lambda k: minhash.near_duplicate_edges(k, cfg.minhash, cfg.num_blocks), None))  # fmt: skip
+            dups: dict[str, tuple[str, str]] = {}
             clusters_info = []
-            for reason, keyer, domains in steps:
-                kept = cur.map_batches(_kept, fn_kwargs={"domains": domains}, batch_format="pandas")
-                edges = dedup_exact.edges_by_key(keyer(kept), cfg.num_blocks)
-                new = dedup_exact.clusters(edges, sizes)
+            for reason, find_edges, domains in steps:
+                # each step sees the rows still kept: not filtered, not a duplicate found by an earlier
+                # step (the outcomes are written once, below, instead of one dataset pass per step)
+                kept = cur.map_batches(_kept, fn_kwargs={"domains": domains, "exclude": set(dups)}, batch_format="pandas")  # fmt: skip
+                new = dedup_exact.clusters(find_edges(kept), sizes)
                 dups.update({u: (s, reason) for u, s in new.items()})
                 clusters_info += _cluster_summary(new, reason, doc_ids)
-                cur = cur.map_batches(_apply_dups, fn_kwargs={"dups": {u: (s, reason) for u, s in new.items()},
-                                                              "stage": "dedup"}, batch_format="pandas").materialize()  # fmt: skip
-            if cfg.minhash.enabled:
-                kept = cur.map_batches(_kept, batch_format="pandas")
-                edges = minhash.near_duplicate_edges(kept, cfg.minhash, cfg.num_blocks)
-                new = dedup_exact.clusters(edges, sizes)
-                clusters_info += _cluster_summary(new, "near_duplicate", doc_ids)
-                cur = cur.map_batches(_apply_dups, fn_kwargs={"dups": {u: (s, "near_duplicate") for u, s in new.items()},
-                                                              "stage": "dedup"}, batch_format="pandas")  # fmt: skip
             clusters_info.sort(key=lambda c: -c["size"])
-            return cur, {"largest_clusters": clusters_info[:20]}
+            out = cur.map_batches(
+                _apply_dups, fn_kwargs={"dups": dups, "stage": "dedup"}, batch_format="pandas"
+            )
+            return out, {"largest_clusters": clusters_info[:20]}
 
         return self._stage("dedup", [cfg.exact, cfg.code_norm, cfg.minhash], build)
 
