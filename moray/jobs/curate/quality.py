@@ -10,10 +10,13 @@ also drops lines (that is its published behaviour), so it can return shorter tex
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
+import pandas as pd
+
 _WORD = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]+", re.UNICODE)
+_WORD_ONLY = re.compile(r"\w+(?:['’]\w+)*", re.UNICODE)  # the word tokens of _WORD, without punctuation
 STOP_WORDS = frozenset(["the", "be", "to", "of", "and", "that", "have", "with"])
 TERMINAL_PUNCT = (".", "?", "!", '"', "'", "”", "’")
 POLICY_SUBSTRINGS = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies",
@@ -110,7 +113,9 @@ def words(text: str) -> list[str]:
 
 
 def gopher_quality(text: str, c: GopherQuality):
-    ws = [w for w in words(text) if any(ch.isalnum() for ch in w)]  # punctuation is not a word
+    # punctuation is not a word: the tokens with a letter or digit (a word token has one unless it
+    # is all underscores and apostrophes; a punctuation token never has one)
+    ws = [w for w in _WORD_ONLY.findall(text) if w.strip("_'’")]
     n = len(ws)
     if n < c.min_doc_words:
         return "gopher_quality:doc_words<min", text
@@ -132,9 +137,9 @@ def gopher_quality(text: str, c: GopherQuality):
             return "gopher_quality:bullet_lines_ratio", text
         if sum(ln.rstrip().endswith(("...", "…")) for ln in lines) / len(lines) > c.max_ellipsis_lines_ratio:
             return "gopher_quality:ellipsis_lines_ratio", text
-    if sum(any(ch.isalpha() for ch in w) for w in ws) / n < c.max_non_alpha_words_ratio:
+    if sum(1 for w in ws if any(map(str.isalpha, w))) / n < c.max_non_alpha_words_ratio:
         return "gopher_quality:alpha_words_ratio", text
-    if sum(w.lower() in STOP_WORDS for w in ws) < c.min_stop_words:
+    if sum(map(STOP_WORDS.__contains__, map(str.lower, ws))) < c.min_stop_words:
         return "gopher_quality:stop_words<min", text
     return "", text
 
@@ -151,8 +156,52 @@ def _dup_stats(items: list[str]) -> tuple[int, int]:
     return dups, chars
 
 
-def _ngrams(ws: list[str], n: int) -> list[str]:
-    return [" ".join(ws[i : i + n]) for i in range(len(ws) - n + 1)]
+class _NGrams:
+    """Word n-grams of one document as integer codes, for every n on demand (no joined strings).
+
+    Codes number the distinct n-grams in order of first appearance (pandas.factorize), so equal
+    codes <=> equal word tuples (<=> equal " ".join: words hold no whitespace), position i starts a
+    repeat iff its code is not above every earlier code, and the first of the most frequent n-grams
+    has the smallest code. Level n+1 factorizes (code of the n-gram at i, code of word i+n)."""
+
+    def __init__(self, ws: list[str]):
+        codes, uniques = pd.factorize(np.array(ws, dtype=object))
+        self.words = codes.astype(np.int64)
+        self.lens = np.fromiter(map(len, ws), dtype=np.int64, count=len(ws))
+        self.vocab_size = max(1, len(uniques))
+        self._levels = {1: self.words}
+
+    def _codes(self, n: int) -> np.ndarray | None:
+        if len(self.words) < n:
+            return None
+        k = max(m for m in self._levels if m <= n)
+        codes = self._levels[k]
+        while k < n:
+            codes = pd.factorize(codes[:-1] * self.vocab_size + self.words[k:])[0].astype(np.int64)
+            k += 1
+            self._levels[k] = codes
+        return codes
+
+    def top_gram(self, n: int) -> tuple[int, int]:
+        """(characters of the most frequent n-gram joined by spaces, its count); a tie goes to the
+        n-gram seen first, as with Counter.most_common."""
+        codes = self._codes(n)
+        if codes is None:
+            return 0, 0
+        counts = np.bincount(codes)
+        best = int(counts.argmax())  # the first maximum: the smallest code, seen first
+        start = int(np.argmax(codes == best))
+        return int(self.lens[start : start + n].sum()) + n - 1, int(counts[best])
+
+    def repeated_chars(self, n: int) -> int:
+        """Characters of the words covered by an occurrence of an n-gram after its first."""
+        codes = self._codes(n)
+        if codes is None or len(codes) < 2:
+            return 0
+        starts = np.flatnonzero(codes[1:] <= np.maximum.accumulate(codes)[:-1]) + 1
+        size = len(self.words)
+        depth = np.bincount(starts, minlength=size + n) - np.bincount(starts + n, minlength=size + n)
+        return int(self.lens[np.cumsum(depth[:size]) > 0].sum())
 
 
 def gopher_repetition(text: str, c: GopherRepetition):
@@ -169,24 +218,13 @@ def gopher_repetition(text: str, c: GopherRepetition):
         return "gopher_repetition:dup_line_frac", text
     if chars / total > c.dup_line_char_frac:
         return "gopher_repetition:dup_line_char_frac", text
-    ws = words(text)
+    grams = _NGrams(words(text))
     for n, frac in c.top_n_grams:
-        grams = _ngrams(ws, int(n))
-        if grams:
-            gram, count = Counter(grams).most_common(1)[0]
-            if count > 1 and len(gram) * count / total > frac:
-                return f"gopher_repetition:top_{int(n)}_gram", text
-    for n, frac in c.dup_n_grams:
-        grams = _ngrams(ws, int(n))
-        seen, covered = set(), [False] * len(ws)
-        for i, g in enumerate(grams):  # characters of words covered by a repeated n-gram
-            if g in seen:
-                for j in range(i, i + int(n)):
-                    covered[j] = True
-            else:
-                seen.add(g)
-        dup_chars = sum(len(w) for w, cov in zip(ws, covered) if cov)
-        if dup_chars / total > frac:
+        gram_chars, count = grams.top_gram(int(n))
+        if count > 1 and gram_chars * count / total > frac:
+            return f"gopher_repetition:top_{int(n)}_gram", text
+    for n, frac in c.dup_n_grams:  # characters of words covered by a repeated n-gram
+        if grams.repeated_chars(int(n)) / total > frac:
             return f"gopher_repetition:dup_{int(n)}_gram", text
     return "", text
 

@@ -1,4 +1,8 @@
+from collections import Counter
+
 import pyarrow.parquet as pq
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moray.jobs.curate import quality as q
 
@@ -40,3 +44,69 @@ def test_per_domain_and_unknown_filter_is_a_config_error():
     assert q.apply_filters("short", "books", q.QualityConfig()) == ("", "short")
     with pytest.raises(ValueError, match="unknown filter"):
         q.QualityConfig(per_domain={"web": ["nope"]})
+
+
+# -- the fast paths agree with the plain definitions --------------------------------------------------
+
+_TOKENS = ["the", "a", "of", "cat", "Cat", "sat", "x²", "²", "__", "_'_", "don't", "’tis", "42", "3.14",
+           "...", "…", "#", "-", "•", "ñandú", "日本", ",", ".", "!"]  # fmt: skip
+_texts = st.lists(
+    st.tuples(st.sampled_from(_TOKENS), st.sampled_from([" ", " ", " ", "\n", "\n\n", "", "'"])), max_size=300
+).map(lambda parts: "".join(t + sep for t, sep in parts))
+
+
+def _reference_gopher_quality_words(text):
+    ws = [w for w in q.words(text) if any(ch.isalnum() for ch in w)]
+    return ws, sum(any(ch.isalpha() for ch in w) for w in ws), sum(w.lower() in q.STOP_WORDS for w in ws)
+
+
+def _reference_ngrams(ws, n):
+    grams = [" ".join(ws[i : i + n]) for i in range(len(ws) - n + 1)]
+    top = (0, 0)
+    if grams:
+        gram, count = Counter(grams).most_common(1)[0]
+        top = (len(gram), count)
+    seen, covered = set(), [False] * len(ws)
+    for i, g in enumerate(grams):
+        if g in seen:
+            for j in range(i, i + n):
+                covered[j] = True
+        else:
+            seen.add(g)
+    return top, sum(len(w) for w, cov in zip(ws, covered) if cov)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_texts)
+def test_word_and_ngram_statistics_match_their_definitions(text):
+    ws, alpha, stop = _reference_gopher_quality_words(text)
+    fast = [w for w in q._WORD_ONLY.findall(text) if w.strip("_'’")]
+    assert fast == ws
+    assert sum(1 for w in fast if any(map(str.isalpha, w))) == alpha
+    assert sum(map(q.STOP_WORDS.__contains__, map(str.lower, fast))) == stop
+    all_words = q.words(text)
+    grams = q._NGrams(all_words)
+    for n in (1, 2, 3, 4, 5, 7, 10):
+        top, repeated = _reference_ngrams(all_words, n)
+        assert grams.top_gram(n) == top, n
+        assert grams.repeated_chars(n) == repeated, n
+
+
+def test_repetition_verdicts_unchanged_on_real_documents(corpus):
+    """The published thresholds give the same verdict as the string n-gram definition on real text."""
+    docs = _c4_docs(corpus, 300) + [(corpus / "books" / "tinyshakespeare.txt").read_text()[:200_000]]
+    cfg = q.GopherRepetition()
+    for doc in docs:
+        ws, total = q.words(doc), len(doc) or 1
+        want = ""
+        for n, frac in cfg.top_n_grams:
+            (chars, count), _ = _reference_ngrams(ws, int(n))
+            if count > 1 and chars * count / total > frac:
+                want = want or f"top_{int(n)}"
+        for n, frac in cfg.dup_n_grams:
+            _, repeated = _reference_ngrams(ws, int(n))
+            if repeated / total > frac:
+                want = want or f"dup_{int(n)}"
+        got = q.gopher_repetition(doc, cfg)[0]
+        if got.startswith("gopher_repetition:top_") or got.startswith("gopher_repetition:dup_") or not got:
+            assert got.replace("gopher_repetition:", "").replace("_gram", "") == want
