@@ -31,23 +31,40 @@ def exact_key(text: str, lowercase: bool = True) -> str:
 
 
 def _group_edges(batch):
-    """One block of (key, uid, size) rows, all rows of a key in this block -> star edges."""
+    """One block of (key, uid) rows, all rows of a key in this block -> star edges (key, a, b) from
+    the smallest uid of each key to the others."""
     import pandas as pd
 
     df = pd.DataFrame(batch)
     if df.empty:
-        return {"a": np.array([], dtype=object), "b": np.array([], dtype=object)}
+        return {
+            "key": np.array([], dtype=object),
+            "a": np.array([], dtype=object),
+            "b": np.array([], dtype=object),
+        }
     df = df.sort_values(["key", "uid"])
     first = df.groupby("key", sort=False)["uid"].transform("first")
     mask = first != df["uid"]
-    return {"a": first[mask].to_numpy(dtype=object), "b": df["uid"][mask].to_numpy(dtype=object)}
+    return {"key": df["key"][mask].to_numpy(), "a": first[mask].to_numpy(dtype=object),
+            "b": df["uid"][mask].to_numpy(dtype=object)}  # fmt: skip
+
+
+def _star_edges(ds, num_blocks: int):
+    ds = ds.select_columns(["key", "uid"]).repartition(num_blocks, keys=["key"])
+    return ds.map_batches(_group_edges, batch_size=None, batch_format="pandas").iter_rows()
 
 
 def edges_by_key(ds, num_blocks: int = 8) -> list[tuple[str, str]]:
     """Ray Data: rows with `key` and `uid` -> pairs of uids that share a key."""
-    ds = ds.select_columns(["key", "uid"]).repartition(num_blocks, keys=["key"])
-    out = ds.map_batches(_group_edges, batch_size=None, batch_format="pandas")
-    return [(r["a"], r["b"]) for r in out.iter_rows()]
+    return [(r["a"], r["b"]) for r in _star_edges(ds, num_blocks)]
+
+
+def groups_by_key(ds, num_blocks: int = 8) -> dict:
+    """Ray Data: rows with `key` and `uid` -> {key: its uids, sorted} for every key held by 2 or more."""
+    groups: dict = {}
+    for r in _star_edges(ds, num_blocks):
+        groups.setdefault(r["key"], [r["a"]]).append(r["b"])
+    return groups
 
 
 class UnionFind:

@@ -8,6 +8,7 @@ stage holds exactly one row per input record: that is the ledger.
     prepare     read (one task per file) -> normalize -> quarantine bad records -> langid -> quality
     perplexity  bigram proxy LM on a reference slice -> per-domain head/middle/tail, drop tail cut
     dedup       exact (normalized text) -> code (normalized Python) -> MinHash-LSH near duplicates
+                (every key in one pass and one shuffle; the cascade is resolved on the driver)
     semdedup    MiniLM embeddings in an actor pool -> k-means -> cosine >= 1 - eps
     mix         copies per document for the target token shares
     tokenizer   byte-level BPE on a sample of the mix
@@ -161,22 +162,32 @@ def _apply_copies(df: pd.DataFrame, copies: dict) -> pd.DataFrame:
     return df
 
 
-def _exact_keys(df: pd.DataFrame, lowercase: bool) -> pd.DataFrame:
-    return pd.DataFrame({"key": [dedup_exact.exact_key(t, lowercase) for t in df["text"]], "uid": df["uid"]})
+def _dedup_keys(df: pd.DataFrame, cfg: CurateConfig, kinds: list[str]) -> pd.DataFrame:
+    """Kept rows -> one (key, uid) row per dedup key, prefixed by kind: `e` the exact key, `c` the
+    normalized-code key (code domain, Python), `n` one MinHash-LSH band key per band."""
+    perms = minhash._permutations(cfg.minhash) if "n" in kinds else None
+    keys, uids = [], []
+    for uid, text, domain, lang in zip(df["uid"], df["text"], df["domain"], df["lang"]):
+        row = []
+        if "e" in kinds:
+            row.append("e" + dedup_exact.exact_key(text, cfg.exact.lowercase))
+        if "c" in kinds and domain == "code":
+            k = code_norm.code_key(text, lang, cfg.code_norm)
+            if k is not None:
+                row.append("c" + k)
+        if "n" in kinds:
+            row += [
+                f"n{k:x}" for k in minhash.band_keys(minhash.signature(text, cfg.minhash, perms), cfg.minhash)
+            ]
+        keys += row
+        uids += [uid] * len(row)
+    return pd.DataFrame({"key": keys, "uid": uids}, columns=["key", "uid"])
 
 
-def _code_keys(df: pd.DataFrame, cfg) -> pd.DataFrame:
-    keys = [code_norm.code_key(t, lang, cfg) for t, lang in zip(df["text"], df["lang"])]
-    keep = [k is not None for k in keys]
-    return pd.DataFrame({"key": [k for k in keys if k], "uid": df["uid"][keep].to_numpy()})
-
-
-def _kept(df: pd.DataFrame, domains: list[str] | None = None, exclude: set | None = None) -> pd.DataFrame:
+def _kept(df: pd.DataFrame, domains: list[str] | None = None) -> pd.DataFrame:
     mask = df["outcome"] == "kept"
     if domains is not None:
         mask &= df["domain"].isin(domains)
-    if exclude:
-        mask &= ~df["uid"].isin(exclude)
     return df[mask]
 
 
@@ -279,23 +290,25 @@ class Curation:
             meta = cur.select_columns(["uid", "doc_id", "n_chars"]).to_pandas()
             sizes = dict(zip(meta["uid"], meta["n_chars"]))
             doc_ids = dict(zip(meta["uid"], meta["doc_id"]))
-            steps = []
-            if cfg.exact.enabled:
-                steps.append(("exact_duplicate", lambda k: dedup_exact.edges_by_key(k.map_batches(
-                    _exact_keys, fn_kwargs={"lowercase": cfg.exact.lowercase}, batch_format="pandas"),
-                    cfg.num_blocks), None))  # fmt: skip
-            if cfg.code_norm.enabled:
-                steps.append(("code_normalized_duplicate", lambda k: dedup_exact.edges_by_key(k.map_batches(
-                    _code_keys, fn_kwargs={"cfg": cfg.code_norm}, batch_format="pandas"), cfg.num_blocks), ["code"]))  # fmt: skip
-            if cfg.minhash.enabled:
-                steps.append(("near_duplicate", lambda k: minhash.near_duplicate_edges(k, cfg.minhash, cfg.num_blocks), None))  # fmt: skip
+            steps = [(reason, kind) for reason, kind, on in (("exact_duplicate", "e", cfg.exact.enabled),
+                     ("code_normalized_duplicate", "c", cfg.code_norm.enabled),
+                     ("near_duplicate", "n", cfg.minhash.enabled)) if on]  # fmt: skip
+            groups: dict[str, list[list[str]]] = {kind: [] for _, kind in steps}
+            if steps:  # every key of every kind in one pass over the text and one shuffle
+                keyed = cur.map_batches(_kept, batch_format="pandas").map_batches(
+                    _dedup_keys, fn_kwargs={"cfg": cfg, "kinds": [k for _, k in steps]}, batch_format="pandas"
+                )
+                for key, members in dedup_exact.groups_by_key(keyed, cfg.num_blocks).items():
+                    groups[key[0]].append(members)
             dups: dict[str, tuple[str, str]] = {}
             clusters_info = []
-            for reason, find_edges, domains in steps:
-                # each step sees the rows still kept: not filtered, not a duplicate found by an earlier
-                # step (the outcomes are written once, below, instead of one dataset pass per step)
-                kept = cur.map_batches(_kept, fn_kwargs={"domains": domains, "exclude": set(dups)}, batch_format="pandas")  # fmt: skip
-                new = dedup_exact.clusters(find_edges(kept), sizes)
+            for reason, kind in steps:
+                # in order, each step sees only the documents no earlier step marked duplicate
+                edges = []
+                for members in groups[kind]:
+                    live = [u for u in members if u not in dups]
+                    edges += [(live[0], u) for u in live[1:]]
+                new = dedup_exact.clusters(edges, sizes)
                 dups.update({u: (s, reason) for u, s in new.items()})
                 clusters_info += _cluster_summary(new, reason, doc_ids)
             clusters_info.sort(key=lambda c: -c["size"])

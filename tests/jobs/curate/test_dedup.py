@@ -107,3 +107,49 @@ def test_renamed_python_clone_has_the_same_code_key():
         a, "python", code_norm.CodeNormConfig(standardize_identifiers=False)
     ) != code_norm.code_key(b, "python", code_norm.CodeNormConfig(standardize_identifiers=False))
     assert code_norm.normalize_python("print 'py2'") is None
+
+
+def test_dedup_cascade_exact_then_near_in_one_shuffle(ray_local, tmp_path, corpus):
+    """Exact, code and MinHash keys share one pass and one shuffle; the cascade still holds: a
+    document removed as an exact duplicate is not a MinHash bucket's anchor, so its exact twin
+    and the twin's near duplicate stay linked."""
+    import json
+
+    from moray.jobs.curate.pipeline import Curation, load_config
+
+    c4 = [
+        d
+        for d in pq.read_table(corpus / "web" / "c4-validation-2k.parquet").column("text").to_pylist()
+        if len(d.split()) > 300 and d.endswith(".")
+    ]
+    t1, t2, t3 = c4[:3]
+    words = t1.split(" ")
+    edited = " ".join("a" if i % 97 == 0 else w for i, w in enumerate(words))  # ~1% edits, shorter
+    docs = [
+        t1.replace("\n", " ")[:-1],  # #0: exact twin of #1 (same key), shorter: loses to #1
+        t1,  # #1
+        edited,  # #2: near duplicate of #1 (and of #0)
+        t2,  # #3
+        t2[: int(len(t2) * 0.93)],  # #4: near duplicate of #3
+        t3,  # #5
+        t3,  # #6: exact duplicate of #5
+    ]
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(docs)))
+    data = {"output": str(tmp_path / "out"), "sources": [{"path": str(src), "domain": "web"}],
+            "quality": {"per_domain": {"default": []}}, "langid": {"enabled": False},
+            "perplexity": {"enabled": False}, "semdedup": {"enabled": False}, "mlflow": False,
+            "report": False}  # fmt: skip
+    job = Curation(load_config(data=data))
+    rows = job.dedup(job.prepare()).select_columns(["doc_id", "outcome", "reason", "dup_of"]).to_pandas()
+    uid = {r.doc_id: r for r in rows.itertuples()}
+    got = {d: (r.outcome, r.reason, r.dup_of.rsplit("#", 1)[-1] if r.dup_of else "") for d, r in uid.items()}
+    assert got == {
+        "d0": ("duplicate", "exact_duplicate", "1"),
+        "d1": ("kept", "", ""),
+        "d2": ("duplicate", "near_duplicate", "1"),
+        "d3": ("kept", "", ""),
+        "d4": ("duplicate", "near_duplicate", "3"),
+        "d5": ("kept", "", ""),
+        "d6": ("duplicate", "exact_duplicate", "5"),
+    }
