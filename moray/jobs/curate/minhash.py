@@ -1,10 +1,12 @@
 """MinHash-LSH near-deduplication (Broder 1997; as in datatrove and NeMo Curator).
 
 Word n-gram shingles (default 5-grams of lowercased words without punctuation) are hashed to 32
-bits (murmur3) and permuted by `num_bands * rows_per_band` universal hashes `(a*x + b) mod p`,
+bits (each word by murmur3, the n-gram by a fixed multilinear combination of its words' hashes and
+a 64-bit finalizer, vectorized: no joined strings) and permuted by `num_bands * rows_per_band` universal hashes `(a*x + b) mod p`,
 p = 2^61 - 1, with a, b drawn uniformly from [1, p) and [0, p) and the product reduced exactly
 (Mersenne folding; no 64-bit wrap-around); the minimum per hash forms the signature. Each band of
-`rows_per_band` minima hashes to a 64-bit bucket key; documents sharing any bucket are candidate
+`rows_per_band` minima hashes to a 64-bit bucket key (the same combination, with the band index);
+documents sharing any bucket are candidate
 duplicates. With 14 bands x 8 rows a pair is caught with probability 1 - (1 - J^8)^14: 0.92 at
 Jaccard 0.8, 0.05 at 0.5.
 
@@ -29,6 +31,10 @@ _P = (1 << 61) - 1
 _MERSENNE = np.uint64(_P)
 _LOW29, _LOW32 = np.uint64((1 << 29) - 1), np.uint64((1 << 32) - 1)
 _S29, _S32, _S61, _ONE = np.uint64(29), np.uint64(32), np.uint64(61), np.uint64(1)
+# odd multipliers of the n-gram and band combinations (fixed: keys must agree across runs and workers)
+_COMBINE = np.random.default_rng(0x6D696E68).integers(1, 1 << 63, size=64, dtype=np.uint64) | _ONE
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_S27, _S30, _S31 = np.uint64(27), np.uint64(30), np.uint64(31)
 _TOKEN = re.compile(r"\w+", re.UNICODE)
 
 
@@ -60,6 +66,32 @@ def shingles(text: str, n: int) -> set[str]:
     if len(ws) < n:
         return {" ".join(ws)} if ws else set()
     return {" ".join(ws[i : i + n]) for i in range(len(ws) - n + 1)}
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer, in place: every input bit reaches every output bit."""
+    x ^= x >> _S30
+    x *= _MIX1
+    x ^= x >> _S27
+    x *= _MIX2
+    x ^= x >> _S31
+    return x
+
+
+def shingle_hashes(text: str, n: int) -> np.ndarray:
+    """A 32-bit hash of the word n-gram at every position (repeats included: the minimum does not care).
+
+    Equal n-grams hash alike; distinct ones collide with probability ~2^-32, as a 32-bit hash of the
+    joined string would. A text of fewer than n words is one shingle, its words joined."""
+    ws = _TOKEN.findall(text.lower())
+    if len(ws) < n:
+        return np.array([mmh3.hash(" ".join(ws), signed=False)] if ws else [], dtype=np.uint64)
+    words = np.fromiter((mmh3.hash64(w, signed=False)[0] for w in ws), dtype=np.uint64, count=len(ws))
+    m = len(ws) - n + 1
+    h = words[:m] * _COMBINE[0]
+    for j in range(1, n):
+        h += words[j : j + m] * _COMBINE[j]
+    return _mix64(h) >> _S32
 
 
 def universal_hash_min(x: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 4096) -> np.ndarray:
@@ -96,17 +128,24 @@ def universal_hash_min(x: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int =
 
 def signature(text: str, cfg: MinHashConfig, perms=None) -> np.ndarray:
     a, b = perms if perms is not None else _permutations(cfg)
-    sh = shingles(text, cfg.ngram)
-    if not sh:
+    hs = shingle_hashes(text, cfg.ngram)
+    if not len(hs):
         return np.full(len(a), np.iinfo(np.uint64).max, dtype=np.uint64)
-    hs = np.fromiter((mmh3.hash(s, signed=False) for s in sh), dtype=np.uint64, count=len(sh))
     return universal_hash_min(hs, a, b, cfg.chunk)
 
 
-def band_keys(sig: np.ndarray, cfg: MinHashConfig) -> list[int]:
-    """One 64-bit bucket key per band (murmur3 of the band's minima, seeded with the band index)."""
+def band_keys_array(sigs: np.ndarray, cfg: MinHashConfig) -> np.ndarray:
+    """Signatures (D, bands * rows) -> one 64-bit bucket key per band (D, bands), as int64."""
     r = cfg.rows_per_band
-    return [mmh3.hash64(sig[i * r : (i + 1) * r].tobytes(), seed=i)[0] for i in range(cfg.num_bands)]
+    bands = sigs.reshape(len(sigs), cfg.num_bands, r)
+    h = (bands * _COMBINE[:r]).sum(axis=2, dtype=np.uint64)  # (D, bands), wrapping mod 2^64
+    h += (np.arange(cfg.num_bands, dtype=np.uint64) + _ONE) * _COMBINE[r]  # the band index
+    return _mix64(h).view(np.int64)
+
+
+def band_keys(sig: np.ndarray, cfg: MinHashConfig) -> list[int]:
+    """One 64-bit bucket key per band of one signature."""
+    return band_keys_array(sig[None, :], cfg)[0].tolist()
 
 
 def jaccard_estimate(s1: np.ndarray, s2: np.ndarray) -> float:
@@ -116,11 +155,11 @@ def jaccard_estimate(s1: np.ndarray, s2: np.ndarray) -> float:
 def band_key_rows(batch, cfg: MinHashConfig):
     """map_batches body: (uid, text) rows -> one (key, uid) row per band."""
     perms = _permutations(cfg)
-    keys, uids = [], []
-    for uid, text in zip(batch["uid"], batch["text"]):
-        keys += band_keys(signature(text, cfg, perms), cfg)
-        uids += [uid] * cfg.num_bands
-    return {"key": np.array(keys, dtype=np.int64), "uid": np.array(uids, dtype=object)}
+    sigs = np.stack([signature(text, cfg, perms) for text in batch["text"]]) if len(batch["text"]) else None
+    if sigs is None:
+        return {"key": np.array([], dtype=np.int64), "uid": np.array([], dtype=object)}
+    keys = band_keys_array(sigs, cfg)  # (D, bands)
+    return {"key": keys.ravel(), "uid": np.repeat(np.asarray(batch["uid"], dtype=object), cfg.num_bands)}
 
 
 def near_duplicate_edges(ds, cfg: MinHashConfig, num_blocks: int = 8):
@@ -128,6 +167,6 @@ def near_duplicate_edges(ds, cfg: MinHashConfig, num_blocks: int = 8):
     from moray.jobs.curate.dedup_exact import edges_by_key
 
     keyed = ds.select_columns(["uid", "text"]).map_batches(
-        band_key_rows, fn_kwargs={"cfg": cfg}, batch_size=64, batch_format="numpy"
+        band_key_rows, fn_kwargs={"cfg": cfg}, batch_size=256, batch_format="numpy"
     )
     return edges_by_key(keyed, num_blocks)

@@ -165,22 +165,22 @@ def _apply_copies(df: pd.DataFrame, copies: dict) -> pd.DataFrame:
 def _dedup_keys(df: pd.DataFrame, cfg: CurateConfig, kinds: list[str]) -> pd.DataFrame:
     """Kept rows -> one (key, uid) row per dedup key, prefixed by kind: `e` the exact key, `c` the
     normalized-code key (code domain, Python), `n` one MinHash-LSH band key per band."""
-    perms = minhash._permutations(cfg.minhash) if "n" in kinds else None
-    keys, uids = [], []
-    for uid, text, domain, lang in zip(df["uid"], df["text"], df["domain"], df["lang"]):
-        row = []
-        if "e" in kinds:
-            row.append("e" + dedup_exact.exact_key(text, cfg.exact.lowercase))
-        if "c" in kinds and domain == "code":
-            k = code_norm.code_key(text, lang, cfg.code_norm)
+    keys: list[str] = []
+    uids: list[str] = []
+    if "e" in kinds:
+        keys += ["e" + dedup_exact.exact_key(t, cfg.exact.lowercase) for t in df["text"]]
+        uids += df["uid"].tolist()
+    if "c" in kinds:
+        for uid, text, domain, lang in zip(df["uid"], df["text"], df["domain"], df["lang"]):
+            k = code_norm.code_key(text, lang, cfg.code_norm) if domain == "code" else None
             if k is not None:
-                row.append("c" + k)
-        if "n" in kinds:
-            row += [
-                f"n{k:x}" for k in minhash.band_keys(minhash.signature(text, cfg.minhash, perms), cfg.minhash)
-            ]
-        keys += row
-        uids += [uid] * len(row)
+                keys.append("c" + k)
+                uids.append(uid)
+    if "n" in kinds and len(df):
+        perms = minhash._permutations(cfg.minhash)
+        sigs = np.stack([minhash.signature(t, cfg.minhash, perms) for t in df["text"]])
+        keys += [f"n{k:x}" for k in minhash.band_keys_array(sigs, cfg.minhash).ravel().tolist()]
+        uids += np.repeat(df["uid"].to_numpy(dtype=object), cfg.minhash.num_bands).tolist()
     return pd.DataFrame({"key": keys, "uid": uids}, columns=["key", "uid"])
 
 

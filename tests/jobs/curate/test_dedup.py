@@ -75,6 +75,36 @@ def test_minhash_rows_are_independent():
     assert np.std(agree) < 1.5 * (0.5 * 0.5 / 112) ** 0.5
 
 
+def test_shingle_hashes_name_each_word_ngram(corpus):
+    """One hash per n-gram position: equal n-grams hash alike, distinct ones apart (32-bit, as murmur3 of
+    the joined string would be); fewer words than n make one shingle."""
+    docs = pq.read_table(corpus / "web" / "c4-validation-2k.parquet").column("text").to_pylist()[:200]
+    for doc in docs:
+        ws = minhash._TOKEN.findall(doc.lower())
+        h = minhash.shingle_hashes(doc, 5).tolist()
+        grams = [" ".join(ws[i : i + 5]) for i in range(len(ws) - 4)] or [" ".join(ws)]
+        assert len(h) == len(grams) and all(x < 1 << 32 for x in h)
+        assert len(set(zip(grams, h))) == len(set(grams)) == len(set(h)) == len(minhash.shingles(doc, 5))
+    assert (
+        minhash.shingle_hashes("Two words", 5).tolist() == minhash.shingle_hashes("two, WORDS!", 5).tolist()
+    )
+    assert len(minhash.shingle_hashes("", 5)) == 0
+
+
+def test_band_keys_depend_on_every_row_and_the_band():
+    cfg = minhash.MinHashConfig()
+    sig = minhash.signature("a few words of text to sign, more than five of them", cfg)
+    keys = minhash.band_keys(sig, cfg)
+    assert len(set(keys)) == cfg.num_bands and keys == minhash.band_keys(sig.copy(), cfg)
+    same = np.tile(sig[: cfg.rows_per_band], cfg.num_bands)  # every band holds the same minima
+    assert len(set(minhash.band_keys(same, cfg))) == cfg.num_bands  # the band index separates them
+    for i in range(0, len(sig), 5):
+        other = sig.copy()
+        other[i] += np.uint64(1)
+        diff = [k1 != k2 for k1, k2 in zip(keys, minhash.band_keys(other, cfg))]
+        assert diff == [b == i // cfg.rows_per_band for b in range(cfg.num_bands)]
+
+
 def _perturb(text, rate, rng):
     ws = text.split()
     for i in range(len(ws)):
