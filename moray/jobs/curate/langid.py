@@ -49,15 +49,23 @@ def check(domain: str, lang: str, score: float, cfg: LangIdConfig) -> str:
 def accuracy(labelled: list[tuple[str, str]], cfg: LangIdConfig | None = None) -> dict:
     """[(text, true_lang)] -> overall and per-language accuracy."""
     cfg = cfg or LangIdConfig(min_chars=0)
+    return accuracy_on_labels([truth for _, truth in labelled], [predict(t, cfg)[0] for t, _ in labelled])
+
+
+def accuracy_on_labels(langs: list[str], predicted: list[str]) -> dict:
+    """Accuracy of predictions already made in the pipeline, on records whose source gave a language
+    (`lang`) and that reached language id (`lang_pred` set). Empty dict when there are none."""
     per: dict[str, list[int]] = {}
-    for text, truth in labelled:
-        ok = int(predict(text, cfg)[0] == truth)
-        per.setdefault(truth, [0, 0])
-        per[truth][0] += ok
-        per[truth][1] += 1
+    for truth, pred in zip(langs, predicted):
+        if truth and pred:
+            per.setdefault(truth, [0, 0])
+            per[truth][0] += int(pred == truth)
+            per[truth][1] += 1
     total = sum(v[1] for v in per.values())
+    if not total:
+        return {}
     return {
-        "accuracy": sum(v[0] for v in per.values()) / max(1, total),
+        "accuracy": sum(v[0] for v in per.values()) / total,
         "n": total,
         "per_language": {k: v[0] / v[1] for k, v in sorted(per.items())},
     }

@@ -455,6 +455,11 @@ class Curation:
         counts = ledger_mod.check(ledger, records_read)
         pq.write_table(ledger, self.out / "ledger.parquet")
         manifest = self._manifest(ledger, counts, packed, records_read, time.perf_counter() - t0)
+        natural = [d != "code" for d in table.column("domain").to_pylist()]  # code's `lang` is python, c...
+        manifest["langid_accuracy"] = langid.accuracy_on_labels(
+            [x for x, n in zip(table.column("lang").to_pylist(), natural) if n],
+            [x for x, n in zip(table.column("lang_pred").to_pylist(), natural) if n],
+        )
         (self.out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
         if self.cfg.report:
             from moray.jobs.curate import report

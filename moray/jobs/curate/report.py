@@ -117,6 +117,12 @@ def write(out: Path, manifest: dict, table) -> Path:
         )
     for name in plots[2:]:
         lines += ["", f"![{name}](report_plots/{name})"]
+    acc = manifest.get("langid_accuracy")
+    if acc:
+        per = ", ".join(f"{k} {v:.3f}" for k, v in acc["per_language"].items())
+        lines += ["", "## Language identification", "",
+                  f"Accuracy {acc['accuracy']:.3f} on the {acc['n']:,} records whose source gave a language "
+                  f"(per language: {per})."]  # fmt: skip
     t = manifest.get("timings_s", {})
     if t:
         lines += [

@@ -130,6 +130,9 @@ def test_curate_slice_end_to_end(ray_local, tmp_path, corpus):
     achieved = {d: v["achieved"] for d, v in m["mix"].items()}
     assert sum(achieved.values()) == pytest.approx(1.0)
     assert (out / "report.md").exists() and (out / "report_plots" / "mix.png").exists()
+    # language id is scored against the labels the UD source carries
+    assert m["langid_accuracy"]["n"] == 30 and m["langid_accuracy"]["accuracy"] >= 0.9
+    assert "## Language identification" in (out / "report.md").read_text()
 
     # a re-run with the same config skips the finished stages and gives the same shards
     m2 = Curation(load_config(data=data)).run()
