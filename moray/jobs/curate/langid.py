@@ -49,14 +49,14 @@ def check(domain: str, lang: str, score: float, cfg: LangIdConfig) -> str:
 def accuracy(labelled: list[tuple[str, str]], cfg: LangIdConfig | None = None) -> dict:
     """[(text, true_lang)] -> overall and per-language accuracy."""
     cfg = cfg or LangIdConfig(min_chars=0)
-    return accuracy_on_labels([truth for _, truth in labelled], [predict(t, cfg)[0] for t, _ in labelled])
+    return accuracy_on_labels((truth, predict(text, cfg)[0]) for text, truth in labelled)
 
 
-def accuracy_on_labels(langs: list[str], predicted: list[str]) -> dict:
-    """Accuracy of predictions already made in the pipeline, on records whose source gave a language
-    (`lang`) and that reached language id (`lang_pred` set). Empty dict when there are none."""
+def accuracy_on_labels(pairs) -> dict:
+    """(true_lang, predicted) pairs -> overall and per-language accuracy; pairs missing either side
+    (no label, or the record never reached language id) are skipped. Empty dict when none is left."""
     per: dict[str, list[int]] = {}
-    for truth, pred in zip(langs, predicted):
+    for truth, pred in pairs:
         if truth and pred:
             per.setdefault(truth, [0, 0])
             per[truth][0] += int(pred == truth)

@@ -152,13 +152,17 @@ def jaccard_estimate(s1: np.ndarray, s2: np.ndarray) -> float:
     return float((s1 == s2).mean())
 
 
+def texts_band_keys(texts, cfg: MinHashConfig) -> np.ndarray:
+    """Texts (D,) -> their band keys (D, bands), int64."""
+    if not len(texts):
+        return np.empty((0, cfg.num_bands), dtype=np.int64)
+    perms = _permutations(cfg)
+    return band_keys_array(np.stack([signature(text, cfg, perms) for text in texts]), cfg)
+
+
 def band_key_rows(batch, cfg: MinHashConfig):
     """map_batches body: (uid, text) rows -> one (key, uid) row per band."""
-    perms = _permutations(cfg)
-    sigs = np.stack([signature(text, cfg, perms) for text in batch["text"]]) if len(batch["text"]) else None
-    if sigs is None:
-        return {"key": np.array([], dtype=np.int64), "uid": np.array([], dtype=object)}
-    keys = band_keys_array(sigs, cfg)  # (D, bands)
+    keys = texts_band_keys(batch["text"], cfg)  # (D, bands)
     return {"key": keys.ravel(), "uid": np.repeat(np.asarray(batch["uid"], dtype=object), cfg.num_bands)}
 
 

@@ -176,10 +176,10 @@ def _dedup_keys(df: pd.DataFrame, cfg: CurateConfig, kinds: list[str]) -> pd.Dat
             if k is not None:
                 keys.append("c" + k)
                 uids.append(uid)
-    if "n" in kinds and len(df):
-        perms = minhash._permutations(cfg.minhash)
-        sigs = np.stack([minhash.signature(t, cfg.minhash, perms) for t in df["text"]])
-        keys += [f"n{k:x}" for k in minhash.band_keys_array(sigs, cfg.minhash).ravel().tolist()]
+    if "n" in kinds:
+        keys += [
+            f"n{k:x}" for k in minhash.texts_band_keys(df["text"].tolist(), cfg.minhash).ravel().tolist()
+        ]
         uids += np.repeat(df["uid"].to_numpy(dtype=object), cfg.minhash.num_bands).tolist()
     return pd.DataFrame({"key": keys, "uid": uids}, columns=["key", "uid"])
 
@@ -455,10 +455,11 @@ class Curation:
         counts = ledger_mod.check(ledger, records_read)
         pq.write_table(ledger, self.out / "ledger.parquet")
         manifest = self._manifest(ledger, counts, packed, records_read, time.perf_counter() - t0)
-        natural = [d != "code" for d in table.column("domain").to_pylist()]  # code's `lang` is python, c...
+        rows = table.select(["domain", "lang", "lang_pred"]).to_pylist()
         manifest["langid_accuracy"] = langid.accuracy_on_labels(
-            [x for x, n in zip(table.column("lang").to_pylist(), natural) if n],
-            [x for x, n in zip(table.column("lang_pred").to_pylist(), natural) if n],
+            (r["lang"], r["lang_pred"])
+            for r in rows
+            if r["domain"] != "code"  # code's lang: python, c...
         )
         (self.out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
         if self.cfg.report:
