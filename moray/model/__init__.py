@@ -2,7 +2,7 @@
 
 from moray.model.cache import LatentCache
 from moray.model.capacity import CapacityController
-from moray.model.config import ConfigError, ModelConfig
+from moray.model.config import ModelConfig
 from moray.model.generation import generate
 from moray.model.hf import load_pretrained, save_pretrained
 from moray.model.presets import PRESETS, preset
@@ -10,6 +10,6 @@ from moray.model.sampling import SamplingParams
 from moray.model.transformer import ModelOutput, Transformer
 
 __all__ = [
-    "CapacityController", "ConfigError", "LatentCache", "ModelConfig", "ModelOutput", "PRESETS",
+    "CapacityController", "LatentCache", "ModelConfig", "ModelOutput", "PRESETS",
     "SamplingParams", "Transformer", "generate", "load_pretrained", "preset", "save_pretrained",
 ]  # fmt: skip

@@ -13,10 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the field."""
-
-
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
 ATTENTION_LAYER_TYPES = ("full", "local", "strided")
@@ -126,7 +122,7 @@ class ModelConfig:
     def validate(self) -> None:
         def need(cond: bool, name: str, msg: str) -> None:
             if not cond:
-                raise ConfigError(f"{name}={getattr(self, name, None)!r}: {msg}")
+                raise ValueError(f"{name}={getattr(self, name, None)!r}: {msg}")
 
         for name in (
             "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -206,14 +202,6 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown model config fields: {unknown}")
-        return cls(**d)
-
-    @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """From a HF `config.json`: the original release (`rope_scaling`, `rope_theta`) or
         transformers 5 (`rope_parameters`). Unknown HF keys (architectures, torch_dtype...) are ignored."""
@@ -222,7 +210,7 @@ class ModelConfig:
         extras = d.get("moray") or {}
         unknown = sorted(set(extras) - names)
         if unknown:  # our own fields: a typo (or a newer extra) must not silently change the model
-            raise ConfigError(f"unknown moray config fields under 'moray': {unknown}")
+            raise ValueError(f"unknown moray config fields under 'moray': {unknown}")
         kw.update(extras)
         rope = d.get("rope_parameters")
         if rope:  # transformers 5 folds rope_theta and the scaling into one dict
@@ -240,7 +228,7 @@ class ModelConfig:
             if isinstance(kw.get(key), list):
                 kw[key] = kw[key][0] if kw[key] else None
         if d.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"hidden_act={d['hidden_act']!r}: only 'silu' (SwiGLU) is supported")
+            raise ValueError(f"hidden_act={d['hidden_act']!r}: only 'silu' (SwiGLU) is supported")
         return cls(**kw)
 
     def to_hf_dict(self) -> dict[str, Any]:

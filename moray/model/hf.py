@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from moray.model.config import ConfigError, ModelConfig
+from moray.model.config import ModelConfig
 from moray.model.router import contiguous_device_map
 from moray.model.transformer import Transformer
 
@@ -57,10 +57,10 @@ def load_pretrained(
 
     def put(name: str, tensor: torch.Tensor) -> None:
         if name not in expected:
-            raise ConfigError(f"unexpected weight {name!r} in {path}: does config.json match the weights?")
+            raise ValueError(f"unexpected weight {name!r} in {path}: does config.json match the weights?")
         want = expected[name].shape
         if tensor.shape != want:
-            raise ConfigError(
+            raise ValueError(
                 f"weight {name!r} has shape {tuple(tensor.shape)}, config implies {tuple(want)}"
             )
         state[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
@@ -86,14 +86,14 @@ def load_pretrained(
                     put(name, f.get_tensor(hf_name))
     if experts:
         partial = sorted({layer for layer, _ in experts})
-        raise ConfigError(f"incomplete expert weights in layers {partial} of {path}")
+        raise ValueError(f"incomplete expert weights in layers {partial} of {path}")
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     missing = [
         k for k in expected if k not in state and not (config.tie_word_embeddings and k == "lm_head.weight")
     ]
     if missing:
-        raise ConfigError(f"{path} lacks weights {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        raise ValueError(f"{path} lacks weights {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moray.model.config import ConfigError, ModelConfig
+from moray.model.config import ModelConfig
 
 # DeepSeek-V2-Lite and DeepSeek-V2 exactly as their published config.json files spell them.
 _DEEPSEEK_V2_LITE = dict(
@@ -49,5 +49,5 @@ PRESETS: dict[str, dict] = {
 def preset(name: str, **overrides) -> ModelConfig:
     """The named preset as a ModelConfig, with field overrides applied (and validated)."""
     if name not in PRESETS:
-        raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
     return ModelConfig(**{**PRESETS[name], **overrides})

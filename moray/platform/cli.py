@@ -20,7 +20,9 @@ def _load_config(name_or_path: str):
 
         data = yaml.safe_load(path.read_text()) or {}
         base = data.pop("preset", None)
-        return preset(base, **data) if base else ModelConfig.from_dict(data)
+        from moray.platform.config import from_dict
+
+        return preset(base, **data) if base else from_dict(ModelConfig, data)
     config_file = path / "config.json" if path.is_dir() else path
     if not config_file.is_file():
         raise SystemExit(

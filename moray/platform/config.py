@@ -14,7 +14,12 @@ from typing import Any
 
 import yaml
 
-from moray.model.config import ConfigError
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field by its dotted path. The one config
+    error of the platform: the model package raises plain ValueErrors naming the field, which
+    `from_dict` turns into ConfigErrors with the path."""
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

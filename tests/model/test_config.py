@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from moray.model import ConfigError, ModelConfig, Transformer, preset
+from moray.model import ModelConfig, Transformer, preset
+from moray.platform.config import ConfigError, from_dict
 from moray.model.config import yarn_mscale
 from moray.model.presets import PRESETS
 
@@ -88,15 +89,15 @@ BAD = {
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_value_is_refused_naming_the_field(case):
     overrides, field = BAD[case]
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(ValueError) as err:
         preset("tiny", **overrides)
     assert str(err.value).startswith(f"{field}="), str(err.value)
 
 
-def test_config_error_is_a_value_error_and_replace_validates():
+def test_model_errors_are_value_errors_and_replace_validates():
     cfg = preset("tiny")
-    assert issubclass(ConfigError, ValueError)
-    with pytest.raises(ConfigError, match="^num_attention_heads="):
+    assert issubclass(ConfigError, ValueError)  # the platform's config error is one too
+    with pytest.raises(ValueError, match="^num_attention_heads="):
         cfg.replace(num_attention_heads=0)
     assert cfg.replace(num_attention_heads=8).num_attention_heads == 8
     assert cfg.num_attention_heads == 4  # replace returns a new config
@@ -122,14 +123,14 @@ def test_valid_extras_are_accepted():
 
 def test_from_dict_refuses_unknown_fields_and_round_trips():
     d = preset("tiny", capacity_factor=1.5, relative_bias_offsets=[1, 3]).to_dict()
-    assert ModelConfig.from_dict(d) == preset("tiny", capacity_factor=1.5, relative_bias_offsets=[1, 3])
-    with pytest.raises(ConfigError) as err:
-        ModelConfig.from_dict({**d, "num_heads": 4, "capacity": 2})
+    assert from_dict(ModelConfig, d) == preset("tiny", capacity_factor=1.5, relative_bias_offsets=[1, 3])
+    with pytest.raises(ValueError) as err:
+        from_dict(ModelConfig, {**d, "num_heads": 4, "capacity": 2})
     assert "capacity" in str(err.value) and "num_heads" in str(err.value)
 
 
 def test_unknown_preset_is_refused():
-    with pytest.raises(ConfigError, match="unknown model preset 'huge'"):
+    with pytest.raises(ValueError, match="unknown model preset 'huge'"):
         preset("huge")
 
 
@@ -232,7 +233,7 @@ def test_from_hf_dict_reads_a_transformers_config():
 
 
 def test_from_hf_dict_refuses_other_activations():
-    with pytest.raises(ConfigError, match="^hidden_act="):
+    with pytest.raises(ValueError, match="^hidden_act="):
         ModelConfig.from_hf_dict({**_hf_common(), "hidden_act": "gelu"})
 
 
@@ -335,7 +336,7 @@ def test_published_presets_match_the_release():
 def test_from_hf_dict_refuses_unknown_moray_fields():
     d = preset("tiny", attention_layer_types=["full", "local", "full"]).to_hf_dict()
     d["moray"]["sliding_windw"] = 16
-    with pytest.raises(ConfigError, match="sliding_windw"):
+    with pytest.raises(ValueError, match="sliding_windw"):
         ModelConfig.from_hf_dict(d)
     # Unknown top-level HF keys are fine: they belong to transformers.
     d["moray"].pop("sliding_windw")

@@ -2,7 +2,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from moray.model.config import ConfigError
+from moray.platform.config import ConfigError
 from moray.platform.config import apply_overrides, from_dict
 
 

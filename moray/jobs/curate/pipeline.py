@@ -45,7 +45,7 @@ from moray.jobs.curate import ledger as ledger_mod
 from moray.jobs.curate import tokenizer as tok_mod
 from moray.jobs.curate.normalize import NormalizeConfig, normalize_row
 from moray.jobs.curate.readers import SourceConfig, discover, read_task
-from moray.model.config import ConfigError
+from moray.platform.config import ConfigError
 from moray.platform.config import apply_overrides, from_dict, load_yaml
 
 STAGES = ["read", "normalize", "langid", "quality", "perplexity", "dedup", "semdedup"]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from moray.model import ModelConfig, preset
-from moray.model.config import ConfigError
+from moray.platform.config import ConfigError
 
 
 @dataclass
@@ -27,7 +27,7 @@ class ModelSection:
             overrides.setdefault("vocab_size", vocab_size)
         try:
             return preset(self.preset, **overrides)
-        except (ConfigError, TypeError) as e:
+        except (ValueError, TypeError) as e:
             raise ConfigError(f"model: {e}") from None
 
 

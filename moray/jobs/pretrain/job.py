@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from moray.jobs.pretrain.config import PretrainConfig, validate
-from moray.model.config import ConfigError
+from moray.platform.config import ConfigError
 from moray.platform.config import apply_overrides, from_dict, load_yaml
 from moray.platform.storage import Storage
 from moray.platform.workdir import work_dir

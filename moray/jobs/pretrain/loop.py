@@ -56,7 +56,7 @@ def train_func(loop_config: dict) -> None:
     import ray.train
 
     cfg: PretrainConfig = from_dict(PretrainConfig, loop_config["config"])
-    model_config = ModelConfig.from_dict(loop_config["model_config"])
+    model_config = from_dict(ModelConfig, loop_config["model_config"])
     manifest = loop_config["manifest"]
     storage = Storage(loop_config["storage"])
     run_dir = storage.path(cfg.run.name)

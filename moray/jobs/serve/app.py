@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from ray import serve
 
-from moray.model.config import ConfigError
+from moray.platform.config import ConfigError
 
 GRPC_SERVICER = "moray.jobs.serve.proto.moray_pb2_grpc.add_MorayGenerateServicer_to_server"
 

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from moray.jobs.curate.pipeline import Curation, load_config
-from moray.model.config import ConfigError
+from moray.platform.config import ConfigError
 
 BAD_KINDS = {
     "malformed json": b'{"text": "unterminated',

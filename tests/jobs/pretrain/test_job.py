@@ -11,7 +11,7 @@ import torch
 from moray.jobs.pretrain import checkpoint as ckpt
 from moray.jobs.pretrain.job import load_config, run
 from moray.jobs.pretrain.loop import read_metrics
-from moray.model.config import ConfigError
+from moray.platform.config import ConfigError
 from moray.platform.storage import Storage
 
 STEPS = 12

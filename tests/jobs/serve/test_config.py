@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from moray.jobs.serve.app import GRPC_SERVICER, ServeSettings
-from moray.model.config import ConfigError
+from moray.platform.config import ConfigError
 
 CONFIG = Path(__file__).parents[3] / "configs" / "serve" / "moray.yaml"
 

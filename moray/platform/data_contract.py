@@ -1,0 +1,172 @@
+"""The data contract between curation and everything after it: one module, written by curation,
+read by pre-training, serving and evaluation.
+
+A curation output directory holds:
+
+    manifest.json          this module's `Manifest` (format_version, seq_len, vocab_size,
+                           special_tokens, splits with shard checksums, plus curation's report data)
+    tokenizer.json         HF `tokenizers` file; its special tokens have the manifest's ids
+    train/*.parquet        packed sequences: TOKENS_COLUMN list<int32> of seq_len + 1 ids
+    val/*.parquet          (inputs [:-1], labels [1:]) and DOMAIN_COLUMN, one domain per row
+
+The manifest's `vocab_size` and `special_tokens` are the ones the model config, the HF export
+(config.json, tokenizer_config.json, generation_config.json) and the serving engine use.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 2
+MANIFEST_FILE = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"
+SPLITS = ("train", "val")
+TOKENS_COLUMN = "input_ids"  # list<int32>, exactly seq_len + 1 ids per row
+DOMAIN_COLUMN = "domain"  # string: the one domain of the row's documents
+# The special tokens a curated tokenizer reserves, in id order (a trained tokenizer gets 0, 1, 2).
+SPECIAL_TOKENS = {"bos": "<|bos|>", "eos": "<|eos|>", "pad": "<|pad|>"}
+
+
+class ContractError(ValueError):
+    """A curation output does not follow the contract; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    bos: int
+    eos: int
+    pad: int
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def model_fields(self) -> dict[str, int]:
+        """The same ids under the model config's (HF) field names."""
+        return {"bos_token_id": self.bos, "eos_token_id": self.eos, "pad_token_id": self.pad}
+
+
+@dataclass
+class Manifest:
+    seq_len: int
+    vocab_size: int
+    special_tokens: SpecialTokens
+    # split -> {"sequences", "tokens", "tokens_per_domain", "shards": [{path, rows, tokens, bytes, sha256}]}
+    splits: dict[str, dict[str, Any]]
+    # everything else curation records (counts, funnel, mix, reasons, config...): report data that
+    # no later stage depends on
+    extra: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "seq_len": self.seq_len,
+            "sequence_length_stored": self.seq_len + 1,
+            "vocab_size": self.vocab_size,
+            "tokenizer": TOKENIZER_FILE,
+            "special_tokens": self.special_tokens.as_dict(),
+            "columns": {TOKENS_COLUMN: "list<int32>, length seq_len + 1", DOMAIN_COLUMN: "string"},
+            "splits": self.splits,
+            **self.extra,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], where: str = MANIFEST_FILE) -> Manifest:
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ContractError(
+                f"{where}: format_version={version!r}, this moray reads {FORMAT_VERSION} "
+                "(re-run `moray curate` to rewrite the output)"
+            )
+        for key in ("seq_len", "vocab_size", "special_tokens", "splits"):
+            if key not in d:
+                raise ContractError(f"{where}: lacks {key!r}")
+        for key in ("seq_len", "vocab_size"):
+            if not isinstance(d[key], int) or d[key] <= 0:
+                raise ContractError(f"{where}: {key}={d[key]!r} must be a positive integer")
+        st = d["special_tokens"]
+        missing = [k for k in SPECIAL_TOKENS if not isinstance(st.get(k) if isinstance(st, dict) else None, int)]
+        if missing:
+            raise ContractError(f"{where}: special_tokens lacks integer ids for {missing}")
+        special = SpecialTokens(**{k: st[k] for k in SPECIAL_TOKENS})
+        bad = {k: v for k, v in special.as_dict().items() if not 0 <= v < d["vocab_size"]}
+        if bad:
+            raise ContractError(f"{where}: special_tokens {bad} lie outside vocab_size={d['vocab_size']}")
+        known = {"format_version", "seq_len", "sequence_length_stored", "vocab_size", "tokenizer",
+                 "special_tokens", "columns", "splits"}  # fmt: skip
+        extra = {k: v for k, v in d.items() if k not in known}
+        return cls(d["seq_len"], d["vocab_size"], special, d["splits"], extra, version)
+
+
+def special_tokens_of(tokenizer) -> SpecialTokens:
+    """The ids of the contract's special tokens in a `tokenizers.Tokenizer`."""
+    ids = {name: tokenizer.token_to_id(text) for name, text in SPECIAL_TOKENS.items()}
+    missing = [SPECIAL_TOKENS[n] for n, i in ids.items() if i is None]
+    if missing:
+        raise ContractError(f"tokenizer lacks the special tokens {missing}")
+    return SpecialTokens(**ids)
+
+
+def write_manifest(out: str | Path, manifest: Manifest) -> Path:
+    path = Path(out) / MANIFEST_FILE
+    path.write_text(json.dumps(manifest.to_json(), indent=2, default=str))
+    return path
+
+
+def read_manifest(data_path: str | Path, check_files: bool = True) -> Manifest:
+    """The manifest of a curation output, checked against its tokenizer.json (vocabulary size
+    and special-token ids) and, with check_files, against its shards on disk."""
+    root = Path(data_path)
+    path = root / MANIFEST_FILE
+    if not path.is_file():
+        raise ContractError(f"{root}: no {MANIFEST_FILE} (run `moray curate` first?)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ContractError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ContractError(f"{path}: must hold a JSON object")
+    manifest = Manifest.from_json(data, str(path))
+    tok_file = root / TOKENIZER_FILE
+    if not tok_file.is_file():
+        raise ContractError(f"{root}: no {TOKENIZER_FILE}")
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tok_file))
+    if tok.get_vocab_size() != manifest.vocab_size:
+        raise ContractError(
+            f"{path}: vocab_size={manifest.vocab_size} but {TOKENIZER_FILE} has {tok.get_vocab_size()}"
+        )
+    found = special_tokens_of(tok)
+    if found != manifest.special_tokens:
+        raise ContractError(
+            f"{path}: special_tokens {manifest.special_tokens.as_dict()} disagree with "
+            f"{TOKENIZER_FILE}'s {found.as_dict()}"
+        )
+    if check_files:
+        for split in SPLITS:
+            if not shard_files(root, split):
+                raise ContractError(f"{root}: no {split}/*.parquet shards")
+    return manifest
+
+
+def shard_files(data_path: str | Path, split: str) -> list[str]:
+    """One split's Parquet shards in file order (the order the data position counts in)."""
+    return sorted(str(p) for p in (Path(data_path) / split).glob("*.parquet"))
+
+
+def count_rows(data_path: str | Path, split: str) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(pq.read_metadata(p).num_rows for p in shard_files(data_path, split))
+
+
+def packed_table(sequences, domains):
+    """A Parquet table of packed sequences in the contract's schema."""
+    import pyarrow as pa
+
+    schema = pa.schema([(TOKENS_COLUMN, pa.list_(pa.int32())), (DOMAIN_COLUMN, pa.string())])
+    return pa.table({TOKENS_COLUMN: list(sequences), DOMAIN_COLUMN: list(domains)}, schema=schema)
