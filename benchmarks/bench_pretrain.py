@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> list:
 
     home = Path(tempfile.mkdtemp(prefix="bench_pretrain_"))
     os.environ["MORAY_HOME"] = str(home)
-    from moray.jobs.pretrain.sample_data import write_packed_dataset
+    from tests.fixtures.packed_data import write_packed_dataset  # the repo root is on sys.path
 
     data = write_packed_dataset(
         home / "data", n_train=GLOBAL_BATCH * (args.steps + 1), n_val=4, seq_len=SEQ_LEN
