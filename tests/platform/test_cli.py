@@ -1,14 +1,43 @@
 import json
+import subprocess
+import sys
 
-from moray.platform.cli import main
+import pytest
+
+from moray.platform.cli import COMMANDS, main
 
 
-def test_help_lists_model_command(capsys):
-    try:
+def test_help_lists_every_command_with_its_help(capsys):
+    with pytest.raises(SystemExit) as e:
         main(["--help"])
-    except SystemExit as e:
-        assert e.code == 0
-    assert "model" in capsys.readouterr().out
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("curate", "pretrain", "serve", "model"):
+        assert name in COMMANDS
+        assert any(line.split()[:1] == [name] and len(line.split()) > 1 for line in out.splitlines()), out
+
+
+def test_the_cli_imports_no_job():
+    code = "import sys, moray.platform.cli; print([m for m in sys.modules if m.startswith('moray.jobs')])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--he", "model"], "--he"),  # the dispatcher: not --help
+        (["model", "info", "tiny", "--seq", "64"], "--seq"),  # not --seq-len
+        (["model", "generate", "tiny", "--max-new", "2"], "--max-new"),  # not --max-new-tokens
+        (["curate", "--out", "somewhere"], "--out"),  # not --output
+        (["pretrain", "--conf", "configs/pretrain/tiny.yaml"], "--conf"),  # not --config
+    ],
+)
+def test_abbreviated_flags_are_refused(argv, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert f"unrecognized arguments: {flag}" in capsys.readouterr().err
 
 
 def test_model_info_json(capsys):

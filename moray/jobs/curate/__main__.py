@@ -29,7 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     from moray.platform.config import load_yaml
 
     p = argparse.ArgumentParser(
-        prog="moray curate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="moray curate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     p.add_argument("--config", help="YAML config (default: configs/curate/default.yaml when no --input)")
     p.add_argument("--input", action="append", default=[], metavar="PATH[=DOMAIN]",

@@ -141,7 +141,7 @@ def run(cfg: PretrainConfig, fault_injection: dict | None = None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="moray pretrain", description="Pre-train a moray model on Ray Train."
+        prog="moray pretrain", description="Pre-train a moray model on Ray Train.", allow_abbrev=False
     )
     parser.add_argument("--config", help="a YAML file (configs/pretrain/*.yaml)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="dotted overrides")
