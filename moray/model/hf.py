@@ -1,4 +1,5 @@
-"""Hugging Face DeepSeek-V2 directories in and out: config.json + *.safetensors (+ tokenizer.json).
+"""Hugging Face DeepSeek-V2 directories in and out: config.json + *.safetensors, and on export
+the tokenizer files and generation_config.json that make `transformers` stop at eos.
 
 On disk, routed experts use the published per-expert names
 `model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight`; in memory they are stacked
@@ -26,6 +27,13 @@ from moray.model.transformer import Transformer
 _EXPERT_KEY = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 _SKIP_KEY = re.compile(r"rotary_emb\.inv_freq$")
 SHARD_BYTES = 4 * 1024**3
+
+# moray's one default chat template (exports write it to tokenizer_config.json; the serving engine
+# uses it for a directory that has none): role-tagged turns, then the assistant's cue.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
 
 def _our_name(hf_name: str) -> str:
@@ -60,9 +68,7 @@ def load_pretrained(
             raise ValueError(f"unexpected weight {name!r} in {path}: does config.json match the weights?")
         want = expected[name].shape
         if tensor.shape != want:
-            raise ValueError(
-                f"weight {name!r} has shape {tuple(tensor.shape)}, config implies {tuple(want)}"
-            )
+            raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, config implies {tuple(want)}")
         state[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
 
     for file in files:
@@ -136,11 +142,75 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_pretrained(model: Transformer, path: str | Path, tokenizer: str | Path | None = None) -> Path:
-    """Write a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads."""
+def save_pretrained(
+    model: Transformer,
+    path: str | Path,
+    tokenizer: str | Path | None = None,
+    chat_template: str = DEFAULT_CHAT_TEMPLATE,
+) -> Path:
+    """Write a directory that `transformers` loads: config.json, *.safetensors and
+    generation_config.json; with `tokenizer` (a tokenizer.json, or a directory holding one) also
+    tokenizer.json and tokenizer_config.json. The config's bos/eos/pad ids must name tokens of that
+    tokenizer: `AutoTokenizer`, `generate` and the serving engine all read them from here."""
     path = Path(path)
+    config = model.config
+    token_config = None
+    if tokenizer is not None:  # checked before anything is written: a refused export leaves no files
+        src = Path(tokenizer)
+        src = src / "tokenizer.json" if src.is_dir() else src
+        token_config = tokenizer_config(src, config, chat_template)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2))
+    (path / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
+    (path / "generation_config.json").write_text(json.dumps(generation_config(config), indent=2))
+    _save_weights(model, path)
+    if token_config is not None:
+        if not (path / "tokenizer.json").exists() or not src.samefile(path / "tokenizer.json"):
+            shutil.copy(src, path / "tokenizer.json")
+        (path / "tokenizer_config.json").write_text(json.dumps(token_config, indent=2))
+    return path
+
+
+def generation_config(config: ModelConfig) -> dict:
+    """generation_config.json: `transformers.generate` stops at eos_token_id and pads with
+    pad_token_id (it reads these here, not from config.json)."""
+    ids = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return {k: v for k, v in ids.items() if v is not None}
+
+
+def tokenizer_config(tokenizer_file: str | Path, config: ModelConfig, chat_template: str) -> dict:
+    """tokenizer_config.json for a tokenizer.json: the special tokens as the strings found at the
+    model config's ids (transformers looks the ids up from these strings), so a tokenizer whose
+    ids disagree with the model's is refused here rather than exported."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    size = tok.get_vocab_size(with_added_tokens=True)
+    if size > config.vocab_size:
+        raise ValueError(
+            f"{tokenizer_file} has {size} tokens, more than the model's vocab_size={config.vocab_size}"
+        )
+    out: dict = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    for name in ("bos", "eos", "pad"):
+        i = getattr(config, f"{name}_token_id")
+        if i is None:
+            continue
+        text = tok.id_to_token(i)
+        if text is None:
+            raise ValueError(f"{name}_token_id={i} of the model config is no token of {tokenizer_file}")
+        out[f"{name}_token"] = text
+    # transformers 5 takes bos/eos insertion from tokenizer.json's post-processor and ignores these
+    # flags; they state what that post-processor does (a curated tokenizer has none: documents are
+    # packed as text + eos, so prompts start without bos, as the serving engine encodes them).
+    ids = tok.encode("a", add_special_tokens=True).ids  # "a" itself is no special token
+    out["add_bos_token"] = ids[0] == config.bos_token_id
+    out["add_eos_token"] = ids[-1] == config.eos_token_id
+    out["model_max_length"] = config.max_position_embeddings
+    out["clean_up_tokenization_spaces"] = False
+    out["chat_template"] = chat_template
+    return out
+
+
+def _save_weights(model: Transformer, path: Path) -> None:
     tensors = {k: v.detach().cpu().clone() for k, v in hf_state_dict(model).items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -162,8 +232,3 @@ def save_pretrained(model: Transformer, path: str | Path, tokenizer: str | Path 
         total = sum(v.numel() * v.element_size() for v in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    if tokenizer is not None:
-        src = Path(tokenizer)
-        src = src / "tokenizer.json" if src.is_dir() else src
-        shutil.copy(src, path / "tokenizer.json")
-    return path

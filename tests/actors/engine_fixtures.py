@@ -1,11 +1,14 @@
 """Offline tiny model + tokenizer for the engine and serving tests: a byte-level BPE trained on a
-corpus text with `tokenizers`, and a random tiny model saved as an HF directory."""
+corpus text with `tokenizers` (the data contract's special tokens, as curation trains them), and a
+random tiny model exported as a complete HF directory whose config carries that tokenizer's ids."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+
+from moray.platform.data_contract import SPECIAL_TOKENS, special_tokens_of
 
 CORPUS = Path("/work/shared/data/corpus/books/tinyshakespeare.txt")
 FALLBACK = "To be, or not to be, that is the question. " * 200
@@ -20,7 +23,9 @@ def train_tokenizer(vocab_size: int = 512):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<pad>", "<s>", "</s>"],  # ids 0, 1, 2: the tiny preset's pad/bos/eos
+        # the contract's order, as curation trains them: <|bos|>=0, <|eos|>=1, <|pad|>=2, which
+        # differs from the tiny preset's bos=1, eos=2, pad=0 (so a preset id used by mistake shows)
+        special_tokens=list(SPECIAL_TOKENS.values()),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -30,10 +35,15 @@ def train_tokenizer(vocab_size: int = 512):
 
 
 def make_model_dir(path: Path, seed: int = 0) -> Path:
+    """A complete export (config, weights, tokenizer files, generation config) under `path`."""
     from moray.model import Transformer, preset, save_pretrained
 
+    tok = train_tokenizer()
+    path.mkdir(parents=True, exist_ok=True)
+    tok_file = path / "tokenizer.json"
+    tok.save(str(tok_file))
+    config = preset("tiny").replace(vocab_size=tok.get_vocab_size(), **special_tokens_of(tok).model_fields())
     torch.manual_seed(seed)
-    model = Transformer(preset("tiny")).eval()
-    save_pretrained(model, path)
-    train_tokenizer().save(str(path / "tokenizer.json"))
+    model = Transformer(config).eval()
+    save_pretrained(model, path, tokenizer=tok_file)
     return path

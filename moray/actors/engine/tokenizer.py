@@ -1,21 +1,24 @@
 """Tokenizer and chat template for serving: a `tokenizer.json` (the `tokenizers` library) and a
 Jinja chat template (from `tokenizer_config.json` / `chat_template.jinja` in the model directory,
-else a plain default), plus incremental detokenization for streaming."""
+else the model package's default), the stop ids of `generation_config.json`, plus incremental
+detokenization for streaming."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-# Used when the model directory has no template: role-tagged turns, then the assistant's cue.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
+from moray.model.hf import DEFAULT_CHAT_TEMPLATE
 
 
 class Tokenizer:
-    def __init__(self, tokenizer, chat_template: str | None = None, eos_token_id: int | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        chat_template: str | None = None,
+        eos_token_id: int | None = None,
+        stop_token_ids: tuple[int, ...] = (),
+    ):
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         self._tok = tokenizer  # tokenizers.Tokenizer
@@ -23,9 +26,15 @@ class Tokenizer:
         env = ImmutableSandboxedEnvironment(trim_blocks=False, lstrip_blocks=False)
         self._template = env.from_string(self.chat_template)
         self.eos_token_id = eos_token_id
+        # Every id generation ends at (eos first); what transformers' `generate` stops on.
+        self.stop_token_ids = tuple(
+            dict.fromkeys(([eos_token_id] if eos_token_id is not None else []) + list(stop_token_ids))
+        )
 
     @classmethod
     def from_dir(cls, path: str | Path, eos_token_id: int | None = None) -> Tokenizer:
+        """eos_token_id: the model's (config.json); generation_config.json's eos ids join the stop
+        ids, and give eos when none is passed."""
         from tokenizers import Tokenizer as HFTokenizer
 
         path = Path(path)
@@ -39,7 +48,10 @@ class Tokenizer:
             cfg = json.loads((path / "tokenizer_config.json").read_text())
             t = cfg.get("chat_template")
             template = t if isinstance(t, str) else None
-        return cls(HFTokenizer.from_file(str(file)), template, eos_token_id)
+        stops = generation_stop_ids(path)
+        if eos_token_id is None and stops:
+            eos_token_id = stops[0]
+        return cls(HFTokenizer.from_file(str(file)), template, eos_token_id, stops)
 
     @property
     def vocab_size(self) -> int:
@@ -53,6 +65,16 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt)
+
+
+def generation_stop_ids(path: str | Path) -> tuple[int, ...]:
+    """The eos ids of a model directory's generation_config.json (an int or a list there), or ()."""
+    file = Path(path) / "generation_config.json"
+    if not file.is_file():
+        return ()
+    eos = json.loads(file.read_text()).get("eos_token_id")
+    ids = eos if isinstance(eos, list) else [eos]
+    return tuple(int(i) for i in ids if i is not None)
 
 
 class Detokenizer:
