@@ -7,13 +7,13 @@ the world size and the model, the dataset and tokenizer on disk, the values' ran
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from moray.model import ModelConfig, preset
 from moray.platform.config import ConfigError
+from moray.platform.data_contract import ContractError, Manifest, count_rows, read_manifest
+from moray.platform.parallel import ParallelLayout
 
 
 @dataclass
@@ -21,12 +21,27 @@ class ModelSection:
     preset: str = "tiny"
     overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields
 
-    def build(self, vocab_size: int | None = None) -> ModelConfig:
-        overrides = dict(self.overrides)
-        if vocab_size is not None:
-            overrides.setdefault("vocab_size", vocab_size)
+    # Fields that have one home elsewhere: the data contract, the parallel layout, the train section.
+    FROM_MANIFEST = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
+    ELSEWHERE = {"capacity_factor": "train.capacity_factor", "ep_size": "parallel.ep"}
+
+    def build(self, manifest: Manifest, capacity_factor: float | None) -> ModelConfig:
+        """The preset with the overrides, the tokenizer's vocabulary size and special-token ids from
+        the manifest (an override that disagrees is refused, naming both values), and the initial
+        capacity factor from the train section."""
+        for name, home in self.ELSEWHERE.items():
+            if name in self.overrides:
+                raise ConfigError(f"model.overrides.{name}: set it as {home} (one place for each setting)")
+        contract = {"vocab_size": manifest.vocab_size, **manifest.special_tokens.model_fields()}
+        for name, want in contract.items():
+            got = self.overrides.get(name, want)
+            if got != want:
+                raise ConfigError(
+                    f"model.overrides.{name}={got!r} conflicts with the curated data's {name}={want} "
+                    "(manifest.json and tokenizer.json); drop the override"
+                )
         try:
-            return preset(self.preset, **overrides)
+            return preset(self.preset, **{**self.overrides, **contract, "capacity_factor": capacity_factor})
         except (ValueError, TypeError) as e:
             raise ConfigError(f"model: {e}") from None
 
@@ -41,6 +56,7 @@ class DataSection:
     micro_batch_size: int = 4
 
     def __post_init__(self) -> None:
+        self.path = str(self.path)
         if self.global_batch_size <= 0:
             raise ConfigError(f"global_batch_size={self.global_batch_size}: must be positive")
         if self.micro_batch_size <= 0:
@@ -133,8 +149,9 @@ class ScalingSection:
 
 @dataclass
 class ParallelSection:
-    """Sizes of the device-mesh dimensions. Data parallelism fills whatever the others leave:
-    dp = world_size / (tp * pp * ep). Only dp (FSDP2) is implemented yet."""
+    """Degrees of the device mesh (see moray.platform.parallel.ParallelLayout): data parallelism
+    takes what pp and tp leave of the world size; ep is borrowed from the data-parallel ranks.
+    Only data parallelism (FSDP2) is implemented yet."""
 
     tp: int = 1
     pp: int = 1
@@ -147,6 +164,15 @@ class ParallelSection:
                 raise ConfigError(f"{name}={v!r}: must be a positive integer")
             if v != 1:
                 raise ConfigError(f"{name}={v}: only data parallelism (tp=pp=ep=1) is implemented so far")
+
+    def layout(self, world_size: int, use_gpu: bool = False) -> ParallelLayout:
+        device = "cuda" if use_gpu else "cpu"
+        try:
+            return ParallelLayout.for_world(
+                world_size, pp=self.pp, tp=self.tp, ep=self.ep, device_type=device
+            )
+        except ValueError as e:
+            raise ConfigError(f"scaling.num_workers={world_size}: {e}") from None
 
 
 @dataclass
@@ -167,63 +193,46 @@ class PretrainConfig:
     run: RunSection = field(default_factory=RunSection)
 
 
-def read_manifest(data_path: str) -> dict:
-    path = Path(data_path)
-    manifest = path / "manifest.json"
-    if not manifest.is_file():
-        raise ConfigError(f"data.path={data_path!r}: no manifest.json (run `moray curate` first?)")
-    m = json.loads(manifest.read_text())
-    for key in ("seq_len", "vocab_size"):
-        if key not in m:
-            raise ConfigError(f"data.path={data_path!r}: manifest.json lacks {key!r}")
-    if not (path / "tokenizer.json").is_file():
-        raise ConfigError(f"data.path={data_path!r}: no tokenizer.json")
-    for split in ("train", "val"):
-        if not list((path / split).glob("*.parquet")):
-            raise ConfigError(f"data.path={data_path!r}: no {split}/*.parquet shards")
-    return m
+@dataclass
+class Plan:
+    """What validation settles before any cluster work."""
+
+    model_config: ModelConfig
+    manifest: Manifest
+    train_sequences: int
+    val_sequences: int
 
 
-def validate(cfg: PretrainConfig) -> tuple[ModelConfig, dict]:
-    """Everything checkable before the cluster: returns the model config and the data manifest."""
-    manifest = read_manifest(cfg.data.path)
-    model_config = cfg.model.build(vocab_size=manifest["vocab_size"])
-    if model_config.vocab_size < manifest["vocab_size"]:
+def validate(cfg: PretrainConfig) -> Plan:
+    """Everything checkable before the cluster: the data contract, the model, the layouts of every
+    world size the run may take, the batch arithmetic."""
+    try:
+        manifest = read_manifest(cfg.data.path)
+    except ContractError as e:
+        raise ConfigError(f"data.path={cfg.data.path!r}: {e}") from None
+    model_config = cfg.model.build(manifest, cfg.train.capacity_factor)
+    if manifest.seq_len > model_config.max_position_embeddings:
         raise ConfigError(
-            f"model.overrides.vocab_size={model_config.vocab_size}: smaller than the tokenizer's "
-            f"{manifest['vocab_size']}"
-        )
-    if manifest["seq_len"] > model_config.max_position_embeddings:
-        raise ConfigError(
-            f"data: seq_len {manifest['seq_len']} exceeds model max_position_embeddings "
+            f"data: seq_len {manifest.seq_len} exceeds model max_position_embeddings "
             f"{model_config.max_position_embeddings}"
         )
     lo, hi = cfg.scaling.worker_range
-    per_replica = cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.ep
-    for world in (lo, hi):
-        if world % per_replica:
-            raise ConfigError(f"scaling.num_workers={world}: not divisible by tp*pp*ep={per_replica}")
-    if cfg.parallel.ep > 1 and model_config.n_routed_experts % cfg.parallel.ep:
-        raise ConfigError(f"parallel.ep={cfg.parallel.ep}: must divide n_routed_experts")
     g, micro = cfg.data.global_batch_size, cfg.data.micro_batch_size
     for world in range(lo, hi + 1):
-        dp = world // per_replica
-        # each rank takes g / dp sequences, in micro-batches of micro (or fewer, if that is all it has)
-        if world % per_replica == 0 and (g % dp or (g // dp) % min(micro, g // dp)):
+        layout = cfg.parallel.layout(world, cfg.scaling.use_gpu)
+        try:
+            layout.configure_model(model_config)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if model_config.n_routed_experts % layout.ep:
+            raise ConfigError(f"parallel.ep={layout.ep}: must divide n_routed_experts")
+        # each rank takes g / dp sequences, in whole micro-batches of `micro`
+        if g % layout.dp or (g // layout.dp) % micro:
             raise ConfigError(
-                f"data.global_batch_size={g}: must split into {dp} data-parallel ranks x micro-batches "
-                f"of {micro} (world size {world} is in scaling.num_workers)"
+                f"data.global_batch_size={g}: must split into {layout.dp} data-parallel ranks x whole "
+                f"micro-batches of data.micro_batch_size={micro} (world size {world} is in scaling.num_workers)"
             )
-    manifest["train_sequences"] = count_rows(cfg.data.path, "train")
-    manifest["val_sequences"] = count_rows(cfg.data.path, "val")
-    if manifest["train_sequences"] < g:
-        raise ConfigError(
-            f"data.global_batch_size={g}: more than the {manifest['train_sequences']} training sequences"
-        )
-    return model_config, manifest
-
-
-def count_rows(data_path: str, split: str) -> int:
-    import pyarrow.parquet as pq
-
-    return sum(pq.read_metadata(p).num_rows for p in sorted((Path(data_path) / split).glob("*.parquet")))
+    train_sequences = count_rows(cfg.data.path, "train")
+    if train_sequences < g:
+        raise ConfigError(f"data.global_batch_size={g}: more than the {train_sequences} training sequences")
+    return Plan(model_config, manifest, train_sequences, count_rows(cfg.data.path, "val"))

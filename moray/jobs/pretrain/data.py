@@ -17,33 +17,21 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-TOKENS_COLUMNS = ("tokens", "input_ids", "ids")
-
-
-def shard_files(data_path: str, split: str) -> list[str]:
-    return sorted(str(p) for p in (Path(data_path) / split).glob("*.parquet"))
+from moray.platform.data_contract import TOKENS_COLUMN, shard_files
 
 
 def read_split(data_path: str, split: str):
     """A Ray Dataset over one split's shards, in file order."""
     import ray.data
 
-    ds = ray.data.read_parquet(shard_files(data_path, split), shuffle=None)
+    ds = ray.data.read_parquet(shard_files(data_path, split), columns=[TOKENS_COLUMN], shuffle=None)
     # Every rank re-reads the split each epoch: per-worker progress bars would only be noise.
     ds.context.enable_progress_bars = False
     return ds
-
-
-def tokens_column(names) -> str:
-    for name in TOKENS_COLUMNS:
-        if name in names:
-            return name
-    raise ValueError(f"packed shards need a token column named one of {TOKENS_COLUMNS}; found {list(names)}")
 
 
 @dataclass
@@ -73,9 +61,7 @@ def step_batches(
         for i, batch in enumerate(iterate_epoch()):
             if i < skip:
                 continue
-            tokens = np.stack(list(batch[tokens_column(batch.keys())]))[
-                rank * per_rank : (rank + 1) * per_rank
-            ]
+            tokens = np.stack(list(batch[TOKENS_COLUMN]))[rank * per_rank : (rank + 1) * per_rank]
             seqs = torch.from_numpy(tokens.astype(np.int64))  # (b, seq_len + 1)
             yield Batch(step, seqs[:, :-1], seqs[:, 1:], i * global_batch + rank * per_rank)
             step += 1

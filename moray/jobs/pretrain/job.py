@@ -15,9 +15,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from moray.jobs.pretrain.callbacks import Callback
 from moray.jobs.pretrain.config import PretrainConfig, validate
-from moray.platform.config import ConfigError
-from moray.platform.config import apply_overrides, from_dict, load_yaml
+from moray.platform.config import ConfigError, apply_overrides, from_dict, load_yaml
 from moray.platform.storage import Storage
 from moray.platform.workdir import work_dir
 
@@ -51,16 +51,19 @@ def _mlflow_run(mlflow, cfg: PretrainConfig, params: dict) -> str:
     return run.info.run_id
 
 
-def run(cfg: PretrainConfig, fault_injection: dict | None = None) -> dict:
-    """Train; returns a summary (run dir, MLflow run id, model version, final metrics)."""
-    model_config, manifest = validate(cfg)  # before any cluster work
+def run(cfg: PretrainConfig, callbacks: list[Callback] | None = None) -> dict:
+    """Train; returns a summary (run dir, MLflow run id, model version, final metrics).
+    `callbacks` run inside every worker (e.g. the fault-injection hook of the tests)."""
+    plan = validate(cfg)  # before any cluster work
+    model_config = plan.model_config
 
     import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from moray.jobs.pretrain.data import read_split
-    from moray.jobs.pretrain.loop import read_metrics, train_func
+    from moray.jobs.pretrain.loop import train_func
+    from moray.jobs.pretrain.tracker import read_metrics
     from moray.platform.cluster import connect
     from moray.platform.tracking import register_hf_model, setup_mlflow, tracking_uri
 
@@ -68,7 +71,10 @@ def run(cfg: PretrainConfig, fault_injection: dict | None = None) -> dict:
     storage = Storage(storage_uri)
     run_dir = storage.path(cfg.run.name)
     mlflow = setup_mlflow(cfg.run.experiment)
-    params = {"config": dataclasses.asdict(cfg), "model": model_config.to_dict()}
+    layouts = {
+        w: cfg.parallel.layout(w, cfg.scaling.use_gpu).describe() for w in set(cfg.scaling.worker_range)
+    }
+    params = {"config": dataclasses.asdict(cfg), "model": model_config.to_dict(), "layout": layouts}
     run_id = _mlflow_run(mlflow, cfg, params)
     connect()
 
@@ -76,21 +82,20 @@ def run(cfg: PretrainConfig, fault_injection: dict | None = None) -> dict:
     loop_config = {
         "config": dataclasses.asdict(cfg),
         "model_config": model_config.to_dict(),
-        "manifest": manifest,
+        "seq_len": plan.manifest.seq_len,
         "storage": storage_uri,
         "data_path": str(Path(cfg.data.path).resolve()),
-        "global_batch": cfg.data.global_batch_size,
-        "train_sequences": manifest["train_sequences"],
+        "train_sequences": plan.train_sequences,
         "mlflow_run_id": run_id,
         "tracking_uri": tracking_uri(),
         "threads_per_worker": max(1, int(cfg.scaling.cpus_per_worker)),
-        "fault_injection": fault_injection,
+        "callbacks": list(callbacks or []),
     }
     options = ray.data.ExecutionOptions(preserve_order=True)
     trainer = TorchTrainer(
         train_func,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=cfg.parallel.layout(hi, cfg.scaling.use_gpu).backend),
         scaling_config=ray.train.ScalingConfig(
             num_workers=(lo, hi) if lo != hi else lo,
             use_gpu=cfg.scaling.use_gpu,

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from moray.jobs.pretrain import checkpoint as ckpt
+from moray.jobs.pretrain.callbacks import KillWorkerOnce
 from moray.jobs.pretrain.job import load_config, run
-from moray.jobs.pretrain.loop import read_metrics
+from moray.jobs.pretrain.tracker import read_metrics
 from moray.platform.config import ConfigError
 from moray.platform.storage import Storage
 
@@ -59,8 +60,8 @@ def test_run_trains_tracks_checkpoints_and_registers(baseline, ray_local):
     kept = sorted(p.name for p in run_dir.glob("checkpoint-*"))
     assert kept == ["checkpoint-0000009", "checkpoint-0000012"]  # keep the last 2
     m0 = ckpt.verify(Storage(str(run_dir)), str(run_dir / kept[-1]))
-    assert m0["world_size"] == 2 and m0["state"]["step"] == STEPS
-    assert m0["state"]["samples_consumed"] == STEPS * 8
+    assert m0["world_size"] == 2 and m0["state"]["data"] == {"step": STEPS, "samples_consumed": STEPS * 8}
+    assert set(m0["state"]) == {"data", "scheduler", "rng", "capacity", "mlflow_run_id"}  # bias: in the model
 
     from moray.model import load_pretrained
 
@@ -83,8 +84,8 @@ def test_run_trains_tracks_checkpoints_and_registers(baseline, ray_local):
 
 def test_killed_worker_resumes_exactly(baseline, packed_data, tmp_path):
     _, want = baseline
-    fault = {"rank": 1, "step": 7, "marker": str(tmp_path / "killed")}
-    summary = run(_cfg(packed_data, "fault", "scaling.max_failures=1"), fault_injection=fault)
+    fault = KillWorkerOnce(rank=1, step=7, marker=str(tmp_path / "killed"))
+    summary = run(_cfg(packed_data, "fault", "scaling.max_failures=1"), callbacks=[fault])
     assert (tmp_path / "killed").exists()  # a worker really died
     got = read_metrics(Path(summary["run_dir"]))
     assert [r["step"] for r in got] == list(range(STEPS))
@@ -96,13 +97,13 @@ def test_killed_worker_resumes_exactly(baseline, packed_data, tmp_path):
 
 def test_resumes_onto_another_data_parallel_size(baseline, packed_data, tmp_path):
     _, want = baseline
-    fault = {"rank": 0, "step": 7, "marker": str(tmp_path / "stop")}
+    fault = KillWorkerOnce(rank=0, step=7, marker=str(tmp_path / "stop"))
     import ray.train
 
     with pytest.raises(
         ray.train.TrainingFailedError
     ):  # no retries: the 2-worker run stops after checkpoint 6
-        run(_cfg(packed_data, "elastic", "scaling.max_failures=0"), fault_injection=fault)
+        run(_cfg(packed_data, "elastic", "scaling.max_failures=0"), callbacks=[fault])
     # Elastic restart: num_workers=(1, 2), but at 3 CPUs a worker only one fits in the 4-CPU test
     # cluster, so Ray Train starts 1 worker and it reshards the 2-rank checkpoint.
     summary = run(_cfg(packed_data, "elastic", "scaling.num_workers=[1,2]", "scaling.cpus_per_worker=3"))
@@ -125,7 +126,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous(baseline, tmp_path, caplo
     shard = next((run_dir / "checkpoint-0000012").glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:-10] + b"corrupted!")
     path, m0 = ckpt.latest_valid(Storage(str(run_dir)), str(run_dir))
-    assert path.endswith("checkpoint-0000009") and m0["state"]["step"] == 9
+    assert path.endswith("checkpoint-0000009") and m0["state"]["data"]["step"] == 9
     assert "fails its checksum" in caplog.text
     (run_dir / "checkpoint-0000009" / "manifest-rank1.json").unlink()
     assert (
@@ -142,6 +143,17 @@ def test_corrupt_checkpoint_falls_back_to_the_previous(baseline, tmp_path, caplo
         ("model.preset=huge", "unknown model preset"),
         ("data.path=/nonexistent", "no manifest.json"),
         ("train.capacity_factor=9", "capacity_factor=9"),
+        # 3 sequences per rank do not make whole micro-batches of 4
+        ("data.global_batch_size=6", "micro_batch_size=4"),
+        # the curated tokenizer's ids and vocabulary are the model's: a different one is refused
+        (
+            "model.overrides={eos_token_id: 2}",
+            "eos_token_id=2 conflicts with the curated data's eos_token_id=1",
+        ),
+        ("model.overrides={vocab_size: 1024}", "vocab_size=1024 conflicts"),
+        # one place for each setting
+        ("model.overrides={capacity_factor: 2.0}", "train.capacity_factor"),
+        ("model.overrides={ep_size: 2}", "parallel.ep"),
     ],
 )
 def test_bad_configs_are_refused_before_cluster_work(packed_data, override, match):

@@ -1,0 +1,124 @@
+"""One optimizer step of pre-training, and the MoE feedback that follows it. Plain PyTorch: no Ray.
+
+train_step      grad-accumulated micro-batches: LM loss + lambda * the model's weighted balance
+                losses; clipping; optimizer and schedule. Returns this rank's statistics.
+reduce_stats    sums those statistics over the data-parallel group, so every rank sees the same.
+moe_feedback    the capacity-factor controller and the aux-loss-free router bias, fed by the
+                reduced statistics: every rank takes the same decision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from moray.jobs.pretrain.optim import clip_gradients
+
+
+@dataclass
+class ClipSettings:
+    per_layer: float | None = None
+    per_expert: float | None = None
+    global_norm: float | None = 1.0
+
+
+@dataclass
+class StepStats:
+    """One step's statistics: this rank's before `reduce_stats`, the data-parallel group's after."""
+
+    losses: dict[str, float]  # loss, lm_loss and each balance loss: mean over micro-batches
+    tokens_per_expert: dict[int, torch.Tensor]  # MoE layer -> (E,) routed tokens
+    dropped: float = 0.0  # routed (token, expert) pairs over capacity
+    pairs: float = 0.0  # routed (token, expert) pairs
+    grad_norm: float = 0.0
+    lr: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def drop_rate(self) -> float:
+        return self.dropped / max(self.pairs, 1.0)
+
+    def load_metrics(self) -> dict[str, float]:
+        """Per MoE layer: max/min expert load and the load's normalized entropy (1 = uniform)."""
+        out = {}
+        for i, load in self.tokens_per_expert.items():
+            out[f"layer{i}/load_max_min"] = float(load.max() / load.min().clamp_min(1))
+            p = load / load.sum().clamp_min(1)
+            out[f"layer{i}/load_entropy"] = float(-(p * p.clamp_min(1e-30).log()).sum() / math.log(len(p)))
+        return out
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy in fp32 (also under bf16 autocast)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
+
+
+def train_step(
+    model,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],  # [(inputs (b, T), targets (b, T))]
+    aux_loss_weight: float,
+    clip: ClipSettings,
+    autocast=contextlib.nullcontext,
+) -> StepStats:
+    model.train()
+    n = len(micro_batches)
+    losses: dict[str, float] = {"loss": 0.0, "lm_loss": 0.0}
+    tokens: dict[int, torch.Tensor] = {}
+    dropped = pairs = 0.0
+    for inputs, targets in micro_batches:
+        with autocast():
+            out = model(inputs)
+        lm = lm_loss(out.logits, targets)
+        loss = lm + aux_loss_weight * out.aux_loss
+        (loss / n).backward()
+        losses["loss"] += float(loss.detach()) / n
+        losses["lm_loss"] += float(lm.detach()) / n
+        for name, v in out.balance_losses.items():
+            losses[name] = losses.get(name, 0.0) + float(v.detach()) / n
+        for i, st in out.router_stats.items():
+            tokens[i] = tokens.get(i, 0) + st.tokens_per_expert.detach().float().cpu()
+            dropped += float(st.dropped)
+            pairs += float(st.pairs)
+    norms = clip_gradients(model, clip.per_layer, clip.per_expert, clip.global_norm)
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return StepStats(losses, tokens, dropped, pairs, norms["grad_norm"], lr)
+
+
+def all_reduce(t: torch.Tensor, group=None) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+    return t
+
+
+def reduce_stats(stats: StepStats, dp: int, group=None, device: str | torch.device = "cpu") -> StepStats:
+    """Losses averaged, loads and drop counts summed over the data-parallel group (one collective
+    for the scalars, one per MoE layer for the loads), on `device` (NCCL reduces GPU tensors)."""
+    names = sorted(stats.losses)
+    values = [stats.losses[k] for k in names] + [stats.dropped, stats.pairs]
+    scalars = all_reduce(torch.tensor(values, dtype=torch.float64, device=device), group).cpu()
+    losses = dict(zip(names, (scalars[: len(names)] / dp).tolist()))
+    loads = {i: all_reduce(t.to(device), group).cpu() for i, t in sorted(stats.tokens_per_expert.items())}
+    return StepStats(losses, loads, float(scalars[-2]), float(scalars[-1]), stats.grad_norm, stats.lr)
+
+
+def moe_feedback(model, reduced: StepStats, controller=None, bias_update: bool = True) -> None:
+    """Feed the group's statistics back into routing: the capacity factor toward its target drop
+    rate, and the score-correction bias of sigmoid routers toward balanced loads."""
+    if controller is not None:
+        controller.update(reduced.drop_rate)
+        controller.apply(model)
+    if bias_update:
+        for i, load in reduced.tokens_per_expert.items():
+            gate = model.layers[i].mlp.gate
+            if gate.e_score_correction_bias is not None:  # a persistent buffer: checkpointed with the model
+                gate.update_bias(load.to(gate.e_score_correction_bias.device))

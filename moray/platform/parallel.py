@@ -1,0 +1,128 @@
+"""The parallel layout: one object that training and serving both read (torchtitan's ParallelDims).
+
+It validates the degrees, names the device-mesh dimensions, and picks the device type, the
+collective backend and the compute precision.
+
+    world_size = pp * dp * tp        ep is borrowed from dp: ep divides dp
+    mesh dims  = ("pp", "dp_mod_ep", "ep", "tp"), and "dp" = ("dp_mod_ep", "ep") flattened
+
+Expert-parallel ranks are data-parallel ranks (each sees its own slice of the batch), as in
+torchtitan: the routed experts are split over the `ep` ranks and sharded (FSDP) over what is
+left, `dp_mod_ep`; everything else is sharded over the whole `dp`.
+
+Plans are applied from outside the model in a fixed order (see moray/jobs/pretrain/parallel.py):
+tensor parallel, expert parallel, pipeline split, activation checkpointing, FSDP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+MESH_DIMS = ("pp", "dp_mod_ep", "ep", "tp")
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class LayoutMesh:
+    """The root mesh and its flattened dimensions: mesh["tp"], mesh["dp"] ..."""
+
+    root: object  # DeviceMesh
+    flattened: dict
+
+    def __getitem__(self, name: str):
+        return self.flattened[name] if name in self.flattened else self.root[name]
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    dp: int = 1  # data-parallel ranks (the ep ranks among them)
+    pp: int = 1  # pipeline stages
+    tp: int = 1  # tensor-parallel ranks
+    ep: int = 1  # expert-parallel ranks, borrowed from dp
+    device_type: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name in ("dp", "pp", "tp", "ep"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"parallel.{name}={v!r}: must be a positive integer")
+        if self.dp % self.ep:
+            raise ValueError(
+                f"parallel.ep={self.ep}: expert-parallel ranks are borrowed from the {self.dp} "
+                "data-parallel ranks, so ep must divide dp"
+            )
+        if self.device_type not in DEVICE_TYPES:
+            raise ValueError(f"device_type={self.device_type!r}: use one of {DEVICE_TYPES}")
+
+    @classmethod
+    def for_world(cls, world_size: int, pp: int = 1, tp: int = 1, ep: int = 1, device_type: str = "cpu"):
+        """The layout that fills `world_size` ranks: data parallelism takes what pp and tp leave."""
+        if pp < 1 or tp < 1:
+            return cls(pp=pp, tp=tp)  # refused by the checks, naming the degree
+        if world_size % (pp * tp):
+            raise ValueError(f"world size {world_size} is not divisible by pp*tp={pp * tp}")
+        return cls(dp=world_size // (pp * tp), pp=pp, tp=tp, ep=ep, device_type=device_type)
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp * self.tp
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.device_type == "cuda" else "gloo"
+
+    @property
+    def mesh_shape(self) -> tuple[int, ...]:
+        return (self.pp, self.dp // self.ep, self.ep, self.tp)
+
+    # ---- precision ------------------------------------------------------------------------------
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """bf16 compute with fp32 master weights on GPUs; fp32 on CPU (for now)."""
+        return torch.bfloat16 if self.device_type == "cuda" else torch.float32
+
+    def autocast(self):
+        """The compute-precision context for forward passes; parameters stay fp32."""
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.compute_dtype)
+
+    # ---- mesh and model -------------------------------------------------------------------------
+    def build_mesh(self) -> LayoutMesh | None:
+        """The named device mesh (collective: every rank calls it), with "dp" flattened from
+        ("dp_mod_ep", "ep"). None for a single process with no process group."""
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if not dist.is_initialized():
+            if self.world_size != 1:
+                raise RuntimeError(f"a {self.world_size}-rank layout needs an initialized process group")
+            return None
+        if dist.get_world_size() != self.world_size:
+            raise RuntimeError(
+                f"layout has {self.world_size} ranks, the process group {dist.get_world_size()}"
+            )
+        mesh = init_device_mesh(self.device_type, self.mesh_shape, mesh_dim_names=MESH_DIMS)
+        # torch asks callers to keep flattened meshes themselves rather than slice them from the root
+        return LayoutMesh(mesh, {"dp": mesh["dp_mod_ep", "ep"]._flatten("dp")})
+
+    def configure_model(self, config):
+        """The model config this layout trains or serves: its expert-parallel degree drives the
+        device-limited routing and the device/communication balance losses. With ep=1 the model
+        keeps its own `ep_size` (the single-process emulation of its published layout)."""
+        if self.ep == 1:
+            return config
+        if config.ep_size not in (1, self.ep):
+            raise ValueError(
+                f"parallel.ep={self.ep} conflicts with the model's ep_size={config.ep_size}; "
+                "set the expert-parallel degree in one place (parallel.ep)"
+            )
+        m = config.max_devices_per_token
+        return config.replace(ep_size=self.ep, max_devices_per_token=None if m is None else min(m, self.ep))
+
+    def describe(self) -> dict:
+        return {"dp": self.dp, "pp": self.pp, "tp": self.tp, "ep": self.ep, "device": self.device_type,
+                "backend": self.backend, "compute_dtype": str(self.compute_dtype).removeprefix("torch.")}  # fmt: skip
