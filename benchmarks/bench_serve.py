@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
                 "model": str(tmp / "model"),
                 "served_model_name": "m",
                 "torch_threads": args.threads,
-                "max_waiting": 100_000,
+                "engine": {"max_waiting": 100_000},
             }
         ),  # fmt: skip
         "hf": lambda: baseline_deployment().bind(str(tmp / "model"), args.threads),

@@ -9,9 +9,12 @@ import torch
 from moray.actors.engine import (
     AsyncEngine,
     BlockPool,
+    CacheTooSmall,
+    ContextLengthExceeded,
     Engine,
     EngineConfig,
     EngineError,
+    InvalidPrompt,
     Overloaded,
     PagedCacheView,
     RequestParams,
@@ -152,15 +155,23 @@ def test_int8_engine_runs_and_mostly_agrees(model, prompts, reference):
     assert agree >= len(prompts) - 1  # first tokens rarely flip under int8 weights
 
 
-def test_too_long_and_overloaded(model):
-    e = Engine(model, config=EngineConfig(max_waiting=1))
-    with pytest.raises(EngineError, match="maximum context length"):
+def test_refusals_are_typed(model):
+    e = Engine(model, config=EngineConfig(max_waiting=1, kv_cache_bytes=1 << 16, block_size=4))
+    with pytest.raises(ContextLengthExceeded, match="maximum context length is 1024"):
         e.add_request([5] * 1000, RequestParams(max_tokens=100))
-    with pytest.raises(EngineError, match="empty"):
+    capacity = e.pool.capacity_blocks * e.pool.block_size
+    assert capacity < e.max_context
+    with pytest.raises(CacheTooSmall, match=f"holds {capacity}"):
+        e.add_request([5] * capacity, RequestParams(max_tokens=1))
+    with pytest.raises(InvalidPrompt, match="empty"):
         e.add_request([], RequestParams())
+    with pytest.raises(InvalidPrompt, match="token ids"):
+        e.add_request([model.config.vocab_size], RequestParams())
     e.add_request([5, 6], RequestParams())
     with pytest.raises(Overloaded):
         e.add_request([5, 6], RequestParams())
+    for error in (ContextLengthExceeded, CacheTooSmall, InvalidPrompt, Overloaded):
+        assert issubclass(error, EngineError)
 
 
 def test_async_engine_streams_concurrent_requests(model, prompts, reference):

@@ -3,9 +3,12 @@
 from moray.actors.engine.block_cache import BlockPool, PagedCacheView
 from moray.actors.engine.engine import (
     AsyncEngine,
+    CacheTooSmall,
+    ContextLengthExceeded,
     Engine,
     EngineConfig,
     EngineError,
+    InvalidPrompt,
     ModelRunner,
     Overloaded,
     RequestOutput,
@@ -15,7 +18,7 @@ from moray.actors.engine.scheduler import Request, RequestParams, Scheduler
 from moray.actors.engine.tokenizer import Detokenizer, Tokenizer
 
 __all__ = [
-    "AsyncEngine", "BlockPool", "Detokenizer", "Engine", "EngineConfig", "EngineError", "ModelRunner",
-    "Overloaded", "PagedCacheView", "Request", "RequestOutput", "RequestParams", "Scheduler", "TokenLogprob",
-    "Tokenizer",
+    "AsyncEngine", "BlockPool", "CacheTooSmall", "ContextLengthExceeded", "Detokenizer", "Engine",
+    "EngineConfig", "EngineError", "InvalidPrompt", "ModelRunner", "Overloaded", "PagedCacheView", "Request",
+    "RequestOutput", "RequestParams", "Scheduler", "TokenLogprob", "Tokenizer",
 ]  # fmt: skip

@@ -24,23 +24,51 @@ from moray.model.sampling import SamplingParams, sample
 from moray.model.transformer import Transformer
 
 
-class EngineError(ValueError):
-    """A request the engine can never serve (too long for the context or the cache)."""
+class EngineError(Exception):
+    """The engine refused a request. Front ends map each subclass to a status by its type
+    (HTTP 400/429, gRPC INVALID_ARGUMENT/RESOURCE_EXHAUSTED), never by the message text."""
+
+
+class InvalidPrompt(EngineError):
+    """The prompt is empty or holds token ids outside the vocabulary."""
+
+
+class ContextLengthExceeded(EngineError):
+    """The prompt plus max_tokens is longer than the model's context."""
+
+
+class CacheTooSmall(EngineError):
+    """The request fits the context but not this engine's whole KV cache."""
+
+
+class Overloaded(EngineError):
+    """The waiting queue is full: retry later."""
 
 
 @dataclass
 class EngineConfig:
+    """The engine's settings, with the one set of defaults (serving nests it as `engine:`)."""
+
     kv_cache_bytes: int = 64 << 20  # budget for the paged latent cache
     block_size: int = 16
     max_num_seqs: int = 64  # running requests at once
     max_num_batched_tokens: int = 512  # tokens per step (decodes + prefill chunks)
     prefill_chunk: int = 256  # longest prompt piece in one step
-    max_waiting: int = 1024  # queue beyond which add_request raises Overloaded
+    max_waiting: int = 256  # queue beyond which requests are refused with Overloaded (HTTP 429)
     quantize_int8: bool = False
 
-
-class Overloaded(RuntimeError):
-    pass
+    def __post_init__(self) -> None:
+        for name in (
+            "kv_cache_bytes",
+            "block_size",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "prefill_chunk",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be positive")
+        if self.max_waiting < 0:
+            raise ValueError(f"max_waiting={self.max_waiting}: must be >= 0")
 
 
 @dataclass
@@ -111,6 +139,7 @@ class Engine:
         )
         self.eos = model.config.eos_token_id
         self.max_context = model.config.max_position_embeddings
+        self.max_prompt_chars = self._max_prompt_chars()
         self.metrics = metrics
         self._ids = itertools.count()
         self.requests: dict[str, Request] = {}
@@ -118,20 +147,43 @@ class Engine:
 
     # ---------------------------------------------------------------- requests
     def check(self, num_prompt_tokens: int, max_tokens: int) -> None:
-        """Raise EngineError if a request of this size can never run."""
+        """Raise ContextLengthExceeded or CacheTooSmall if a request of this size can never run."""
         if num_prompt_tokens < 1:
-            raise EngineError("the prompt is empty")
+            raise InvalidPrompt("the prompt is empty")
         if num_prompt_tokens + max_tokens > self.max_context:
-            raise EngineError(
+            raise ContextLengthExceeded(
                 f"this model's maximum context length is {self.max_context} tokens; the request has "
                 f"{num_prompt_tokens} prompt tokens and asks for {max_tokens} more"
             )
         need = self.pool.blocks_for(num_prompt_tokens + max_tokens)
         if need > self.pool.capacity_blocks:
-            raise EngineError(
+            raise CacheTooSmall(
                 f"the request needs {need * self.pool.block_size} tokens of KV cache; the engine holds "
                 f"{self.pool.capacity_blocks * self.pool.block_size}"
             )
+
+    def _max_prompt_chars(self) -> int | None:
+        """The longest prompt text that could fit the context: max_context tokens of the vocabulary's
+        longest text, with a slack of 4 for what that bound does not see (special tokens, which
+        decode to nothing here, and normalizers that merge characters, as NFC merges Hangul jamo
+        three to one). None without a tokenizer."""
+        if self.tokenizer is None:
+            return None
+        longest = max(len(self.tokenizer.decode([i])) for i in range(self.tokenizer.vocab_size))
+        return 4 * self.max_context * max(longest, 1)
+
+    def encode(self, text: str) -> list[int]:
+        """A prompt text's token ids. Text too long to fit the context is refused before tokenizing:
+        tokenizing holds the GIL for about a second per MB, stalling every other request."""
+        if len(text) > self.max_prompt_chars:
+            raise ContextLengthExceeded(
+                f"this model's maximum context length is {self.max_context} tokens; the prompt has "
+                f"{len(text)} characters, more than that many tokens could hold ({self.max_prompt_chars})"
+            )
+        ids = self.tokenizer.encode(text)
+        if not ids:
+            raise InvalidPrompt("the prompt encodes to no tokens")
+        return ids
 
     def validate(self, prompt_ids: list[int], params: RequestParams) -> list[int]:
         """The prompt as ints, or EngineError if the request can never run. Reads no mutable state,
@@ -139,7 +191,7 @@ class Engine:
         prompt_ids = [int(t) for t in prompt_ids]
         self.check(len(prompt_ids), params.max_tokens)
         if any(not 0 <= t < self.model_config.vocab_size for t in prompt_ids):
-            raise EngineError(f"prompt token ids must be in [0, {self.model_config.vocab_size})")
+            raise InvalidPrompt(f"prompt token ids must be in [0, {self.model_config.vocab_size})")
         return prompt_ids
 
     def new_request_id(self) -> str:

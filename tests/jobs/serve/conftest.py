@@ -37,8 +37,7 @@ def serve_app(ray_local, tiny_model_dir):
         "model": str(tiny_model_dir),
         "served_model_name": "tiny",
         "api_keys": [API_KEY],
-        "max_num_seqs": 4,
-        "max_waiting": 4,
+        "engine": {"max_num_seqs": 4, "max_waiting": 4},
         "torch_threads": 1,
     }
     serve.run(build_app(settings), name="moray", route_prefix="/moray")

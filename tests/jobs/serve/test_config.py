@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from moray.actors.engine import EngineConfig
 from moray.jobs.serve.app import GRPC_SERVICER, ServeSettings
-from moray.platform.config import ConfigError
+from moray.platform.config import ConfigError, from_dict
 
 CONFIG = Path(__file__).parents[3] / "configs" / "serve" / "moray.yaml"
 
@@ -26,18 +27,31 @@ def test_config_file_validates():
     assert GRPC_SERVICER in block["grpc_options"]["grpc_servicer_functions"]
     ServeDeploySchema.model_validate({**data, **block})
     (app,) = data["applications"]
-    s = ServeSettings.from_dict(app["args"])
+    s = from_dict(ServeSettings, app["args"])
     assert s.name() == "moray-tiny" and s.model.startswith("models:/")
+    assert s.engine == EngineConfig()  # the file spells out the engine's own defaults
 
 
 def test_settings_refuse_unknown_and_name_defaults():
-    with pytest.raises(ConfigError, match="unknown"):
-        ServeSettings.from_dict({"model": "x", "max_tokenz": 3})
+    with pytest.raises(ConfigError, match="max_tokenz"):
+        from_dict(ServeSettings, {"model": "x", "max_tokenz": 3})
     with pytest.raises(ConfigError, match="model"):
-        ServeSettings.from_dict({})
-    assert ServeSettings.from_dict({"model": "models:/moe@champion"}).name() == "moe"
-    assert ServeSettings.from_dict({"model": "/a/b/tiny-hf/"}).name() == "tiny-hf"
-    assert ServeSettings.from_dict({"model": "x", "api_keys": "a,b"}).api_keys == ["a", "b"]
+        from_dict(ServeSettings, {})
+    assert from_dict(ServeSettings, {"model": "models:/moe@champion"}).name() == "moe"
+    assert from_dict(ServeSettings, {"model": "/a/b/tiny-hf/"}).name() == "tiny-hf"
+    assert from_dict(ServeSettings, {"model": "x", "api_keys": "a,b"}).api_keys == ["a", "b"]
+
+
+def test_engine_settings_are_one_nested_dataclass_with_dotted_errors():
+    s = from_dict(ServeSettings, {"model": "x", "engine": {"max_waiting": 7}})
+    assert s.engine == EngineConfig(max_waiting=7)
+    assert ServeSettings(model="x").engine.max_waiting == EngineConfig().max_waiting == 256
+    with pytest.raises(ConfigError, match=r"engine\.max_waiting='many': expected int"):
+        from_dict(ServeSettings, {"model": "x", "engine": {"max_waiting": "many"}})
+    with pytest.raises(ConfigError, match=r"engine.*block_size=0: must be positive"):
+        from_dict(ServeSettings, {"model": "x", "engine": {"block_size": 0}})
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) in engine: max_wait"):
+        from_dict(ServeSettings, {"model": "x", "engine": {"max_wait": 1}})
 
 
 def test_cli_flags():
@@ -49,8 +63,8 @@ def test_cli_flags():
     assert JOBS["serve"][0] == "moray.jobs.serve.__main__"
     args = add_arguments(argparse.ArgumentParser()).parse_args(["--model", "d", "--api-key", "k", "--int8"])
     assert args.host == "127.0.0.1" and args.port == 8000 and args.grpc_port == 0
-    s = ServeSettings.from_dict(settings_from_args(args))
-    assert s.api_keys == ["k"] and s.quantize_int8
+    s = settings_from_args(args)
+    assert s.api_keys == ["k"] and s.engine.quantize_int8 and s.engine.kv_cache_bytes == 64 << 20
 
 
 def test_rayservice_manifest_validates():
@@ -68,7 +82,7 @@ def test_rayservice_manifest_validates():
     serve_config = ServeDeploySchema.model_validate(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
     (app,) = serve_config.applications
     assert app.import_path == "moray.jobs.serve.app:build_app"
-    ServeSettings.from_dict(app.args)
+    assert from_dict(ServeSettings, app.args).engine.kv_cache_bytes == 256 << 20
 
 
 def test_grafana_dashboard_queries_only_metrics_the_engine_exports():
