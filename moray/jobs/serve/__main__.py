@@ -1,6 +1,10 @@
 """`python -m moray.jobs.serve --model PATH_OR_URI [--host 127.0.0.1] [--port 8000]` (also
 `moray serve ...`): start Ray Serve with moray's HTTP (OpenAI) and gRPC APIs and serve until
-interrupted. With `RAY_ADDRESS` set it deploys onto that cluster."""
+interrupted. With `RAY_ADDRESS` set it deploys onto that cluster.
+
+API keys: `--api-key KEY` (repeatable; visible in `ps`), `--api-key-file FILE` (one key per line),
+or the comma-separated environment variable MORAY_API_KEYS. Every flag and the model are checked
+before Ray starts."""
 
 from __future__ import annotations
 
@@ -8,55 +12,97 @@ import argparse
 import sys
 
 
+def _int_in(low: int, high: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(
+                f"{value} is not in [{low}, {high if high is not None else '...'}]"
+            )
+        return value
+
+    return parse
+
+
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument(
         "--model", required=True, help="an HF directory or models:/NAME/VERSION | models:/NAME@ALIAS"
     )
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default: localhost only)")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port (the OpenAI API under /v1)")
     p.add_argument(
-        "--grpc-port", type=int, default=0,
+        "--port", type=_int_in(1, 65535), default=8000, help="HTTP port (the OpenAI API under /v1)"
+    )
+    p.add_argument(
+        "--grpc-port", type=_int_in(0, 65535), default=0,
         help="serve gRPC (moray.MorayGenerate) on this port; off by default: Ray Serve's gRPC proxy listens "
         "on every interface ([::]), not only --host",
     )  # fmt: skip
     p.add_argument("--name", default=None, help="the model name clients send (default: from --model)")
-    p.add_argument("--api-key", action="append", default=[], help="require this bearer key (repeatable)")
-    p.add_argument("--replicas", type=int, default=1)
-    p.add_argument("--kv-cache-mb", type=int, default=64, help="paged latent cache per replica, MiB")
+    p.add_argument(
+        "--api-key", action="append", default=[],
+        help="require this bearer key (repeatable; shows in `ps`: prefer --api-key-file or $MORAY_API_KEYS)",
+    )  # fmt: skip
+    p.add_argument("--api-key-file", default=None, help="a file of keys, one per line (# starts a comment)")
+    p.add_argument("--replicas", type=_int_in(1), default=1)
+    p.add_argument("--kv-cache-mb", type=_int_in(1), default=64, help="paged latent cache per replica, MiB")
+    p.add_argument("--max-request-mb", type=_int_in(1), default=8, help="larger request bodies get a 413")
     p.add_argument("--int8", action="store_true", help="int8 weight-only quantization")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for models:/ (default: moray's)")
     return p
 
 
-def settings_from_args(args: argparse.Namespace) -> dict:
+def settings_from_args(args: argparse.Namespace):
+    """The one ServeSettings, from the flags (through the platform's from_dict, like a config file)."""
+    from moray.jobs.serve.app import ServeSettings
+    from moray.platform.config import from_dict
+
     s = {
         "model": args.model,
         "api_keys": list(args.api_key),
-        "kv_cache_bytes": args.kv_cache_mb << 20,
-        "quantize_int8": args.int8,
+        "api_key_file": args.api_key_file,
+        "max_request_bytes": args.max_request_mb << 20,
+        "engine": {"kv_cache_bytes": args.kv_cache_mb << 20, "quantize_int8": args.int8},
     }
     if args.name:
         s["served_model_name"] = args.name
     if args.tracking_uri:
         s["tracking_uri"] = args.tracking_uri
-    return s
+    return from_dict(ServeSettings, s)
 
 
-def run(args: argparse.Namespace, blocking: bool = True):
+def prepare(args: argparse.Namespace):
+    """Everything that can be refused, refused before Ray starts: the settings, the key file and
+    the model source. The keys are resolved here, so replicas on a remote cluster get them too."""
+    from moray.jobs.serve.loading import check_model_source
+
+    check_model_source(args.model, args.tracking_uri)  # first: it needs neither torch nor Ray imported
+    settings = settings_from_args(args)
+    settings.api_keys, settings.api_key_file = settings.all_api_keys(), None
+    return settings
+
+
+def run(args: argparse.Namespace, blocking: bool = True, settings=None):
+    settings = settings or prepare(args)
     from ray import serve
     from ray.serve.config import gRPCOptions
 
-    from moray.jobs.serve.app import GRPC_SERVICER, MorayServer, ServeSettings
+    from moray.jobs.serve.app import GRPC_SERVICER, MorayServer
     from moray.platform.cluster import connect
 
-    settings = ServeSettings.from_dict(settings_from_args(args))
     connect()
     grpc = (
         gRPCOptions(port=args.grpc_port, grpc_servicer_functions=[GRPC_SERVICER]) if args.grpc_port else None
     )
     serve.start(http_options={"host": args.host, "port": args.port}, grpc_options=grpc)
-    app = MorayServer.options(num_replicas=args.replicas).bind(settings.__dict__)
+    app = MorayServer.options(num_replicas=args.replicas).bind(settings)
     print(f"moray: serving {settings.name()!r} at http://{args.host}:{args.port}/v1", flush=True)
+    keys = len(settings.api_keys)
+    print(
+        f"moray: {keys} API key(s) required" if keys else "moray: no API key: open to anyone who can connect"
+    )
     if args.grpc_port:
         print(f"moray: gRPC moray.MorayGenerate on port {args.grpc_port} (all interfaces)", flush=True)
     try:
@@ -67,10 +113,14 @@ def run(args: argparse.Namespace, blocking: bool = True):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = add_arguments(
-        argparse.ArgumentParser(prog="python -m moray.jobs.serve", description=__doc__)
-    ).parse_args(argv)
-    run(args)
+    parser = argparse.ArgumentParser(prog="moray serve", description=__doc__, allow_abbrev=False)
+    args = add_arguments(parser).parse_args(argv)
+    try:
+        settings = prepare(args)
+    except (OSError, ValueError) as e:  # ConfigError is a ValueError; a missing model an OSError
+        print(f"moray serve: error: {e}", file=sys.stderr)
+        return 2
+    run(args, settings=settings)
     return 0
 
 

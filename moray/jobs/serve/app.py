@@ -9,42 +9,58 @@ gRPC API (`moray.MorayGenerate`, through Serve's gRPC proxy).
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from ray import serve
 
-from moray.platform.config import ConfigError
+from moray.actors.engine import EngineConfig
+from moray.platform.config import from_dict
 
 GRPC_SERVICER = "moray.jobs.serve.proto.moray_pb2_grpc.add_MorayGenerateServicer_to_server"
+API_KEYS_ENV = "MORAY_API_KEYS"  # comma-separated keys, read where the server runs
 
 
 @dataclass
 class ServeSettings:
-    model: str  # an HF directory or models:/NAME/VERSION, models:/NAME@ALIAS
-    served_model_name: str | None = None  # the `model` clients send; default: the directory/registry name
-    api_keys: list[str] = field(default_factory=list)  # empty: no authentication
-    tracking_uri: str | None = None  # MLflow, for models:/ URIs (default: moray's)
-    kv_cache_bytes: int = 64 << 20
-    block_size: int = 16
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    prefill_chunk: int = 256
-    max_waiting: int = 256
-    quantize_int8: bool = False
-    torch_threads: int = 0  # 0: torch's default
+    """All a replica needs: parsed once by the platform's `from_dict` (a bad field is a ConfigError
+    naming it, `engine.max_waiting=...`) from the config file's `args` or `moray serve`'s flags, and
+    handed to the replicas as this object."""
 
-    @classmethod
-    def from_dict(cls, d: dict) -> ServeSettings:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown serve settings: {sorted(unknown)} (known: {sorted(known)})")
-        if "model" not in d:
-            raise ConfigError("serve settings need `model` (an HF directory or models:/NAME/VERSION)")
-        s = cls(**d)
-        if isinstance(s.api_keys, str):
-            s.api_keys = [k for k in s.api_keys.split(",") if k]
-        return s
+    model: str = ""  # an HF directory or models:/NAME/VERSION, models:/NAME@ALIAS
+    served_model_name: str | None = None  # the `model` clients send; default: the directory/registry name
+    # Keys clients must send; with none here, in api_key_file or in $MORAY_API_KEYS: no authentication.
+    api_keys: list[str] = field(default_factory=list)
+    api_key_file: str | None = None  # one key per line (# comments); kept out of `ps` and Serve's config
+    tracking_uri: str | None = None  # MLflow, for models:/ URIs (default: moray's)
+    torch_threads: int = 0  # 0: torch's default
+    max_request_bytes: int = 8 << 20  # a larger body is refused (413) before it is read
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("model: required (an HF directory or models:/NAME/VERSION)")
+        if isinstance(self.api_keys, str):  # "k1,k2", as an environment variable would give it
+            self.api_keys = [k for k in self.api_keys.split(",") if k]
+        if not all(isinstance(k, str) for k in self.api_keys):
+            raise ValueError("api_keys: must be a list of strings")
+        if self.torch_threads < 0:
+            raise ValueError(f"torch_threads={self.torch_threads}: must be >= 0")
+        if self.max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes={self.max_request_bytes}: must be positive")
+
+    def all_api_keys(self) -> list[str]:
+        """api_keys, the lines of api_key_file and the comma-separated $MORAY_API_KEYS, in that order.
+        Raises OSError naming the file if it cannot be read."""
+        keys = list(self.api_keys)
+        if self.api_key_file:
+            try:
+                lines = Path(self.api_key_file).read_text().splitlines()
+            except OSError as e:
+                raise OSError(f"api_key_file {self.api_key_file!r}: {e.strerror or e}") from None
+            keys += [k.strip() for k in lines if k.strip() and not k.strip().startswith("#")]
+        keys += [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
+        return list(dict.fromkeys(keys))
 
     def name(self) -> str:
         if self.served_model_name:
@@ -58,30 +74,27 @@ class ServeSettings:
 @serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 1})
 @serve.ingress()
 class MorayServer:
-    def __init__(self, settings: dict):
+    def __init__(self, settings: ServeSettings):
         import torch
 
-        from moray.actors.engine import AsyncEngine, Engine, EngineConfig
+        from moray.actors.engine import AsyncEngine, Engine
         from moray.actors.engine.metrics import EngineMetrics
         from moray.jobs.serve.loading import load_for_serving
         from moray.jobs.serve.server import OpenAIServer
 
-        s = ServeSettings.from_dict(settings)
+        s = settings
         if s.torch_threads:
             torch.set_num_threads(s.torch_threads)
-        cfg = EngineConfig(
-            kv_cache_bytes=s.kv_cache_bytes, block_size=s.block_size, max_num_seqs=s.max_num_seqs,
-            max_num_batched_tokens=s.max_num_batched_tokens, prefill_chunk=s.prefill_chunk,
-            max_waiting=s.max_waiting, quantize_int8=s.quantize_int8,
-        )  # fmt: skip
         self.metrics = EngineMetrics(s.name())
 
         def build_engine() -> Engine:
             model, tok, _ = load_for_serving(s.model, s.tracking_uri)
-            return Engine(model, tok, cfg, metrics=self.metrics)
+            return Engine(model, tok, s.engine, metrics=self.metrics)
 
         self.engine = AsyncEngine(build_engine)  # loads the model on the engine's thread (see there)
-        self.server = OpenAIServer(self.engine, s.name(), s.api_keys)
+        # keys read here, in the replica: a key file or variable on the cluster never passes through
+        # Serve's config (which the dashboard shows)
+        self.server = OpenAIServer(self.engine, s.name(), s.all_api_keys(), s.max_request_bytes)
 
     def __serve_build_asgi_app__(self):
         return self.server.build_app()
@@ -97,7 +110,7 @@ class MorayServer:
             if request.prompt_ids:
                 ids = list(request.prompt_ids)
             elif request.prompt and tok is not None:
-                ids = tok.encode(request.prompt)
+                ids = self.engine.engine.encode(request.prompt)
             else:
                 raise ValueError("send prompt (text) or prompt_ids")
             params = RequestParams(
@@ -112,7 +125,7 @@ class MorayServer:
             if params.stop and tok is None:
                 raise ValueError("stop strings need a tokenizer")
             rid, q = self.engine.add(ids, params)
-        except (Overloaded, EngineError, ValueError) as e:
+        except (EngineError, ValueError) as e:  # ValueError: RequestParams' own checks
             overloaded = isinstance(e, Overloaded)
             grpc_context.set_code(
                 grpc.StatusCode.RESOURCE_EXHAUSTED if overloaded else grpc.StatusCode.INVALID_ARGUMENT
@@ -160,5 +173,4 @@ class MorayServer:
 def build_app(args: dict) -> serve.Application:
     """The application builder (`import_path: moray.jobs.serve.app:build_app` with `args`).
     Deployment options (replicas, resources) come from the config file's `deployments` section."""
-    settings = ServeSettings.from_dict(dict(args))
-    return MorayServer.bind(asdict(settings))
+    return MorayServer.bind(from_dict(ServeSettings, dict(args)))

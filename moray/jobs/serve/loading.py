@@ -34,9 +34,47 @@ def resolve_model(uri: str, tracking: str | None = None, cache_dir: str | Path |
             mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst))
         return _find_model_dir(dst)
     path = Path(uri)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{uri!r} is neither an HF model directory nor an MLflow model URI")
+    check_model_dir(path)
     return path
+
+
+def check_model_dir(path: Path) -> None:
+    """FileNotFoundError, in one line, unless `path` is an HF directory with config.json and weights."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"model {str(path)!r}: no such directory (and not an MLflow models:/ URI)")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model {str(path)!r}: no config.json there (not an HF model directory)")
+    if not any(path.glob("*.safetensors")):
+        raise FileNotFoundError(f"model {str(path)!r}: no *.safetensors weights there")
+
+
+def check_model_source(uri: str, tracking: str | None = None) -> None:
+    """Refuse a model that cannot load, before anything starts: a local directory is checked in full;
+    a registered model (models:/NAME/VERSION, models:/NAME@ALIAS) must exist in the registry."""
+    if not uri.startswith(MLFLOW_SCHEMES):
+        check_model_dir(Path(uri))
+        return
+    if not uri.startswith("models:/"):
+        return  # runs:/ and artifact URIs: checked by the download itself
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    ref = uri[len("models:/") :].strip("/")
+    name, _, version = ref.partition("/")
+    name, _, alias = name.partition("@")
+    where = tracking or tracking_uri()
+    client = mlflow.MlflowClient(where)
+    try:
+        if alias:
+            client.get_model_version_by_alias(name, alias)
+        elif version.isdigit():
+            client.get_model_version(name, version)
+        else:
+            client.get_registered_model(name)
+    except MlflowException as e:
+        raise FileNotFoundError(
+            f"model {uri!r}: not in the registry at {where} ({e.message.splitlines()[0]})"
+        ) from None
 
 
 def load_for_serving(uri: str, tracking: str | None = None, dtype=None, cache_dir: str | Path | None = None):

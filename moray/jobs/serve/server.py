@@ -5,24 +5,36 @@ can drive its FastAPI app in-process."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from collections.abc import AsyncIterator
 
-from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from moray.actors.engine import AsyncEngine, EngineError, Overloaded, RequestParams
+from moray.actors.engine import (
+    AsyncEngine,
+    CacheTooSmall,
+    ContextLengthExceeded,
+    EngineError,
+    Overloaded,
+    RequestOutput,
+    RequestParams,
+)
 from moray.jobs.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    InvalidBody,
     error_body,
     new_id,
     now,
+    parse_request,
     usage,
 )
+
+DEFAULT_MAX_REQUEST_BYTES = 8 << 20
 
 
 class APIError(Exception):
@@ -32,18 +44,40 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
-    def response(self) -> JSONResponse:
+    def response(self) -> Response:
         headers = {"Retry-After": "1"} if self.status == 429 else None
-        return JSONResponse(
-            error_body(self.message, self.type, self.param, self.code), self.status, headers=headers
-        )
+        # ASCII JSON: a message quoting the client's text stays encodable even with lone surrogates
+        body = json.dumps(error_body(self.message, self.type, self.param, self.code))
+        return Response(body, self.status, headers=headers, media_type="application/json")
+
+
+# Each engine refusal's HTTP status, OpenAI error type and code, by the refusal's type.
+REFUSALS: dict[type[EngineError], tuple[int, str, str | None]] = {
+    Overloaded: (429, "rate_limit_error", "overloaded"),
+    ContextLengthExceeded: (400, "invalid_request_error", "context_length_exceeded"),
+    CacheTooSmall: (400, "invalid_request_error", "context_length_exceeded"),
+}
+
+
+def refusal(e: EngineError, param: str | None) -> APIError:
+    status, type_, code = REFUSALS.get(type(e), (400, "invalid_request_error", None))
+    if isinstance(e, Overloaded):
+        return APIError(status, f"The server is overloaded: {e}. Retry later.", type_, None, code)
+    return APIError(status, str(e), type_, param, code)
 
 
 class OpenAIServer:
-    def __init__(self, engine: AsyncEngine, model_name: str, api_keys: list[str] | tuple[str, ...] = ()):
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        model_name: str,
+        api_keys: list[str] | tuple[str, ...] = (),
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    ):
         self.engine = engine
         self.model_name = model_name
         self.api_keys = [k for k in api_keys if k]
+        self.max_request_bytes = max_request_bytes
         self.tokenizer = engine.engine.tokenizer
         self.created = now()
 
@@ -57,6 +91,36 @@ class OpenAIServer:
             raise APIError(
                 401, "Incorrect API key provided.", "invalid_request_error", None, "invalid_api_key"
             )
+
+    async def read(self, request: Request, model):
+        """The request body as `model`: the API key first (401 beats any complaint about the body),
+        then the size limit (413, before the body is read), then the JSON and its fields (400)."""
+        self.check_auth(request)
+        too_large = APIError(
+            413, f"The request body is larger than this server's limit of {self.max_request_bytes} bytes.",
+            "invalid_request_error", None, "request_too_large",
+        )  # fmt: skip
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_request_bytes:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():  # a chunked body says no length up front
+            size += len(chunk)
+            if size > self.max_request_bytes:
+                raise too_large
+            chunks.append(chunk)
+        try:
+            return parse_request(b"".join(chunks), model)
+        except InvalidBody as e:
+            raise APIError(400, str(e), param=e.param) from None
+
+    async def encode(self, text: str, param: str) -> list[int]:
+        try:
+            # On a thread: a tokenizer that lets go of the GIL then leaves the event loop (health
+            # checks, other requests) free. The engine refuses text too long to fit before tokenizing.
+            return await asyncio.to_thread(self.engine.engine.encode, text)
+        except EngineError as e:
+            raise refusal(e, param) from e
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
@@ -81,17 +145,10 @@ class OpenAIServer:
         )
 
     def add(self, prompt_ids: list[int], params: RequestParams, param: str):
-        if params.max_tokens is None:
-            params.max_tokens = 16
         try:
             return self.engine.add(prompt_ids, params)
-        except Overloaded as e:
-            raise APIError(
-                429, f"The server is overloaded: {e}. Retry later.", "rate_limit_error", None, "overloaded"
-            ) from e
         except EngineError as e:
-            code = "context_length_exceeded" if "context" in str(e) or "KV cache" in str(e) else None
-            raise APIError(400, str(e), "invalid_request_error", param, code) from e
+            raise refusal(e, param) from e
 
     def default_max_tokens(self, n_prompt: int, asked: int | None, default: int | None = 16) -> int:
         """OpenAI's defaults: 16 for completions, the rest of the context for chat (default None)."""
@@ -104,6 +161,45 @@ class OpenAIServer:
     def token_text(self, t: int) -> str:
         return self.tokenizer.decode([t]) if self.tokenizer is not None else str(t)
 
+    def token_logprobs(self, outs: list[RequestOutput]) -> list[tuple[str, float, list[tuple[str, float]]]]:
+        """(token text, logprob, [(text, logprob) of the top alternatives]) for every token of `outs`;
+        each endpoint lays these out in its own OpenAI shape."""
+        return [
+            (self.token_text(lp.token_id), lp.logprob, [(self.token_text(t), v) for t, v in lp.top])
+            for o in outs
+            for lp in o.logprobs
+        ]
+
+    async def respond(self, req, n_prompt: int, stream, head: dict, choice, first_chunk: dict | None = None):
+        """The one response path of both endpoints: the whole answer, or its SSE stream.
+
+        `choice(outs, streaming)` shapes the choice object for a list of engine outputs (all of
+        them, or one per streamed chunk); `head` is the response's id/object/created/model;
+        `first_chunk` opens a stream (chat's assistant role)."""
+        if not req.stream:
+            outs = [o async for o in stream]
+            return {
+                **head, "choices": [choice(outs, False)],
+                "usage": usage(n_prompt, outs[-1].num_output_tokens),
+            }  # fmt: skip
+
+        async def events() -> AsyncIterator[str]:
+            if first_chunk is not None:
+                yield _sse({**head, "choices": [first_chunk]})
+            last = None
+            async for o in stream:
+                last = o
+                if not (o.new_text or o.finished or o.logprobs or self.tokenizer is None):
+                    continue  # text held back (a possible stop string or a partial character)
+                yield _sse({**head, "choices": [choice([o], True)]})
+            if req.stream_options and req.stream_options.include_usage and last is not None:
+                yield _sse({**head, "choices": [], "usage": usage(n_prompt, last.num_output_tokens)})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+
     # ------------------------------------------------------------ completions
     async def completions(self, req: CompletionRequest):
         self.check_model(req.model)
@@ -115,142 +211,72 @@ class OpenAIServer:
                 raise APIError(
                     400, "this model has no tokenizer: send the prompt as token ids", param="prompt"
                 )
-            ids = self.tokenizer.encode(prompt)
-            if not ids:
-                raise APIError(400, "the prompt encodes to no tokens", param="prompt")
+            ids = await self.encode(prompt, "prompt")
         else:
             ids = list(prompt)
         max_tokens = self.default_max_tokens(len(ids), req.max_tokens)
         rid, q = self.add(ids, self.params(req, max_tokens, req.logprobs), "prompt")
-        cid, created = new_id("cmpl"), now()
-        stream = self.engine.stream(rid, q)
 
-        def lp_block(outs) -> dict | None:
-            if req.logprobs is None:
-                return None
-            lps = [lp for o in outs for lp in o.logprobs]
-            return {
-                "tokens": [self.token_text(lp.token_id) for lp in lps],
-                "token_logprobs": [lp.logprob for lp in lps],
-                "top_logprobs": [{self.token_text(t): v for t, v in lp.top} for lp in lps],
-                "text_offset": [],
-            }
-
-        base = {"id": cid, "object": "text_completion", "created": created, "model": self.model_name}
-        if not req.stream:
-            outs = [o async for o in stream]
-            last = outs[-1]
-            text = "".join(o.new_text for o in outs) if self.tokenizer else ""
-            choice = {
+        def choice(outs: list[RequestOutput], streaming: bool) -> dict:
+            c = {
                 "index": 0,
-                "text": text,
-                "logprobs": lp_block(outs),
-                "finish_reason": last.finish_reason,
+                "text": "".join(o.new_text for o in outs),
+                "logprobs": None,
+                "finish_reason": outs[-1].finish_reason,
             }
-            if self.tokenizer is None:
-                choice["token_ids"] = [t for o in outs for t in o.new_token_ids]
-            return {**base, "choices": [choice], "usage": usage(len(ids), last.num_output_tokens)}
-
-        async def events() -> AsyncIterator[str]:
-            last = None
-            async for o in stream:
-                last = o
-                if not o.new_text and not o.finished and req.logprobs is None and self.tokenizer is not None:
-                    continue
-                choice = {
-                    "index": 0,
-                    "text": o.new_text,
-                    "logprobs": lp_block([o]),
-                    "finish_reason": o.finish_reason,
+            if req.logprobs is not None:
+                lps = self.token_logprobs(outs)
+                c["logprobs"] = {
+                    "tokens": [t for t, _, _ in lps],
+                    "token_logprobs": [v for _, v, _ in lps],
+                    "top_logprobs": [dict(top) for _, _, top in lps],
+                    "text_offset": [],
                 }
-                yield _sse({**base, "choices": [choice]})
-            if req.stream_options and req.stream_options.include_usage and last is not None:
-                yield _sse({**base, "choices": [], "usage": usage(len(ids), last.num_output_tokens)})
-            yield "data: [DONE]\n\n"
+            if self.tokenizer is None:  # no text to show: the tokens themselves
+                c["token_ids"] = [t for o in outs for t in o.new_token_ids]
+            return c
 
-        return _streaming(events())
+        head = {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": self.model_name}
+        return await self.respond(req, len(ids), self.engine.stream(rid, q), head, choice)
 
     # ------------------------------------------------------------ chat
     async def chat(self, req: ChatCompletionRequest):
         self.check_model(req.model)
         if self.tokenizer is None:
             raise APIError(400, "this model has no tokenizer and chat template", param="messages")
+        if req.top_logprobs and not req.logprobs:
+            raise APIError(400, "top_logprobs: needs logprobs=true", param="top_logprobs")
         text = self.tokenizer.apply_chat_template([{"role": m.role, "content": m.text} for m in req.messages])
-        ids = self.tokenizer.encode(text)
+        ids = await self.encode(text, "messages")
         asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        if req.top_logprobs and not req.logprobs:
-            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-        rid, q = self.add(
-            ids, self.params(req, self.default_max_tokens(len(ids), asked, None), logprobs), "messages"
-        )
-        cid, created = new_id("chatcmpl"), now()
-        stream = self.engine.stream(rid, q)
+        params = self.params(req, self.default_max_tokens(len(ids), asked, None), logprobs)
+        rid, q = self.add(ids, params, "messages")
 
-        def lp_block(outs) -> dict | None:
-            if not req.logprobs:
-                return None
-            content = []
-            for o in outs:
-                for lp in o.logprobs:
-                    tok = self.token_text(lp.token_id)
-                    top = [
+        def choice(outs: list[RequestOutput], streaming: bool) -> dict:
+            text = "".join(o.new_text for o in outs)
+            if streaming:
+                c = {"index": 0, "delta": {"content": text} if text else {}}
+            else:
+                c = {"index": 0, "message": {"role": "assistant", "content": text}}
+            c["logprobs"] = None
+            if req.logprobs:
+                c["logprobs"] = {
+                    "content": [
                         {
-                            "token": self.token_text(t),
-                            "logprob": v,
-                            "bytes": list(self.token_text(t).encode()),
+                            "token": t, "logprob": v, "bytes": list(t.encode()),
+                            "top_logprobs": [{"token": a, "logprob": b, "bytes": list(a.encode())} for a, b in top],
                         }
-                        for t, v in lp.top
+                        for t, v, top in self.token_logprobs(outs)
                     ]
-                    content.append(
-                        {
-                            "token": tok,
-                            "logprob": lp.logprob,
-                            "bytes": list(tok.encode()),
-                            "top_logprobs": top,
-                        }
-                    )
-            return {"content": content}
+                }  # fmt: skip
+            c["finish_reason"] = outs[-1].finish_reason
+            return c
 
-        base = {"id": cid, "created": created, "model": self.model_name}
-        if not req.stream:
-            outs = [o async for o in stream]
-            last = outs[-1]
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": "".join(o.new_text for o in outs)},
-                "logprobs": lp_block(outs),
-                "finish_reason": last.finish_reason,
-            }
-            return {
-                **base, "object": "chat.completion", "choices": [choice],
-                "usage": usage(len(ids), last.num_output_tokens),
-            }  # fmt: skip
-
-        chunk = {**base, "object": "chat.completion.chunk"}
-
-        async def events() -> AsyncIterator[str]:
-            yield _sse(
-                {
-                    **chunk,
-                    "choices": [
-                        {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                    ],
-                }
-            )
-            last = None
-            async for o in stream:
-                last = o
-                if not o.new_text and not o.finished and not o.logprobs:
-                    continue  # text held back (a possible stop string or a partial character)
-                delta = {"content": o.new_text} if o.new_text else {}
-                c = {"index": 0, "delta": delta, "logprobs": lp_block([o]), "finish_reason": o.finish_reason}
-                yield _sse({**chunk, "choices": [c]})
-            if req.stream_options and req.stream_options.include_usage and last is not None:
-                yield _sse({**chunk, "choices": [], "usage": usage(len(ids), last.num_output_tokens)})
-            yield "data: [DONE]\n\n"
-
-        return _streaming(events())
+        head = {"id": new_id("chatcmpl"), "created": now(), "model": self.model_name}
+        head["object"] = "chat.completion.chunk" if req.stream else "chat.completion"
+        opening = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+        return await self.respond(req, len(ids), self.engine.stream(rid, q), head, choice, opening)
 
     # ------------------------------------------------------------ the app
     def models(self) -> dict:
@@ -268,18 +294,6 @@ class OpenAIServer:
         async def _api_error(request, exc: APIError):
             return exc.response()
 
-        @app.exception_handler(RequestValidationError)
-        async def _invalid(request, exc: RequestValidationError):
-            errs = exc.errors()
-            first = errs[0] if errs else {}
-            loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-            msg = first.get("msg", "invalid request")
-            if first.get("type") == "json_invalid" or loc == []:
-                msg = "We could not parse the JSON body of your request."
-            return APIError(
-                400, f"{'.'.join(loc) + ': ' if loc else ''}{msg}", param=".".join(loc) or None
-            ).response()
-
         @app.exception_handler(StarletteHTTPException)
         async def _http(request, exc: StarletteHTTPException):
             type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
@@ -293,26 +307,21 @@ class OpenAIServer:
         async def health():
             return server.health()
 
-        auth = [Depends(server.check_auth)]  # before the body is validated: 401 beats 400
-
-        @app.get("/v1/models", dependencies=auth)
-        async def models():
+        @app.get("/v1/models")
+        async def models(request: Request):
+            server.check_auth(request)
             return server.models()
 
-        @app.post("/v1/completions", dependencies=auth)
-        async def completions(body: CompletionRequest):
-            return await server.completions(body)
+        @app.post("/v1/completions")
+        async def completions(request: Request):
+            return await server.completions(await server.read(request, CompletionRequest))
 
-        @app.post("/v1/chat/completions", dependencies=auth)
-        async def chat(body: ChatCompletionRequest):
-            return await server.chat(body)
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request):
+            return await server.chat(await server.read(request, ChatCompletionRequest))
 
         return app
 
 
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
-
-
-def _streaming(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -3,6 +3,7 @@ usage, and the error classes the client raises for each of moray's error respons
 
 import asyncio
 import json
+import time
 import urllib.error
 import urllib.request
 
@@ -141,3 +142,48 @@ def test_chat_without_max_tokens_runs_to_the_context(client):
     )
     assert r.choices[0].finish_reason == "length"
     assert r.usage.total_tokens == 1024  # the tiny preset's context, OpenAI's chat default
+
+
+def _post(url: str, body: bytes, key: str):
+    import requests
+
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+    t0 = time.perf_counter()
+    r = requests.post(url, data=body, headers=headers, timeout=300)
+    return r, time.perf_counter() - t0
+
+
+def test_a_50mb_prompt_is_413_and_the_replica_keeps_serving(client, serve_app):
+    body = json.dumps({"model": "tiny", "prompt": "the king " * (50_000_000 // 9)}).encode()
+    r, seconds = _post(serve_app.base_url + "/completions", body, serve_app.api_key)
+    print(f"\n50 MB prompt: {r.status_code} in {seconds:.2f} s")
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    after = client.completions.create(
+        model="tiny", prompt="Hark", max_tokens=3, extra_body={"ignore_eos": True}
+    )
+    assert after.usage.completion_tokens == 3
+    with urllib.request.urlopen(serve_app.root + "/health", timeout=30) as h:
+        assert json.loads(h.read())["status"] == "ok"
+
+
+def test_a_5mb_prompt_beside_a_small_request(client, serve_app):
+    """The 5 MB prompt fits the body limit but not the context: refused by its length in characters,
+    without tokenizing it, while a small request beside it completes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    big = json.dumps({"model": "tiny", "prompt": "the king " * (5_000_000 // 9)}).encode()
+
+    def small():
+        t0 = time.perf_counter()
+        r = client.completions.create(
+            model="tiny", prompt="Hark", max_tokens=4, extra_body={"ignore_eos": True}
+        )
+        return r, time.perf_counter() - t0
+
+    with ThreadPoolExecutor(2) as pool:
+        big_f = pool.submit(_post, serve_app.base_url + "/completions", big, serve_app.api_key)
+        small_f = pool.submit(small)
+        (r_big, t_big), (r_small, t_small) = big_f.result(), small_f.result()
+    print(f"\n5 MB prompt: {r_big.status_code} in {t_big:.2f} s; small request beside it: {t_small:.2f} s")
+    assert r_big.status_code == 400 and r_big.json()["error"]["code"] == "context_length_exceeded"
+    assert r_small.usage.completion_tokens == 4

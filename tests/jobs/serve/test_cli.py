@@ -1,0 +1,61 @@
+"""`moray serve` refuses what cannot work before Ray starts: a missing model directory, an
+unreadable key file, abbreviated flags; and takes API keys from a file and the environment."""
+
+import argparse
+import os
+import subprocess
+import sys
+
+import pytest
+
+from moray.jobs.serve.__main__ import add_arguments, main, prepare
+
+
+def test_missing_model_fails_before_ray_with_one_line(tmp_path):
+    missing = tmp_path / "missing-dir"
+    # an address nothing listens on: had the command reached Ray, the error would be Ray's
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}
+    p = subprocess.run(
+        [sys.executable, "-m", "moray.jobs.serve", "--model", str(missing)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.strip().splitlines() == [
+        f"moray serve: error: model {str(missing)!r}: no such directory (and not an MLflow models:/ URI)"
+    ]
+
+
+def test_a_directory_without_weights_is_refused(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    assert main(["--model", str(tmp_path)]) == 2
+    assert "no *.safetensors weights" in capsys.readouterr().err
+
+
+def test_no_abbreviated_flags(tiny_model_dir, capsys):
+    for argv in (["--mode", str(tiny_model_dir)], ["--model", str(tiny_model_dir), "--replica", "2"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+    assert "unrecognized arguments: --replica 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", str(tiny_model_dir), "--port", "70000"])
+    assert "70000 is not in [1, 65535]" in capsys.readouterr().err
+
+
+def test_api_keys_from_flags_file_and_environment(tiny_model_dir, tmp_path, monkeypatch):
+    keys = tmp_path / "keys"
+    keys.write_text("# the ops team\nsk-file\n\n  sk-file2  \n")
+    monkeypatch.setenv("MORAY_API_KEYS", "sk-env, sk-file,")
+    args = add_arguments(argparse.ArgumentParser()).parse_args(
+        ["--model", str(tiny_model_dir), "--api-key", "sk-flag", "--api-key-file", str(keys)]
+    )
+    settings = prepare(args)
+    assert settings.api_keys == ["sk-flag", "sk-file", "sk-file2", "sk-env"]
+    assert settings.api_key_file is None  # resolved here: replicas elsewhere get the keys themselves
+
+
+def test_an_unreadable_key_file_is_one_line(tiny_model_dir, tmp_path, capsys):
+    missing = tmp_path / "nokeys"
+    assert main(["--model", str(tiny_model_dir), "--api-key-file", str(missing)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"moray serve: error: api_key_file {str(missing)!r}: No such file or directory"
