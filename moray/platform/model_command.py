@@ -2,6 +2,8 @@
 
     moray model info deepseek-v2 [--json] [--seq-len 4096] [--cache-dtype bfloat16]
     moray model generate tiny --max-new-tokens 8      # a preset runs with random weights
+
+The model is a preset (tiny, small, deepseek-v2-lite, deepseek-v2), a YAML config or an HF directory.
 """
 
 from __future__ import annotations
