@@ -5,7 +5,8 @@ for all of them. A bad record is not an exception: it is a row with `error` set 
 `raw` holding its bytes, and the pipeline sends it to quarantine. Rows have one fixed schema
 (empty strings instead of nulls, so Ray Data never has to unify a null-typed block):
 
-    doc_id, source, domain, format, lang, text, error, raw (bytes; only for bad records)
+    doc_id, source, domain, format, lang, text, error, raw (bytes; only for bad records),
+    blank_lines (JSON lines: the blank lines of the file, on its first row; they are not records)
 
 Formats (by extension unless the source says otherwise): JSON lines (.jsonl/.ndjson/.json, plain
 or .gz), Parquet, plain text (.txt/.md: whole file or split on blank lines), LaTeX (.tex) and
@@ -20,6 +21,7 @@ import fnmatch
 import gzip
 import io
 import json
+import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,17 +54,17 @@ class SourceConfig:
             raise ValueError(f"split={self.split!r}: one of whole, blank_line")
 
 
-def _row(doc_id, source, domain, fmt, text="", lang="", error="", raw=b""):
+def _row(doc_id, source, domain, fmt, text="", lang="", error="", raw=b"", blank_lines=0):
     return {
         "doc_id": str(doc_id), "source": source, "domain": domain, "format": fmt, "lang": lang or "",
-        "text": text, "error": error, "raw": raw,
+        "text": text, "error": error, "raw": raw, "blank_lines": blank_lines,
     }  # fmt: skip
 
 
 # -- discovery ------------------------------------------------------------------------------------
 
 
-def _fs_and_path(path: str):
+def fs_and_path(path: str):
     import pyarrow.fs as pafs
 
     if "://" in path:
@@ -92,46 +94,104 @@ def format_of(path: str, fmt: str = "auto") -> str | None:
     return None  # unknown: not read (counted as a skipped file)
 
 
-def discover(src: SourceConfig) -> tuple[list[dict], list[str]]:
-    """Expand one source into read tasks (one per file) and the files skipped (unknown kind)."""
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _local_files(root: str) -> tuple[list[dict], list[dict]]:
+    """The files under a local folder: [{path, size, mtime_ns, real}] and the entries not read,
+    [{path, reason}]. Symlinks are never followed out of the folder (`up -> ..`, `x -> /etc/...`)
+    nor into a folder of it (`loop -> .`: its files are read where they are), so discovery ends
+    and reads each real file once; a file symlink inside the folder is kept, to be deduplicated
+    against its target by the caller."""
+    real_root = os.path.realpath(root)
+    files, skipped = [], []
+
+    def unreadable(e: OSError):
+        skipped.append({"path": e.filename, "reason": f"unreadable folder: {e.strerror}"})
+
+    # followlinks=False: a symlinked folder is listed in `dirs` but not entered
+    for dirpath, dirs, names in os.walk(root, onerror=unreadable):
+        dirs.sort()
+        for name in dirs:
+            p = os.path.join(dirpath, name)
+            if os.path.islink(p):
+                inside = _inside(os.path.realpath(p), real_root)
+                skipped.append({"path": p, "reason": "symlink to a folder inside the input (read there)" if inside
+                                else "symlink leaves the input folder"})  # fmt: skip
+        for name in names:
+            p = os.path.join(dirpath, name)
+            real = os.path.realpath(p)
+            if os.path.islink(p) and not _inside(real, real_root):
+                skipped.append({"path": p, "reason": "symlink leaves the input folder"})
+                continue
+            try:
+                st = os.stat(p)
+            except OSError as e:
+                skipped.append(
+                    {"path": p, "reason": "broken symlink" if os.path.islink(p) else f"unreadable: {e}"}
+                )
+                continue
+            files.append({"path": p, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "real": real,
+                          "link": os.path.islink(p)})  # fmt: skip
+    return sorted(files, key=lambda f: f["path"]), skipped
+
+
+def discover(src: SourceConfig) -> tuple[list[dict], list[dict]]:
+    """Expand one source into read tasks (one per file, each real file once) and the entries not
+    read: [{path, reason}] (unknown kinds, symlinks not followed, repeated files)."""
     import pyarrow.fs as pafs
 
     path = src.path
     pattern = None
     if any(c in Path(path).name for c in "*?["):
         path, pattern = str(Path(path).parent), Path(path).name
-    fs, root = _fs_and_path(path)
+    fs, root = fs_and_path(path)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"source {src.path!r} does not exist")
-    if info.type == pafs.FileType.File:
-        files = [root]
+    skipped = []
+    if info.type == pafs.FileType.File:  # named by the user: read even where it is a symlink
+        real = root if "://" in path else os.path.realpath(root)
+        files = [{"path": root, "size": info.size, "mtime_ns": info.mtime_ns, "real": real, "link": False}]
+    elif "://" in path:  # object stores have no symlinks
+        listing = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        files = sorted(({"path": i.path, "size": i.size, "mtime_ns": i.mtime_ns, "real": i.path, "link": False}
+                        for i in listing if i.type == pafs.FileType.File), key=lambda f: f["path"])  # fmt: skip
     else:
-        files = sorted(
-            i.path
-            for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
-            if i.type == pafs.FileType.File
-        )
+        files, skipped = _local_files(root)
     prefix = path.split("://", 1)[0] + "://" if "://" in path else ""
-    tasks, skipped = [], []
+    chosen = []
     for f in files:
-        name = Path(f).name
+        name = Path(f["path"]).name
         if pattern and not fnmatch.fnmatch(name, pattern):
             continue
         if src.include and not any(fnmatch.fnmatch(name, p) for p in src.include):
             continue
-        fmt = format_of(f, src.format)
-        if fmt is None or (src.domain == "code" and src.format == "auto" and fmt != "code"):
-            skipped.append(prefix + f)
+        fmt = format_of(f["path"], src.format)
+        if fmt is None:
+            skipped.append({"path": prefix + f["path"], "reason": "unknown file kind"})
             continue
-        tasks.append({"path": prefix + f, "format": fmt, "domain": src.domain, "split": src.split,
+        if src.domain == "code" and src.format == "auto" and fmt != "code":
+            skipped.append({"path": prefix + f["path"], "reason": "not source code (code domain)"})
+            continue
+        chosen.append((f, fmt))
+    tasks, read_at = [], {}
+    for f, fmt in sorted(chosen, key=lambda c: (c[0]["link"], c[0]["path"])):  # a file before links to it
+        if f["real"] in read_at:
+            skipped.append({"path": prefix + f["path"], "reason": f"same file as {read_at[f['real']]}"})
+            continue
+        read_at[f["real"]] = prefix + f["path"]
+        tasks.append({"path": prefix + f["path"], "format": fmt, "domain": src.domain, "split": src.split,
                       "text_field": src.text_field, "id_field": src.id_field, "lang_field": src.lang_field,
-                      "max_records": src.max_records or 0})  # fmt: skip
-    return tasks, skipped
+                      "max_records": src.max_records or 0, "real_path": prefix + f["real"],
+                      # what a re-run compares to see whether the input changed
+                      "size": f["size"], "mtime_ns": f["mtime_ns"]})  # fmt: skip
+    return sorted(tasks, key=lambda t: t["path"]), skipped
 
 
 def read_bytes(path: str) -> bytes:
-    fs, p = _fs_and_path(path)
+    fs, p = fs_and_path(path)
     with fs.open_input_stream(p, compression=None) as f:  # we decompress: truncation must be seen
         return f.read()
 
@@ -155,49 +215,55 @@ def _gunzip(data: bytes) -> tuple[bytes, str]:
     return out, ""
 
 
+def _jsonl_record(task: dict, doc_id: str, line: bytes) -> dict:
+    path, domain = task["path"], task["domain"]
+    try:
+        s = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return _row(
+            doc_id, path, domain, "jsonl", error=f"invalid utf-8: {e.reason} at byte {e.start}", raw=line
+        )
+    try:
+        obj = json.loads(s)
+    except json.JSONDecodeError as e:
+        return _row(doc_id, path, domain, "jsonl", error=f"malformed json: {e.msg}", raw=line)
+    if not isinstance(obj, dict):
+        return _row(doc_id, path, domain, "jsonl", error=f"not an object: {type(obj).__name__}", raw=line)
+    if isinstance(obj.get(task["id_field"]), str | int):
+        doc_id = str(obj[task["id_field"]])
+    text = obj.get(task["text_field"])
+    if text is None:
+        return _row(
+            doc_id, path, domain, "jsonl", error=f"missing text field {task['text_field']!r}", raw=line
+        )
+    if not isinstance(text, str):
+        return _row(doc_id, path, domain, "jsonl", error=f"non-string text: {type(text).__name__}", raw=line)
+    lang = obj.get(task["lang_field"])
+    return _row(doc_id, path, domain, "jsonl", text=text, lang=lang if isinstance(lang, str) else "")
+
+
 def read_jsonl(task: dict, data: bytes):
+    """One row per non-blank line. Blank lines are not records (no row, no ledger entry): the
+    file's first row carries their count, for the manifest. A file without a single record is one
+    quarantined row, as an empty text file is."""
     path, domain = task["path"], task["domain"]
     error = ""
     if path.endswith(".gz"):
         data, error = _gunzip(data)
     lines = data.split(b"\n")
+    tail = None
     if error and lines:  # the last (partial) line belongs to the truncated tail
-        tail = lines.pop()
-        yield _row(f"{path}:{len(lines) + 1}", path, domain, "jsonl", error=error, raw=tail)
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        doc_id = f"{path}:{n}"
-        try:
-            s = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            yield _row(
-                doc_id, path, domain, "jsonl", error=f"invalid utf-8: {e.reason} at byte {e.start}", raw=line
-            )
-            continue
-        try:
-            obj = json.loads(s)
-        except json.JSONDecodeError as e:
-            yield _row(doc_id, path, domain, "jsonl", error=f"malformed json: {e.msg}", raw=line)
-            continue
-        if not isinstance(obj, dict):
-            yield _row(doc_id, path, domain, "jsonl", error=f"not an object: {type(obj).__name__}", raw=line)
-            continue
-        if isinstance(obj.get(task["id_field"]), str | int):
-            doc_id = str(obj[task["id_field"]])
-        text = obj.get(task["text_field"])
-        if text is None:
-            yield _row(
-                doc_id, path, domain, "jsonl", error=f"missing text field {task['text_field']!r}", raw=line
-            )
-            continue
-        if not isinstance(text, str):
-            yield _row(
-                doc_id, path, domain, "jsonl", error=f"non-string text: {type(text).__name__}", raw=line
-            )
-            continue
-        lang = obj.get(task["lang_field"])
-        yield _row(doc_id, path, domain, "jsonl", text=text, lang=lang if isinstance(lang, str) else "")
+        tail = _row(f"{path}:{len(lines)}", path, domain, "jsonl", error=error, raw=lines.pop())
+    elif lines and not lines[-1]:
+        lines.pop()  # what follows the final newline is not a line
+    blank = sum(1 for line in lines if not line.strip())  # a cheap scan: rows are made lazily (max_records)
+    rows = (_jsonl_record(task, f"{path}:{n}", line) for n, line in enumerate(lines, 1) if line.strip())
+    first = tail or next(rows, None)
+    if first is None:
+        first = _row(path, path, domain, "jsonl", error="no records in file", raw=data)
+    first["blank_lines"] = blank
+    yield first
+    yield from rows
 
 
 def read_parquet(task: dict, data: bytes):

@@ -67,7 +67,7 @@ def test_code_tree_parquet_warc_html(corpus):
     rows = _read(corpus / "code" / "thealgorithms-python" / "sorts", domain="code")
     assert len(rows) > 40 and {r["lang"] for r in rows} == {"python"}
     tasks, skipped = discover(SourceConfig(path=str(corpus / "code" / "thealgorithms-python"), domain="code"))
-    assert len(tasks) == 1385 and any(s.endswith("LICENSE.md") for s in skipped)
+    assert len(tasks) == 1385 and any(s["path"].endswith("LICENSE.md") for s in skipped)
     rows = _read(corpus / "web" / "c4-validation-2k.parquet", max_records=10)
     assert len(rows) == 10 and all(len(r["text"]) > 0 for r in rows)
     rows = _read(corpus / "web" / "commoncrawl-sample-0000.warc.gz")
@@ -75,3 +75,65 @@ def test_code_tree_parquet_warc_html(corpus):
     assert len(html) >= 10 and "<div" not in html[0]["text"] and html[0]["doc_id"].startswith("<urn:uuid:")
     (book,) = _read(corpus / "books" / "moby-dick" / "2701-h.htm", domain="books")
     assert "Call me Ishmael" in book["text"] and "<p>" not in book["text"]
+
+
+def test_symlink_loops_end_and_each_file_is_read_once(tmp_path):
+    """`loop -> .` and `up -> ..` inside a code tree: discovery ends, each real file is one task,
+    and every link not followed is reported with its reason (issue 17)."""
+    root = tmp_path / "t"
+    pkg = root / "pkg"
+    pkg.mkdir(parents=True)
+    for name in ("a.py", "b.py"):
+        (pkg / name).write_text("x = 1\n")
+    (root / "top.py").write_text("y = 2\n")
+    (pkg / "loop").symlink_to(".")
+    (pkg / "up").symlink_to("..")
+    (pkg / "again.py").symlink_to("a.py")  # a second name for a file inside the tree
+    tasks, skipped = discover(SourceConfig(path=str(root), domain="code"))
+    assert sorted(t["path"] for t in tasks) == [str(pkg / "a.py"), str(pkg / "b.py"), str(root / "top.py")]
+    assert {s["path"]: s["reason"] for s in skipped} == {
+        str(pkg / "loop"): "symlink to a folder inside the input (read there)",
+        str(pkg / "up"): "symlink to a folder inside the input (read there)",  # t/pkg/.. is t
+        str(pkg / "again.py"): f"same file as {pkg / 'a.py'}",
+    }
+    assert [r["text"] for r in read_local(tasks)] == ["x = 1\n", "x = 1\n", "y = 2\n"]
+    # from pkg, `up` leads out of the input: not followed either
+    tasks, skipped = discover(SourceConfig(path=str(pkg), domain="code"))
+    assert [t["path"] for t in tasks] == [str(pkg / "a.py"), str(pkg / "b.py")]
+    assert {s["path"]: s["reason"] for s in skipped}[str(pkg / "up")] == "symlink leaves the input folder"
+
+
+def test_symlinks_out_of_the_input_are_not_read(tmp_path):
+    outside = tmp_path / "secret.txt"
+    outside.write_text("not part of the corpus")
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "doc.txt").write_text("part of the corpus")
+    (root / "outside.txt").symlink_to(outside)
+    (root / "hostname.txt").symlink_to("/etc/hostname")
+    (root / "etc").symlink_to("/etc")
+    (root / "dangling.txt").symlink_to(root / "nowhere")
+    tasks, skipped = discover(SourceConfig(path=str(root)))
+    assert [r["text"] for r in read_local(tasks)] == ["part of the corpus"]
+    assert {s["path"]: s["reason"] for s in skipped} == {
+        str(root / "outside.txt"): "symlink leaves the input folder",
+        str(root / "hostname.txt"): "symlink leaves the input folder",
+        str(root / "etc"): "symlink leaves the input folder",
+        str(root / "dangling.txt"): "broken symlink",
+    }
+    # a file the user names is read even where it is a link: the user chose it
+    (named,) = read_local(discover(SourceConfig(path=str(root / "outside.txt")))[0])
+    assert named["text"] == "not part of the corpus"
+
+
+def test_blank_lines_are_not_records_but_are_counted(tmp_path):
+    p = tmp_path / "b.jsonl"
+    p.write_bytes(b'\n{"text": "one"}\n  \n\n{"text": "two"}\n\r\n')
+    rows = _read(p)
+    assert [r["text"] for r in rows] == ["one", "two"]
+    assert [r["blank_lines"] for r in rows] == [4, 0]  # the count rides on the file's first row
+    assert rows[1]["doc_id"].endswith("b.jsonl:5")  # line numbers still count the blank lines
+    e = tmp_path / "e.jsonl"
+    e.write_bytes(b"\n \n")
+    (row,) = _read(e)  # no record at all: the file is one quarantined row, as an empty text file is
+    assert row["error"] == "no records in file" and row["blank_lines"] == 2
