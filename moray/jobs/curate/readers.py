@@ -139,7 +139,8 @@ def _local_files(root: str) -> tuple[list[dict], list[dict]]:
 
 def discover(src: SourceConfig) -> tuple[list[dict], list[dict]]:
     """Expand one source into read tasks (one per file, each real file once) and the entries not
-    read: [{path, reason}] (unknown kinds, symlinks not followed, repeated files)."""
+    read: [{path, reason}] (unknown kinds, symlinks not followed; a repeated file also names the
+    path it is read as, `read_as`)."""
     import pyarrow.fs as pafs
 
     path = src.path
@@ -179,7 +180,9 @@ def discover(src: SourceConfig) -> tuple[list[dict], list[dict]]:
     tasks, read_at = [], {}
     for f, fmt in sorted(chosen, key=lambda c: (c[0]["link"], c[0]["path"])):  # a file before links to it
         if f["real"] in read_at:
-            skipped.append({"path": prefix + f["path"], "reason": f"same file as {read_at[f['real']]}"})
+            skipped.append(
+                {"path": prefix + f["path"], "reason": "same file as one read", "read_as": read_at[f["real"]]}
+            )
             continue
         read_at[f["real"]] = prefix + f["path"]
         tasks.append({"path": prefix + f["path"], "format": fmt, "domain": src.domain, "split": src.split,
