@@ -15,7 +15,6 @@ from typing import Any
 import yaml
 
 
-
 class ConfigError(ValueError):
     """A config value is invalid; the message names the field by its dotted path. The one config
     error of the platform: the model package raises plain ValueErrors naming the field, which
@@ -92,3 +91,44 @@ def _coerce(tp: Any, value: Any, dotted: str) -> Any:
     if tp in (int, float, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ConfigError(f"{dotted}={value!r}: expected {tp.__name__}")
     return value
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    """A model named by a preset plus ModelConfig field overrides: the `model:` section of a job
+    config and the shape of configs/model/*.yaml. The one way a preset becomes a ModelConfig."""
+
+    preset: str = "tiny"
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def build(self, **fixed: Any):
+        """The ModelConfig, with `fixed` fields (set by the caller: data, layout) over the overrides."""
+        from moray.model import preset
+
+        try:
+            return preset(self.preset, **{**self.overrides, **fixed})
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"model: {e}") from None
+
+
+def load_model_config(name_or_path: str):
+    """A preset name, a model YAML (a ModelSpec), or an HF directory / config.json."""
+    import json
+
+    from moray.model import ModelConfig
+    from moray.model.presets import PRESETS
+
+    if name_or_path in PRESETS:
+        return ModelSpec(name_or_path).build()
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        return from_dict(ModelSpec, load_yaml(path)).build()
+    config_file = path / "config.json" if path.is_dir() else path
+    if not config_file.is_file():
+        raise ConfigError(
+            f"{name_or_path!r} is neither a preset ({', '.join(PRESETS)}), a model YAML, nor a config.json"
+        )
+    try:
+        return ModelConfig.from_hf_dict(json.loads(config_file.read_text()))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{config_file}: {e}") from None

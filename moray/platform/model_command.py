@@ -15,26 +15,9 @@ from pathlib import Path
 
 
 def _load_config(name_or_path: str):
-    from moray.model import ModelConfig, preset
-    from moray.model.presets import PRESETS
+    from moray.platform.config import load_model_config
 
-    if name_or_path in PRESETS:
-        return preset(name_or_path)
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
-        import yaml
-
-        data = yaml.safe_load(path.read_text()) or {}
-        base = data.pop("preset", None)
-        from moray.platform.config import from_dict
-
-        return preset(base, **data) if base else from_dict(ModelConfig, data)
-    config_file = path / "config.json" if path.is_dir() else path
-    if not config_file.is_file():
-        raise SystemExit(
-            f"moray: {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json"
-        )
-    return ModelConfig.from_hf_dict(json.loads(config_file.read_text()))
+    return load_model_config(name_or_path)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -137,7 +137,9 @@ class Engine:
         self.scheduler = Scheduler(
             self.pool, self.config.max_num_seqs, self.config.max_num_batched_tokens, self.config.prefill_chunk
         )
-        self.eos = model.config.eos_token_id
+        # End of sequence: the model config's eos and the tokenizer's stop ids (generation_config.json)
+        eos = [model.config.eos_token_id] if model.config.eos_token_id is not None else []
+        self.stop_ids = frozenset(eos + list(getattr(tokenizer, "stop_token_ids", ())))
         self.max_context = model.config.max_position_embeddings
         self.max_prompt_chars = self._max_prompt_chars()
         self.metrics = metrics
@@ -284,7 +286,7 @@ class Engine:
             if r.params.logprobs is not None:
                 lp = [self._logprob(logits[j], tok, r.params.logprobs)]
             reason = None
-            if (tok == self.eos and not r.params.ignore_eos) or tok in r.params.stop_token_ids:
+            if (tok in self.stop_ids and not r.params.ignore_eos) or tok in r.params.stop_token_ids:
                 reason = "stop"
             elif len(r.output_ids) >= r.params.max_tokens or r.num_tokens >= self.max_context:
                 reason = "length"

@@ -10,40 +10,32 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from moray.model import ModelConfig, preset
-from moray.platform.config import ConfigError
+from moray.model import ModelConfig
+from moray.platform.config import ConfigError, ModelSpec
 from moray.platform.data_contract import ContractError, Manifest, count_rows, read_manifest
 from moray.platform.parallel import ParallelLayout
 
 
-@dataclass
-class ModelSection:
-    preset: str = "tiny"
-    overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields
+# Model fields that have one home elsewhere: the parallel layout, the train section.
+SET_ELSEWHERE = {"capacity_factor": "train.capacity_factor", "ep_size": "parallel.ep"}
 
-    # Fields that have one home elsewhere: the data contract, the parallel layout, the train section.
-    FROM_MANIFEST = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
-    ELSEWHERE = {"capacity_factor": "train.capacity_factor", "ep_size": "parallel.ep"}
 
-    def build(self, manifest: Manifest, capacity_factor: float | None) -> ModelConfig:
-        """The preset with the overrides, the tokenizer's vocabulary size and special-token ids from
-        the manifest (an override that disagrees is refused, naming both values), and the initial
-        capacity factor from the train section."""
-        for name, home in self.ELSEWHERE.items():
-            if name in self.overrides:
-                raise ConfigError(f"model.overrides.{name}: set it as {home} (one place for each setting)")
-        contract = {"vocab_size": manifest.vocab_size, **manifest.special_tokens.model_fields()}
-        for name, want in contract.items():
-            got = self.overrides.get(name, want)
-            if got != want:
-                raise ConfigError(
-                    f"model.overrides.{name}={got!r} conflicts with the curated data's {name}={want} "
-                    "(manifest.json and tokenizer.json); drop the override"
-                )
-        try:
-            return preset(self.preset, **{**self.overrides, **contract, "capacity_factor": capacity_factor})
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"model: {e}") from None
+def build_model_config(spec: ModelSpec, manifest: Manifest, capacity_factor: float | None) -> ModelConfig:
+    """The preset with the overrides, the tokenizer's vocabulary size and special-token ids from
+    the manifest (an override that disagrees is refused, naming both values), and the initial
+    capacity factor from the train section."""
+    for name, home in SET_ELSEWHERE.items():
+        if name in spec.overrides:
+            raise ConfigError(f"model.overrides.{name}: set it as {home} (one place for each setting)")
+    contract = {"vocab_size": manifest.vocab_size, **manifest.special_tokens.model_fields()}
+    for name, want in contract.items():
+        got = spec.overrides.get(name, want)
+        if got != want:
+            raise ConfigError(
+                f"model.overrides.{name}={got!r} conflicts with the curated data's {name}={want} "
+                "(manifest.json and tokenizer.json); drop the override"
+            )
+    return spec.build(**contract, capacity_factor=capacity_factor)
 
 
 @dataclass
@@ -185,7 +177,7 @@ class RunSection:
 
 @dataclass
 class PretrainConfig:
-    model: ModelSection = field(default_factory=ModelSection)
+    model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     scaling: ScalingSection = field(default_factory=ScalingSection)
@@ -210,7 +202,7 @@ def validate(cfg: PretrainConfig) -> Plan:
         manifest = read_manifest(cfg.data.path)
     except ContractError as e:
         raise ConfigError(f"data.path={cfg.data.path!r}: {e}") from None
-    model_config = cfg.model.build(manifest, cfg.train.capacity_factor)
+    model_config = build_model_config(cfg.model, manifest, cfg.train.capacity_factor)
     if manifest.seq_len > model_config.max_position_embeddings:
         raise ConfigError(
             f"data: seq_len {manifest.seq_len} exceeds model max_position_embeddings "
