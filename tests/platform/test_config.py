@@ -2,8 +2,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from moray.platform.config import ConfigError
-from moray.platform.config import apply_overrides, from_dict
+from moray.platform.config import ConfigError, apply_overrides, from_dict
 
 
 @dataclass

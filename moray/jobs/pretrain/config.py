@@ -8,13 +8,11 @@ the world size and the model, the dataset and tokenizer on disk, the values' ran
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from moray.model import ModelConfig
 from moray.platform.config import ConfigError, ModelSpec
 from moray.platform.data_contract import ContractError, Manifest, count_rows, read_manifest
 from moray.platform.parallel import ParallelLayout
-
 
 # Model fields that have one home elsewhere: the parallel layout, the train section.
 SET_ELSEWHERE = {"capacity_factor": "train.capacity_factor", "ep_size": "parallel.ep"}
