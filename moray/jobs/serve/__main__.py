@@ -50,6 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-mb", type=_int_in(1), default=64, help="paged latent cache per replica, MiB")
     p.add_argument("--max-request-mb", type=_int_in(1), default=8, help="larger request bodies get a 413")
     p.add_argument("--int8", action="store_true", help="int8 weight-only quantization")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: one GPU per replica, bf16")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for models:/ (default: moray's)")
     return p
 
@@ -64,6 +65,7 @@ def settings_from_args(args: argparse.Namespace):
         "api_keys": list(args.api_key),
         "api_key_file": args.api_key_file,
         "max_request_bytes": args.max_request_mb << 20,
+        "device": args.device,
         "engine": {"kv_cache_bytes": args.kv_cache_mb << 20, "quantize_int8": args.int8},
     }
     if args.name:
@@ -97,7 +99,9 @@ def run(args: argparse.Namespace, blocking: bool = True, settings=None):
         gRPCOptions(port=args.grpc_port, grpc_servicer_functions=[GRPC_SERVICER]) if args.grpc_port else None
     )
     serve.start(http_options={"host": args.host, "port": args.port}, grpc_options=grpc)
-    app = MorayServer.options(num_replicas=args.replicas).bind(settings)
+    app = MorayServer.options(num_replicas=args.replicas, ray_actor_options=settings.actor_options()).bind(
+        settings
+    )
     print(f"moray: serving {settings.name()!r} at http://{args.host}:{args.port}/v1", flush=True)
     keys = len(settings.api_keys)
     print(

@@ -16,6 +16,7 @@ from ray import serve
 
 from moray.actors.engine import EngineConfig
 from moray.platform.config import from_dict
+from moray.platform.parallel import ParallelLayout
 
 GRPC_SERVICER = "moray.jobs.serve.proto.moray_pb2_grpc.add_MorayGenerateServicer_to_server"
 API_KEYS_ENV = "MORAY_API_KEYS"  # comma-separated keys, read where the server runs
@@ -35,6 +36,7 @@ class ServeSettings:
     tracking_uri: str | None = None  # MLflow, for models:/ URIs (default: moray's)
     torch_threads: int = 0  # 0: torch's default
     max_request_bytes: int = 8 << 20  # a larger body is refused (413) before it is read
+    device: str = "cpu"  # "cuda": the replica takes a GPU, bf16 weights (see ParallelLayout)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -48,6 +50,16 @@ class ServeSettings:
             raise ValueError(f"torch_threads={self.torch_threads}: must be >= 0")
         if self.max_request_bytes < 1:
             raise ValueError(f"max_request_bytes={self.max_request_bytes}: must be positive")
+        ParallelLayout(device_type=self.device)  # refuses an unknown device, naming it
+
+    @property
+    def layout(self) -> ParallelLayout:
+        """One replica's layout (the same object pre-training reads): device and precision."""
+        return ParallelLayout(device_type=self.device)
+
+    def actor_options(self) -> dict:
+        """What a replica asks Ray for: a CPU, and a GPU when it serves on one."""
+        return {"num_cpus": 1, **({"num_gpus": 1} if self.device == "cuda" else {})}
 
     def all_api_keys(self) -> list[str]:
         """api_keys, the lines of api_key_file and the comma-separated $MORAY_API_KEYS, in that order.
@@ -88,7 +100,10 @@ class MorayServer:
         self.metrics = EngineMetrics(s.name())
 
         def build_engine() -> Engine:
-            model, tok, _ = load_for_serving(s.model, s.tracking_uri)
+            layout = s.layout
+            model, tok, _ = load_for_serving(
+                s.model, s.tracking_uri, dtype=layout.compute_dtype, device=layout.device_type
+            )
             return Engine(model, tok, s.engine, metrics=self.metrics)
 
         self.engine = AsyncEngine(build_engine)  # loads the model on the engine's thread (see there)
@@ -173,4 +188,5 @@ class MorayServer:
 def build_app(args: dict) -> serve.Application:
     """The application builder (`import_path: moray.jobs.serve.app:build_app` with `args`).
     Deployment options (replicas, resources) come from the config file's `deployments` section."""
-    return MorayServer.bind(from_dict(ServeSettings, dict(args)))
+    settings = from_dict(ServeSettings, dict(args))
+    return MorayServer.options(ray_actor_options=settings.actor_options()).bind(settings)

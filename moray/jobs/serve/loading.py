@@ -77,7 +77,13 @@ def check_model_source(uri: str, tracking: str | None = None) -> None:
         ) from None
 
 
-def load_for_serving(uri: str, tracking: str | None = None, dtype=None, cache_dir: str | Path | None = None):
+def load_for_serving(
+    uri: str,
+    tracking: str | None = None,
+    dtype=None,
+    cache_dir: str | Path | None = None,
+    device: str = "cpu",
+):
     """(model, tokenizer or None, local dir)."""
     import torch
 
@@ -85,7 +91,7 @@ def load_for_serving(uri: str, tracking: str | None = None, dtype=None, cache_di
     from moray.model import load_pretrained
 
     path = resolve_model(uri, tracking, cache_dir)
-    model = load_pretrained(path, dtype=dtype or torch.float32).eval()
+    model = load_pretrained(path, dtype=dtype or torch.float32, device=device).eval()
     tok = None
     if (path / "tokenizer.json").is_file():
         tok = Tokenizer.from_dir(path, eos_token_id=model.config.eos_token_id)

@@ -101,3 +101,15 @@ def test_grafana_dashboard_queries_only_metrics_the_engine_exports():
         for target in panel["targets"]:
             queried |= set(re.findall(r"ray_(moray_[a-z_]+?)(?:_bucket)?\{", target["expr"]))
     assert queried == defined
+
+
+def test_the_replica_takes_its_device_and_precision_from_the_parallel_layout():
+    import torch
+
+    cpu = from_dict(ServeSettings, {"model": "x"})
+    assert cpu.layout.device_type == "cpu" and cpu.layout.compute_dtype == torch.float32
+    assert cpu.actor_options() == {"num_cpus": 1}
+    gpu = from_dict(ServeSettings, {"model": "x", "device": "cuda"})
+    assert gpu.layout.compute_dtype == torch.bfloat16 and gpu.actor_options()["num_gpus"] == 1
+    with pytest.raises(ConfigError, match="device_type='tpu'"):
+        from_dict(ServeSettings, {"model": "x", "device": "tpu"})
