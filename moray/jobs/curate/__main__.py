@@ -25,7 +25,7 @@ def _source(spec: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from moray.jobs.curate.pipeline import load_config, run
+    from moray.jobs.curate.pipeline import EmptyCurationError, load_config, run
     from moray.platform.config import load_yaml
 
     p = argparse.ArgumentParser(
@@ -47,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(data=data, overrides=overrides)
     else:
         cfg = load_config(args.config or "configs/curate/default.yaml", overrides)
-    manifest = run(cfg)
+    try:
+        manifest = run(cfg)
+    except EmptyCurationError as e:  # a result, not a crash: the ledger and report are written
+        print(f"moray curate: {e}", file=sys.stderr)
+        return 1
     print(json.dumps({"output": cfg.output, "counts": manifest["counts"]["all"],
                       "train_sequences": manifest["splits"]["train"]["sequences"],
                       "val_sequences": manifest["splits"]["val"]["sequences"],

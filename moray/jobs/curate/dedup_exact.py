@@ -102,3 +102,24 @@ def clusters(edges, sizes: dict[str, int]) -> dict[str, str]:
             if m != survivor:
                 dup_of[m] = survivor
     return dup_of
+
+
+def mark_duplicates(df, dups: dict[str, tuple[str, str]], stage: str):
+    """map_batches body: {uid: (survivor uid, reason)} -> those kept rows become duplicates."""
+    for i, uid in enumerate(df["uid"]):
+        if uid in dups and df.at[i, "outcome"] == "kept":
+            survivor, reason = dups[uid]
+            df.at[i, "outcome"], df.at[i, "reason"], df.at[i, "stage"], df.at[i, "dup_of"] = (
+                "duplicate", reason, stage, survivor,
+            )  # fmt: skip
+    return df
+
+
+def cluster_summary(dup_of: dict[str, str], reason: str, doc_ids: dict[str, str]) -> list[dict]:
+    """The report's view of clusters: survivor, size and a few members, by doc_id, largest first."""
+    groups: dict[str, list[str]] = {}
+    for dup, survivor in dup_of.items():
+        groups.setdefault(survivor, []).append(dup)
+    out = [{"survivor": doc_ids.get(s, s), "size": len(m) + 1, "reason": reason,
+            "members": [doc_ids.get(x, x) for x in sorted(m)[:5]]} for s, m in groups.items()]  # fmt: skip
+    return sorted(out, key=lambda c: (-c["size"], c["survivor"]))

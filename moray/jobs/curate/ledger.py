@@ -49,13 +49,14 @@ def build(table: pa.Table) -> pa.Table:
 
 
 def counts(ledger: pa.Table) -> dict[str, dict[str, int]]:
-    """{domain: {input, kept, filtered, duplicate, quarantined}} plus an "all" row."""
+    """{domain: {input, kept, filtered, duplicate, quarantined}} plus an "all" row (always there)."""
     out: dict[str, dict[str, int]] = {}
     for domain, outcome in zip(ledger.column("domain").to_pylist(), ledger.column("outcome").to_pylist()):
         for key in (domain, "all"):
             c = out.setdefault(key, {"input": 0, **{o: 0 for o in OUTCOMES}})
             c["input"] += 1
             c[outcome] = c.get(outcome, 0) + 1
+    out["all"] = out.pop("all", {"input": 0, **{o: 0 for o in OUTCOMES}})  # last, and there when empty
     return out
 
 

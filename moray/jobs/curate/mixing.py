@@ -3,7 +3,7 @@
 Targets are renormalized over the domains present. The token budget is the largest one every
 domain can meet without repeating a document more than `max_upsample` times (or `total_tokens`
 when set, in which case the cap may bind and the achieved mix shows it). A domain at ratio
-r = target / available is laid out ceil(r) times in seeded random orders and packing keeps
+r = target / available is laid out ceil(r) times in random orders (seeded by `pack.seed`) and packing keeps
 r / ceil(r) of its windows (pack.pack): sampling at sequence granularity meets the mix even when
 one document is a whole book. The plan is made twice: on estimates (bytes / 4) before the
 tokenizer exists, and on real token counts when packing; the manifest reports the achieved mix.
@@ -31,7 +31,6 @@ class MixConfig:
     max_upsample: float = 4.0
     total_tokens: int | None = None
     bytes_per_token: float = 4.0
-    seed: int = 0
 
     def __post_init__(self):
         bad = {k: v for k, v in self.targets.items() if not isinstance(v, int | float) or v < 0}
@@ -66,3 +65,24 @@ def copies(docs: list[tuple[str, str, float]], cfg: MixConfig) -> tuple[dict[str
         available[d] = available.get(d, 0.0) + t
     p = plan(available, cfg)
     return {uid: math.ceil(p[d]["ratio"]) for uid, d, _ in docs}, p
+
+
+# -- the stage (Ray Data) -------------------------------------------------------------------------
+
+
+def apply_copies(df, copies: dict[str, int]):
+    """map_batches body: each row's number of mix passes (0: not in the mix)."""
+    df["copies"] = [copies.get(u, 0) for u in df["uid"]]
+    return df
+
+
+def stage(ds, cfg: MixConfig):
+    """Rows -> rows with `copies` set from the plan made on estimated tokens (characters / bytes_per_token)."""
+    from moray.jobs.curate.rows import columns, kept
+
+    meta = kept(columns(ds, ["uid", "domain", "outcome", "n_chars"]))
+    docs = [(u, d, n / cfg.bytes_per_token) for u, d, n in zip(meta["uid"], meta["domain"], meta["n_chars"])]
+    passes, mix_plan = copies(docs, cfg) if cfg.enabled else ({u: 1 for u, _, _ in docs}, {})
+    return ds.map_batches(apply_copies, fn_kwargs={"copies": passes}, batch_format="pandas"), {
+        "plan": mix_plan
+    }

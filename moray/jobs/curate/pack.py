@@ -5,7 +5,7 @@ side and validation never sees training text. Per split and domain, documents (w
 copies) are laid out in a seeded random order, concatenated with EOS after each and cut into
 windows of seq_len + 1 (inputs = w[:-1], labels = w[1:]); the last partial window is dropped and
 counted. Every sequence holds one domain. The sequences of a split are shuffled (seeded) and
-written as Parquet shards with columns `input_ids: list<int32>` and `domain: string`.
+written as Parquet shards in the data contract's schema (`data_contract.packed_table`).
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
+from moray.jobs.curate.mixing import MixConfig, plan
+from moray.platform.data_contract import packed_table, special_tokens_of
 from moray.platform.files import sha256_file
 
 _TOKENIZERS: dict[str, object] = {}
@@ -103,24 +104,54 @@ def pack(
 def write_shards(
     out_dir: Path, split: str, seqs: np.ndarray, domains: list[str], cfg: PackConfig
 ) -> list[dict]:
+    """One split's sequences -> `<out>/<split>/<split>-NNNNN.parquet` in the data contract's schema.
+    A split without sequences still gets one (empty) shard: the output then says "0 sequences"
+    rather than lacking the split."""
     d = out_dir / split
     d.mkdir(parents=True, exist_ok=True)
     for old in d.glob("*.parquet"):
         old.unlink()
-    width = cfg.seq_len + 1
     shards = []
     for k, start in enumerate(range(0, max(len(seqs), 1), cfg.rows_per_shard)):
         part = seqs[start : start + cfg.rows_per_shard]
-        if len(part) == 0:
-            break
-        values = pa.array(part.reshape(-1), type=pa.int32())
-        offsets = pa.array(np.arange(0, len(part) * width + 1, width, dtype=np.int32))
-        table = pa.table({
-            "input_ids": pa.ListArray.from_arrays(offsets, values),
-            "domain": pa.array(domains[start : start + cfg.rows_per_shard], type=pa.string()),
-        })  # fmt: skip
         path = d / f"{split}-{k:05d}.parquet"
-        pq.write_table(table, path)
+        pq.write_table(packed_table(part, domains[start : start + cfg.rows_per_shard]), path)
         shards.append({"path": f"{split}/{path.name}", "rows": len(part), "tokens": int(part.size),
                        "bytes": path.stat().st_size, "sha256": sha256_file(path)})  # fmt: skip
     return shards
+
+
+def stage(
+    ds, tokenizer_path: Path, cfg: PackConfig, mix: MixConfig, out_dir: Path
+) -> tuple[dict, list[Path]]:
+    """The kept documents in the mix -> tokenized -> packed -> train/val shards. The mix is planned
+    again on real token counts. Returns (report data, the shard files)."""
+    from tokenizers import Tokenizer
+
+    tokenizer_json = Path(tokenizer_path).read_text()
+    in_mix = ds.map_batches(
+        lambda df: df[(df["outcome"] == "kept") & (df["copies"] > 0)], batch_format="pandas"
+    )
+    toks = in_mix.select_columns(["uid", "domain", "text", "copies"]).map_batches(
+        tokenize_batch, fn_kwargs={"tokenizer_json": tokenizer_json}, batch_format="numpy", batch_size=128
+    )
+    docs = []
+    for b in toks.iter_batches(batch_format="numpy", batch_size=1024):
+        docs += list(zip(b["uid"], b["domain"], b["ids"]))
+    tok = Tokenizer.from_str(tokenizer_json)
+    special = special_tokens_of(tok)
+    available: dict[str, float] = {}
+    for _, d, ids in docs:
+        available[d] = available.get(d, 0.0) + len(ids) + 1
+    mix_plan = plan(available, mix) if mix.enabled else {}
+    ratios = {d: p["ratio"] for d, p in mix_plan.items()} if mix_plan else {d: 1.0 for d in available}
+    packed = pack(docs, cfg, special.eos, ratios)
+    splits, files = {}, []
+    for split, o in packed.items():
+        shards = write_shards(out_dir, split, o["seqs"], o["domains"], cfg)
+        files += [out_dir / s["path"] for s in shards]
+        splits[split] = {"sequences": int(len(o["seqs"])), "tokens": int(o["seqs"].size), "shards": shards,
+                         "tokens_per_domain": o["tokens"], "dropped_tail_tokens": o["dropped_tokens"]}  # fmt: skip
+    extra = {"splits": splits, "special_tokens": special.as_dict(), "vocab_size": tok.get_vocab_size(),
+             "documents": len(docs), "doc_tokens": int(sum(len(d[2]) for d in docs)), "mix_tokens": mix_plan}  # fmt: skip
+    return extra, files

@@ -77,18 +77,6 @@ class BigramLM:
         return math.exp(-logp / (len(ws) - 1))
 
 
-def reference_slice(texts: list[str], cfg: PerplexityConfig) -> list[str]:
-    """A seeded sample of documents up to reference_chars."""
-    order = np.random.default_rng(cfg.seed).permutation(len(texts))
-    out, size = [], 0
-    for i in order:
-        if size >= cfg.reference_chars:
-            break
-        out.append(texts[i][: cfg.max_chars])
-        size += len(out[-1])
-    return out
-
-
 def buckets(ppl_by_domain: dict[str, list[float]], cfg: PerplexityConfig) -> dict[str, dict]:
     """Per domain: the percentile thresholds (head|middle cut, middle|tail cut, drop-above)."""
     out = {}
@@ -122,3 +110,53 @@ def check(domain: str, ppl: float, thresholds: dict, cfg: PerplexityConfig) -> t
     if not math.isfinite(ppl) or ppl > t["drop_above"]:
         return b, f"perplexity:>p{cfg.drop_above_percentile:g}"
     return b, ""
+
+
+# -- the stage (Ray Data) -------------------------------------------------------------------------
+
+
+def score_batch(df, lm: BigramLM, domains: list[str], max_chars: int):
+    """map_batches body: the perplexity of each kept document of the scored domains (NaN otherwise)."""
+    mask = (df["outcome"] == "kept") & df["domain"].isin(domains)
+    df["ppl"] = [lm.perplexity(t[:max_chars]) if m else float("nan") for t, m in zip(df["text"], mask)]
+    return df
+
+
+def apply_thresholds(df, thresholds: dict, cfg: PerplexityConfig):
+    """map_batches body: bucket every scored document, filter the dropped buckets."""
+    for i in np.flatnonzero(((df["outcome"] == "kept") & df["domain"].isin(list(thresholds))).to_numpy()):
+        bucket, reason = check(df.at[i, "domain"], df.at[i, "ppl"], thresholds, cfg)
+        df.at[i, "bucket"] = bucket
+        if reason:
+            df.at[i, "outcome"], df.at[i, "reason"], df.at[i, "stage"] = "filtered", reason, "perplexity"
+    return df
+
+
+def stage(ds, cfg: PerplexityConfig):
+    """Rows -> rows with `ppl` and `bucket` set and the dropped buckets filtered; the proxy LM is
+    trained on a seeded slice of the kept documents of `cfg.domains`."""
+    from moray.jobs.curate.rows import columns, kept, sample_key
+
+    if not cfg.enabled:
+        return ds, {}
+    meta = kept(columns(ds, ["uid", "domain", "outcome", "n_chars"]), cfg.domains).copy()
+    meta["h"] = [sample_key(u, cfg.seed) for u in meta["uid"]]
+    meta = meta.sort_values("h")
+    ref = set(meta["uid"][np.cumsum(meta["n_chars"].clip(upper=cfg.max_chars)) <= cfg.reference_chars])
+    if not ref and len(meta):
+        ref = {meta["uid"].iloc[0]}
+    if not ref:  # nothing to score: no kept document in these domains
+        return ds, {"thresholds": {}, "reference_docs": 0}
+    texts = [
+        t[: cfg.max_chars]
+        for t in ds.filter(lambda r: r["uid"] in ref).select_columns(["text"]).to_pandas()["text"]
+    ]
+    lm = BigramLM.train(texts, cfg.discount)
+    scored = ds.map_batches(score_batch, fn_kwargs={"lm": lm, "domains": cfg.domains, "max_chars": cfg.max_chars},
+                            batch_format="pandas").materialize()  # fmt: skip
+    m = kept(columns(scored, ["domain", "outcome", "ppl"]), cfg.domains)
+    thresholds = buckets({d: g["ppl"].tolist() for d, g in m.groupby("domain")}, cfg)
+    out = scored.map_batches(
+        apply_thresholds, fn_kwargs={"thresholds": thresholds, "cfg": cfg}, batch_format="pandas"
+    )
+    return out, {"thresholds": thresholds, "reference_docs": len(texts)}

@@ -1,57 +1,73 @@
 """The curation job: sources -> packed token shards, tokenizer, ledger, quarantine, manifest, report.
 
-Stages run on Ray Data and each writes its rows to `<out>/_stages/<name>/` with a fingerprint of
-the config that produced it (and of the stage before); a re-run with the same config skips the
-stages already done. Every stage keeps all rows and only changes their `outcome`, so the last
-stage holds exactly one row per input record: that is the ledger.
+Orchestration only: each stage's work lives in its module, and every stage runs through one
+stage cache (cache.StageCache), so a re-run with the same config and inputs skips what is done.
+Every stage keeps all rows and only changes their `outcome`, so the last stage holds exactly one
+row per input record: that is the ledger.
 
     prepare     read (one task per file) -> normalize -> quarantine bad records -> langid -> quality
-    perplexity  bigram proxy LM on a reference slice -> per-domain head/middle/tail, drop tail cut
+    quarantine  the quarantined records with their raw bytes -> <out>/quarantine/
+    perplexity  bigram proxy LM on a seeded reference slice -> per-domain head/middle/tail, drop tail cut
     dedup       exact (normalized text) -> code (normalized Python) -> MinHash-LSH near duplicates
-                (every key in one pass and one shuffle; the cascade is resolved on the driver)
     semdedup    MiniLM embeddings in an actor pool -> k-means -> cosine >= 1 - eps
     mix         copies per document for the target token shares
-    tokenizer   byte-level BPE on a sample of the mix
-    pack        tokenize -> seq_len + 1 windows -> train/val Parquet shards -> manifest.json
+    tokenizer   byte-level BPE on a seeded sample of the mix -> <out>/tokenizer.json
+    pack        tokenize -> seq_len + 1 windows -> <out>/train, <out>/val Parquet shards
+
+Then the ledger is checked (every record accounted for), and the manifest (the data contract's
+`Manifest`), the report and the MLflow run are written. Seeds come from the config sections
+(perplexity.seed, semdedup.seed, tokenizer.seed, pack.seed).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from moray.jobs.curate import (
     code_norm,
+    dedup,
     dedup_exact,
     langid,
     minhash,
     mixing,
     pack,
     perplexity,
+    prepare,
     quality,
+    quarantine,
     semdedup,
 )
 from moray.jobs.curate import ledger as ledger_mod
 from moray.jobs.curate import tokenizer as tok_mod
-from moray.jobs.curate.normalize import NormalizeConfig, normalize_row
-from moray.jobs.curate.readers import SourceConfig, discover, read_task
-from moray.platform.config import ConfigError
-from moray.platform.config import apply_overrides, from_dict, load_yaml
+from moray.jobs.curate.cache import StageCache
+from moray.jobs.curate.normalize import NormalizeConfig
+from moray.jobs.curate.readers import SourceConfig
+from moray.jobs.curate.rows import ROW_SCHEMA, columns
+from moray.platform.config import ConfigError, apply_overrides, from_dict, load_yaml
+from moray.platform.data_contract import (
+    MANIFEST_FILE,
+    TOKENIZER_FILE,
+    Manifest,
+    SpecialTokens,
+    write_manifest,
+)
 
-STAGES = ["read", "normalize", "langid", "quality", "perplexity", "dedup", "semdedup"]
+# the ledger's stages, in the order they decide outcomes (the report's funnel)
+FUNNEL = ["read", "normalize", "langid", "quality", "perplexity", "dedup", "semdedup"]
 REPO_ROOT = Path(__file__).resolve().parents[3]
-COLUMNS = ["uid", "doc_id", "source", "domain", "format", "lang", "lang_pred", "lang_score", "text", "raw",
-           "outcome", "reason", "stage", "n_chars", "ppl", "bucket", "dup_of", "copies"]  # fmt: skip
+LEDGER_SOURCE = ["uid", "doc_id", "source", "domain", "outcome", "reason", "stage", "dup_of", "copies", "n_chars",
+                 "ppl", "lang_pred", "lang", "blank_lines"]  # fmt: skip
+
+
+class EmptyCurationError(RuntimeError):
+    """Curation ran to the end but left nothing to train on; the ledger and report say why."""
 
 
 @dataclass
@@ -101,431 +117,182 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, dat
     return cfg
 
 
-# -- row-level work (runs inside Ray Data tasks) ----------------------------------------------------
-
-
-def prepare_batch(df: pd.DataFrame, cfg: CurateConfig) -> pd.DataFrame:
-    rows = []
-    for row in df.to_dict("records"):
-        row.update(lang_pred="", lang_score=0.0, outcome="kept", reason="", stage="", ppl=float("nan"), bucket="",
-                   dup_of="", copies=0)  # fmt: skip
-        if row["error"]:
-            row.update(outcome="quarantined", reason=row["error"], stage="read")
-        else:
-            row = normalize_row(row, cfg.normalize)
-            if row["error"]:
-                row.update(outcome="quarantined", reason=row["error"], stage="normalize")
-        if row["outcome"] == "kept":
-            row["raw"] = b""  # raw bytes are only kept for quarantine
-            if cfg.langid.enabled:
-                row["lang_pred"], row["lang_score"] = langid.predict(row["text"], cfg.langid)
-                reason = langid.check(row["domain"], row["lang_pred"], row["lang_score"], cfg.langid)
-                if reason:
-                    row.update(outcome="filtered", reason=reason, stage="langid")
-        if row["outcome"] == "kept":
-            reason, text = quality.apply_filters(row["text"], row["domain"], cfg.quality)
-            row["text"] = text
-            if reason:
-                row.update(outcome="filtered", reason=reason, stage="quality")
-        row["n_chars"] = len(row["text"])
-        rows.append(row)
-    return pd.DataFrame(rows, columns=COLUMNS)
-
-
-def _score_batch(df: pd.DataFrame, lm, domains: list[str], max_chars: int) -> pd.DataFrame:
-    mask = (df["outcome"] == "kept") & df["domain"].isin(domains)
-    df["ppl"] = [lm.perplexity(t[:max_chars]) if m else float("nan") for t, m in zip(df["text"], mask)]
-    return df
-
-
-def _apply_ppl(df: pd.DataFrame, thresholds: dict, cfg) -> pd.DataFrame:
-    for i in np.flatnonzero(((df["outcome"] == "kept") & df["domain"].isin(list(thresholds))).to_numpy()):
-        bucket, reason = perplexity.check(df.at[i, "domain"], df.at[i, "ppl"], thresholds, cfg)
-        df.at[i, "bucket"] = bucket
-        if reason:
-            df.at[i, "outcome"], df.at[i, "reason"], df.at[i, "stage"] = "filtered", reason, "perplexity"
-    return df
-
-
-def _apply_dups(df: pd.DataFrame, dups: dict, stage: str) -> pd.DataFrame:
-    for i, uid in enumerate(df["uid"]):
-        if uid in dups and df.at[i, "outcome"] == "kept":
-            survivor, reason = dups[uid]
-            df.at[i, "outcome"], df.at[i, "reason"], df.at[i, "stage"], df.at[i, "dup_of"] = (
-                "duplicate", reason, stage, survivor,
-            )  # fmt: skip
-    return df
-
-
-def _apply_copies(df: pd.DataFrame, copies: dict) -> pd.DataFrame:
-    df["copies"] = [copies.get(u, 0) for u in df["uid"]]
-    return df
-
-
-def _dedup_keys(df: pd.DataFrame, cfg: CurateConfig, kinds: list[str]) -> pd.DataFrame:
-    """Kept rows -> one (key, uid) row per dedup key, prefixed by kind: `e` the exact key, `c` the
-    normalized-code key (code domain, Python), `n` one MinHash-LSH band key per band."""
-    keys: list[str] = []
-    uids: list[str] = []
-    if "e" in kinds:
-        keys += ["e" + dedup_exact.exact_key(t, cfg.exact.lowercase) for t in df["text"]]
-        uids += df["uid"].tolist()
-    if "c" in kinds:
-        for uid, text, domain, lang in zip(df["uid"], df["text"], df["domain"], df["lang"]):
-            k = code_norm.code_key(text, lang, cfg.code_norm) if domain == "code" else None
-            if k is not None:
-                keys.append("c" + k)
-                uids.append(uid)
-    if "n" in kinds:
-        keys += [
-            f"n{k:x}" for k in minhash.texts_band_keys(df["text"].tolist(), cfg.minhash).ravel().tolist()
-        ]
-        uids += np.repeat(df["uid"].to_numpy(dtype=object), cfg.minhash.num_bands).tolist()
-    return pd.DataFrame({"key": keys, "uid": uids}, columns=["key", "uid"])
-
-
-def _kept(df: pd.DataFrame, domains: list[str] | None = None) -> pd.DataFrame:
-    mask = df["outcome"] == "kept"
-    if domains is not None:
-        mask &= df["domain"].isin(domains)
-    return df[mask]
-
-
-def _sample_uid(uid: str, seed: int) -> float:
-    return int.from_bytes(hashlib.blake2b(f"{seed}:{uid}".encode(), digest_size=8).digest(), "little") / 2**64
-
-
-# -- the job ----------------------------------------------------------------------------------------
-
-
 class Curation:
+    """The stages in order, each through the stage cache; `run` adds the ledger, manifest and report."""
+
     def __init__(self, cfg: CurateConfig):
         self.cfg = cfg
         self.out = Path(cfg.output)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.fingerprint = ""
-        self.extras: dict = {}
-        self.timings: dict[str, float] = {}
-        self.skipped: list[str] = []
+        self.cache = StageCache(self.out, ROW_SCHEMA, cfg.resume)
 
-    # Each stage: fingerprint = hash(previous fingerprint + this stage's config).
-    def _stage(self, name: str, section, build):
-        import ray.data
-
-        conf = json.dumps([dataclasses.asdict(s) if dataclasses.is_dataclass(s) else s for s in section],
-                          sort_keys=True, default=str)  # fmt: skip
-        self.fingerprint = hashlib.sha256((self.fingerprint + name + conf).encode()).hexdigest()[:16]
-        d = self.out / "_stages" / name
-        marker = d / "_DONE.json"
-        if self.cfg.resume and marker.exists():
-            info = json.loads(marker.read_text())
-            if info.get("fingerprint") == self.fingerprint:
-                self.extras[name] = info.get("extra", {})
-                self.skipped.append(name)
-                print(f"[curate] {name}: already done for this config, skipped")
-                return ray.data.read_parquet(str(d))
-        t0 = time.perf_counter()
-        shutil.rmtree(d, ignore_errors=True)
-        ds, extra = build()
-        ds.write_parquet(str(d))
-        self.extras[name] = extra
-        self.timings[name] = time.perf_counter() - t0
-        marker.write_text(json.dumps({"fingerprint": self.fingerprint, "extra": extra}, default=str))
-        print(f"[curate] {name}: done in {self.timings[name]:.1f}s")
-        return ray.data.read_parquet(str(d))
+    @property
+    def timings(self) -> dict[str, float]:
+        return self.cache.timings
 
     def prepare(self):
-        import ray.data
-
-        def build():
-            tasks, skipped = [], []
-            for src in self.cfg.sources:
-                t, s = discover(src)
-                tasks += t
-                skipped += s
-            ds = ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks))).flat_map(read_task)
-            ds = ds.map_batches(
-                prepare_batch, fn_kwargs={"cfg": self.cfg}, batch_format="pandas", batch_size=256
-            )
-            return ds, {"files": len(tasks), "skipped_files": skipped}
-
-        return self._stage(
-            "prepare", [self.cfg.sources, self.cfg.normalize, self.cfg.langid, self.cfg.quality], build
+        c = self.cfg
+        tasks, skipped = prepare.discover_all(c.sources)
+        # the inputs' sizes and times are part of the fingerprint: a changed file re-runs curation
+        return self.cache.dataset(
+            "prepare",
+            [c.sources, c.normalize, c.langid, c.quality, tasks],
+            lambda: (
+                prepare.stage(tasks, c.normalize, c.langid, c.quality),
+                {"files": len(tasks), "skipped_files": skipped},
+            ),  # fmt: skip
         )
+
+    def quarantine(self, ds) -> dict:
+        return self.cache.files("quarantine", [], lambda: quarantine.stage(ds, self.out))
 
     def perplexity(self, ds):
-        c = self.cfg.perplexity
-
-        def build():
-            if not c.enabled:
-                return ds, {}
-            meta = ds.select_columns(["uid", "domain", "outcome", "n_chars"]).to_pandas()
-            meta = _kept(meta, c.domains).copy()
-            meta["h"] = [_sample_uid(u, c.seed) for u in meta["uid"]]
-            meta = meta.sort_values("h")
-            ref = set(meta["uid"][np.cumsum(meta["n_chars"].clip(upper=c.max_chars)) <= c.reference_chars])
-            if not ref and len(meta):
-                ref = {meta["uid"].iloc[0]}
-            texts = [
-                t[: c.max_chars]
-                for t in ds.filter(lambda r: r["uid"] in ref).select_columns(["text"]).to_pandas()["text"]
-            ]
-            lm = perplexity.BigramLM.train(texts, c.discount)
-            scored = ds.map_batches(_score_batch, fn_kwargs={"lm": lm, "domains": c.domains, "max_chars": c.max_chars},
-                                    batch_format="pandas").materialize()  # fmt: skip
-            m = _kept(scored.select_columns(["domain", "outcome", "ppl"]).to_pandas(), c.domains)
-            thresholds = perplexity.buckets({d: g["ppl"].tolist() for d, g in m.groupby("domain")}, c)
-            out = scored.map_batches(
-                _apply_ppl, fn_kwargs={"thresholds": thresholds, "cfg": c}, batch_format="pandas"
-            )
-            return out, {"thresholds": thresholds, "reference_docs": len(texts)}
-
-        return self._stage("perplexity", [c], build)
+        return self.cache.dataset(
+            "perplexity", self.cfg.perplexity, lambda: perplexity.stage(ds, self.cfg.perplexity)
+        )
 
     def dedup(self, ds):
-        cfg = self.cfg
-
-        def build():
-            cur = ds.materialize()  # read once: every step below reads these blocks
-            meta = cur.select_columns(["uid", "doc_id", "n_chars"]).to_pandas()
-            sizes = dict(zip(meta["uid"], meta["n_chars"]))
-            doc_ids = dict(zip(meta["uid"], meta["doc_id"]))
-            steps = [(reason, kind) for reason, kind, on in (("exact_duplicate", "e", cfg.exact.enabled),
-                     ("code_normalized_duplicate", "c", cfg.code_norm.enabled),
-                     ("near_duplicate", "n", cfg.minhash.enabled)) if on]  # fmt: skip
-            groups: dict[str, list[list[str]]] = {kind: [] for _, kind in steps}
-            if steps:  # every key of every kind in one pass over the text and one shuffle
-                keyed = cur.map_batches(_kept, batch_format="pandas").map_batches(
-                    _dedup_keys, fn_kwargs={"cfg": cfg, "kinds": [k for _, k in steps]}, batch_format="pandas"
-                )
-                for key, members in dedup_exact.groups_by_key(keyed, cfg.num_blocks).items():
-                    groups[key[0]].append(members)
-            dups: dict[str, tuple[str, str]] = {}
-            clusters_info = []
-            for reason, kind in steps:
-                # in order, each step sees only the documents no earlier step marked duplicate
-                edges = []
-                for members in groups[kind]:
-                    live = [u for u in members if u not in dups]
-                    edges += [(live[0], u) for u in live[1:]]
-                new = dedup_exact.clusters(edges, sizes)
-                dups.update({u: (s, reason) for u, s in new.items()})
-                clusters_info += _cluster_summary(new, reason, doc_ids)
-            clusters_info.sort(key=lambda c: -c["size"])
-            out = cur.map_batches(
-                _apply_dups, fn_kwargs={"dups": dups, "stage": "dedup"}, batch_format="pandas"
-            )
-            return out, {"largest_clusters": clusters_info[:20]}
-
-        return self._stage("dedup", [cfg.exact, cfg.code_norm, cfg.minhash], build)
+        c = self.cfg
+        return self.cache.dataset(
+            "dedup",
+            [c.exact, c.code_norm, c.minhash, c.num_blocks],
+            lambda: dedup.stage(ds, c.exact, c.code_norm, c.minhash, c.num_blocks),
+        )
 
     def semdedup(self, ds):
-        c = self.cfg.semdedup
-
-        def build():
-            if not c.enabled:
-                return ds, {}
-            meta = ds.select_columns(["uid", "doc_id", "n_chars"]).to_pandas()
-            sizes = dict(zip(meta["uid"], meta["n_chars"]))
-            doc_ids = dict(zip(meta["uid"], meta["doc_id"]))
-            kept = ds.map_batches(_kept, fn_kwargs={"domains": c.domains}, batch_format="pandas")
-            emb = semdedup.embed(kept, c).to_pandas()
-            if emb.empty:
-                return ds, {"largest_clusters": []}
-            emb = emb.sort_values("uid")
-            pairs, _ = semdedup.duplicate_pairs(list(emb["uid"]), np.stack(emb["embedding"].to_list()), c)
-            new = dedup_exact.clusters(pairs, sizes)
-            out = ds.map_batches(_apply_dups, fn_kwargs={"dups": {u: (s, "semantic_duplicate") for u, s in new.items()},
-                                                         "stage": "semdedup"}, batch_format="pandas")  # fmt: skip
-            return out, {"largest_clusters": _cluster_summary(new, "semantic_duplicate", doc_ids)[:20],
-                         "embedded": len(emb)}  # fmt: skip
-
-        return self._stage("semdedup", [c], build)
+        return self.cache.dataset(
+            "semdedup", self.cfg.semdedup, lambda: semdedup.stage(ds, self.cfg.semdedup)
+        )
 
     def mix(self, ds):
-        c = self.cfg.mix
+        return self.cache.dataset("mix", self.cfg.mix, lambda: mixing.stage(ds, self.cfg.mix))
 
-        def build():
-            meta = _kept(ds.select_columns(["uid", "domain", "outcome", "n_chars"]).to_pandas())
-            docs = [
-                (u, d, n / c.bytes_per_token) for u, d, n in zip(meta["uid"], meta["domain"], meta["n_chars"])
-            ]
-            if c.enabled:
-                copies, plan = mixing.copies(docs, c)
-            else:
-                copies, plan = {u: 1 for u, _, _ in docs}, {}
-            return ds.map_batches(_apply_copies, fn_kwargs={"copies": copies}, batch_format="pandas"), {
-                "plan": plan
-            }
-
-        return self._stage("mix", [c], build)
-
-    def train_tokenizer(self, ds):
+    def tokenizer(self, ds) -> dict:
         c = self.cfg.tokenizer
-        path = self.out / "tokenizer.json"
-        marker = self.out / "_stages" / "tokenizer.json.fingerprint"
-        self.fingerprint = hashlib.sha256(
-            (self.fingerprint + json.dumps(dataclasses.asdict(c))).encode()
-        ).hexdigest()[:16]
-        if self.cfg.resume and path.exists() and marker.exists() and marker.read_text() == self.fingerprint:
-            self.skipped.append("tokenizer")
-            return path.read_text()
-        t0 = time.perf_counter()
-        meta = ds.select_columns(["uid", "outcome", "n_chars", "copies"]).to_pandas()
-        meta = meta[(meta["outcome"] == "kept") & (meta["copies"] > 0)].copy()
-        meta["h"] = [_sample_uid(u, 1) for u in meta["uid"]]
-        meta = meta.sort_values("h")
-        chosen = set(meta["uid"][np.cumsum(meta["n_chars"].clip(upper=c.max_doc_chars)) <= c.train_chars])
-        chosen |= set(meta["uid"].iloc[:1])
-        texts = ds.filter(lambda r: r["uid"] in chosen).select_columns(["uid", "text"]).to_pandas()
-        texts = texts.sort_values("uid")["text"].tolist()  # order fixed: the merges are deterministic
-        tok = tok_mod.train(texts, c)
-        tok.save(str(path))
-        marker.write_text(self.fingerprint)
-        self.timings["tokenizer"] = time.perf_counter() - t0
-        return path.read_text()
+        return self.cache.files("tokenizer", c, lambda: tok_mod.stage(ds, c, self.out / TOKENIZER_FILE))
 
-    def pack(self, ds, tokenizer_json: str) -> dict:
-        from tokenizers import Tokenizer
-
-        t0 = time.perf_counter()
-        c = self.cfg.pack
-        kept = ds.map_batches(
-            lambda df: df[(df["outcome"] == "kept") & (df["copies"] > 0)], batch_format="pandas"
+    def pack(self, ds) -> dict:
+        c = self.cfg
+        # the mix is planned again on real token counts here, so its config is part of this stage's too
+        return self.cache.files(
+            "pack",
+            [c.pack, c.mix],
+            lambda: pack.stage(ds, self.out / TOKENIZER_FILE, c.pack, c.mix, self.out),
         )
-        toks = kept.select_columns(["uid", "domain", "text", "copies"]).map_batches(
-            pack.tokenize_batch,
-            fn_kwargs={"tokenizer_json": tokenizer_json},
-            batch_format="numpy",
-            batch_size=128,
-        )
-        docs = []
-        for b in toks.iter_batches(batch_format="numpy", batch_size=1024):
-            docs += list(zip(b["uid"], b["domain"], b["ids"]))
-        tok = Tokenizer.from_str(tokenizer_json)
-        special = tok_mod.special_ids(tok)
-        available: dict[str, float] = {}
-        for _, d, ids in docs:
-            available[d] = available.get(d, 0.0) + len(ids) + 1
-        plan = mixing.plan(available, self.cfg.mix) if self.cfg.mix.enabled else {}
-        self.extras["mix_tokens"] = plan
-        ratios = {d: p["ratio"] for d, p in plan.items()} if plan else {d: 1.0 for d in available}
-        packed = pack.pack(docs, c, special["eos"], ratios)
-        splits = {}
-        for split, o in packed.items():
-            shards = pack.write_shards(self.out, split, o["seqs"], o["domains"], c)
-            splits[split] = {"sequences": int(len(o["seqs"])), "tokens": int(o["seqs"].size), "shards": shards,
-                             "tokens_per_domain": o["tokens"], "dropped_tail_tokens": o["dropped_tokens"]}  # fmt: skip
-        self.timings["pack"] = time.perf_counter() - t0
-        return {"splits": splits, "special_tokens": special, "vocab_size": tok.get_vocab_size(),
-                "doc_tokens": int(sum(len(d[2]) for d in docs))}  # fmt: skip
 
     def run(self) -> dict:
+        """All stages, then the ledger, manifest, report (and MLflow run). Returns the manifest as
+        written. Raises EmptyCurationError, after writing the ledger and report, when nothing is
+        left to train on."""
         t0 = time.perf_counter()
+        # the manifest marks a finished output: a run that fails must not leave an older one behind
+        (self.out / MANIFEST_FILE).unlink(missing_ok=True)
         ds = self.prepare()
         records_read = ds.count()
-        self._write_quarantine(ds)
-        ds = self.perplexity(ds)
-        ds = self.dedup(ds)
-        ds = self.semdedup(ds)
-        ds = self.mix(ds)
-        tokenizer_json = self.train_tokenizer(ds)
-        packed = self.pack(ds, tokenizer_json)
-        table = pa.Table.from_pandas(
-            ds.select_columns(
-                [
-                    "uid",
-                    "doc_id",
-                    "source",
-                    "domain",
-                    "outcome",
-                    "reason",
-                    "stage",
-                    "dup_of",
-                    "copies",
-                    "n_chars",
-                    "ppl",
-                    "lang_pred",
-                    "lang",
-                ]
-            ).to_pandas(),  # fmt: skip
-            preserve_index=False,
-        )
-        ledger = ledger_mod.build(table)
+        self.quarantine(ds)
+        ds = self.mix(self.semdedup(self.dedup(self.perplexity(ds))))
+
+        frame = columns(ds, LEDGER_SOURCE)
+        schema = pa.schema([ROW_SCHEMA.field(c) for c in LEDGER_SOURCE])
+        rows = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
+        ledger = ledger_mod.build(rows)
         counts = ledger_mod.check(ledger, records_read)
         pq.write_table(ledger, self.out / "ledger.parquet")
-        manifest = self._manifest(ledger, counts, packed, records_read, time.perf_counter() - t0)
-        rows = table.select(["domain", "lang", "lang_pred"]).to_pylist()
-        manifest["langid_accuracy"] = langid.accuracy_on_labels(
-            (r["lang"], r["lang_pred"])
-            for r in rows
-            if r["domain"] != "code"  # code's lang: python, c...
+        extra = self._report_data(ledger, counts, rows, records_read)
+
+        in_mix = sum(c > 0 for c in ledger.column("copies").to_pylist())
+        if not in_mix:
+            self._fail(extra, rows, self._nothing_kept(records_read, counts, extra["reasons"]))
+        self.tokenizer(ds)
+        packed = self.pack(ds)
+        if not packed["splits"]["train"]["sequences"]:
+            self._fail(extra, rows, (
+                f"the {in_mix:,} documents in the mix make {packed['doc_tokens']:,} tokens: not one training "
+                f"sequence of seq_len + 1 = {self.cfg.pack.seq_len + 1} tokens (lower pack.seq_len, or add data)"
+            ))  # fmt: skip
+
+        extra.update(self._mix_data(packed), tokenizer_training=self.cache.extras.get("tokenizer", {}),
+                     stages_skipped_on_resume=self.cache.skipped, timings_s=self.cache.timings,
+                     seconds=time.perf_counter() - t0)  # fmt: skip
+        manifest = Manifest(
+            seq_len=self.cfg.pack.seq_len,
+            vocab_size=packed["vocab_size"],
+            special_tokens=SpecialTokens(**packed["special_tokens"]),
+            splits=packed["splits"],
+            extra=extra,
         )
-        (self.out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+        write_manifest(self.out, manifest)
+        data = manifest.to_json()
         if self.cfg.report:
             from moray.jobs.curate import report
 
-            report.write(self.out, manifest, table)
+            report.write(self.out, data, rows)
         if self.cfg.mlflow:
-            self._log_mlflow(manifest)
-        return manifest
+            self._log_mlflow(data)
+        return data
 
-    def _write_quarantine(self, ds):
-        q = self.out / "quarantine"
-        shutil.rmtree(q, ignore_errors=True)
-        q.mkdir(parents=True)
-        rows = ds.filter(lambda r: r["outcome"] == "quarantined").select_columns(
-            ["uid", "doc_id", "source", "domain", "reason", "raw"]).to_pandas()  # fmt: skip
-        schema = pa.schema([("uid", pa.string()), ("doc_id", pa.string()), ("source", pa.string()),
-                            ("domain", pa.string()), ("reason", pa.string()), ("raw", pa.binary())])  # fmt: skip
-        pq.write_table(
-            pa.Table.from_pandas(rows, schema=schema, preserve_index=False), q / "quarantined.parquet"
-        )
-
-    def _manifest(self, ledger, counts, packed, records_read, seconds) -> dict:
-        funnel = ledger_mod.funnel(ledger, STAGES)
-        train_val = packed["splits"]
-        tokens = {}
-        for s in train_val.values():
-            for d, n in s["tokens_per_domain"].items():
-                tokens[d] = tokens.get(d, 0) + n
-        total = sum(tokens.values()) or 1
-        plan = self.extras.get("mix_tokens") or self.extras.get("mix", {}).get("plan", {})
+    def _report_data(self, ledger, counts, rows, records_read) -> dict:
         reasons: dict[str, int] = {}
         for r, o in zip(ledger.column("reason").to_pylist(), ledger.column("outcome").to_pylist()):
             if o != "kept":
                 key = r if o != "quarantined" else r.split(":")[0]
                 reasons[key] = reasons.get(key, 0) + 1
+        prepared = self.cache.extras.get("prepare", {})
+        skipped = prepared.get("skipped_files", [])
+        by_reason: dict[str, int] = {}
+        for s in skipped:
+            by_reason[s["reason"]] = by_reason.get(s["reason"], 0) + 1
+        langs = rows.select(["domain", "lang", "lang_pred"]).to_pylist()
         return {
-            "format_version": 1,
-            "seq_len": self.cfg.pack.seq_len,
-            "sequence_length_stored": self.cfg.pack.seq_len + 1,
-            "vocab_size": packed["vocab_size"],
-            "tokenizer": "tokenizer.json",
-            "special_tokens": packed["special_tokens"],
-            "columns": {"input_ids": "list<int32>, length seq_len + 1", "domain": "string"},
-            "splits": train_val,
             "records_read": records_read,
+            # blank lines of JSON-lines files are not records (no ledger row): counted here
+            "blank_lines": int(pc.sum(rows.column("blank_lines")).as_py() or 0),
             "counts": counts,
-            "funnel": funnel,
+            "funnel": ledger_mod.funnel(ledger, FUNNEL),
             "reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
-            "mix": {
-                d: {
-                    "target": plan.get(d, {}).get("target_share", 0.0),
-                    "achieved": tokens.get(d, 0) / total,
-                    "tokens": tokens.get(d, 0),
-                    "sampling_ratio": plan.get(d, {}).get("ratio", 0.0),
-                }
-                for d in sorted(set(tokens) | set(plan))
-            },  # fmt: skip
-            "dedup": {k: self.extras.get(k, {}) for k in ("dedup", "semdedup")},
-            "perplexity": self.extras.get("perplexity", {}),
-            "skipped_files": self.extras.get("prepare", {}).get("skipped_files", []),
-            "stages_skipped_on_resume": self.skipped,
-            "timings_s": self.timings,
-            "seconds": seconds,
+            "files_read": prepared.get("files", 0),
+            "skipped_files": skipped,
+            "skipped_files_by_reason": by_reason,
+            "dedup": {k: self.cache.extras.get(k, {}) for k in ("dedup", "semdedup")},
+            "perplexity": self.cache.extras.get("perplexity", {}),
+            # code's `lang` is its programming language: not a language-id label
+            "langid_accuracy": langid.accuracy_on_labels(
+                (r["lang"], r["lang_pred"]) for r in langs if r["domain"] != "code"
+            ),
             "config": _config_dict(self.cfg),
         }
+
+    def _mix_data(self, packed: dict) -> dict:
+        tokens: dict[str, int] = {}
+        for s in packed["splits"].values():
+            for d, n in s["tokens_per_domain"].items():
+                tokens[d] = tokens.get(d, 0) + n
+        total = sum(tokens.values()) or 1
+        plan = packed.get("mix_tokens") or self.cache.extras.get("mix", {}).get("plan", {})
+        return {"mix": {d: {"target": plan.get(d, {}).get("target_share", 0.0), "achieved": tokens.get(d, 0) / total,
+                            "tokens": tokens.get(d, 0), "sampling_ratio": plan.get(d, {}).get("ratio", 0.0)}
+                        for d in sorted(set(tokens) | set(plan))}}  # fmt: skip
+
+    def _nothing_kept(self, records_read: int, counts: dict, reasons: dict) -> str:
+        if not records_read:
+            files = self.cache.extras.get("prepare", {}).get("files", 0)
+            return f"no record was read ({files} input files)"
+        c = counts["all"]
+        top = ", ".join(f"{r} ({n:,})" for r, n in list(reasons.items())[:3])
+        return (f"no document was kept: of {records_read:,} records, {c['filtered']:,} filtered, "
+                f"{c['duplicate']:,} duplicates, {c['quarantined']:,} quarantined; top reasons: {top}")  # fmt: skip
+
+    def _fail(self, extra: dict, rows, why: str):
+        """Write the report of what happened, then refuse: there is no output to train on."""
+        extra.update(stages_skipped_on_resume=self.cache.skipped, timings_s=self.cache.timings, no_output=why)
+        if self.cfg.report:
+            from moray.jobs.curate import report
+
+            report.write(self.out, {"seq_len": self.cfg.pack.seq_len, **extra}, rows)
+        raise EmptyCurationError(
+            f"curation left nothing to train on: {why}. Each record's outcome is in {self.out}/ledger.parquet"
+            + (f" and {self.out}/report.md" if self.cfg.report else "")
+        )
 
     def _log_mlflow(self, manifest: dict):
         from moray.platform.tracking import flatten, setup_mlflow
@@ -539,21 +306,12 @@ class Curation:
             metrics.update({f"tokens.{s}": v["tokens"] for s, v in manifest["splits"].items()})
             metrics["seconds"] = manifest["seconds"]
             mlflow.log_metrics({k.replace("#", "_"): float(v) for k, v in metrics.items()})
-            for name in ("manifest.json", "report.md"):
+            for name in (MANIFEST_FILE, "report.md"):
                 if (self.out / name).exists():
                     mlflow.log_artifact(str(self.out / name))
             plots = self.out / "report_plots"
             if plots.exists():
                 mlflow.log_artifacts(str(plots), "report_plots")
-
-
-def _cluster_summary(dup_of: dict[str, str], reason: str, doc_ids: dict[str, str]) -> list[dict]:
-    groups: dict[str, list[str]] = {}
-    for dup, survivor in dup_of.items():
-        groups.setdefault(survivor, []).append(dup)
-    out = [{"survivor": doc_ids.get(s, s), "size": len(m) + 1, "reason": reason,
-            "members": [doc_ids.get(x, x) for x in sorted(m)[:5]]} for s, m in groups.items()]  # fmt: skip
-    return sorted(out, key=lambda c: (-c["size"], c["survivor"]))
 
 
 def _config_dict(cfg: CurateConfig) -> dict:
@@ -569,4 +327,4 @@ def run(cfg: CurateConfig) -> dict:
     return Curation(cfg).run()
 
 
-__all__ = ["CurateConfig", "Curation", "load_config", "run"]
+__all__ = ["CurateConfig", "Curation", "EmptyCurationError", "load_config", "run"]

@@ -35,7 +35,7 @@ def _plots(out: Path, manifest: dict, table) -> list[str]:
     plt.close(fig)
     names.append("funnel.png")
 
-    mix = manifest["mix"]
+    mix = manifest.get("mix", {})
     doms = sorted(mix)
     x = np.arange(len(doms))
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -76,11 +76,20 @@ def write(out: Path, manifest: dict, table) -> Path:
     plots = _plots(out, manifest, table)
     lines = ["# Curation report", ""]
     c = manifest["counts"]["all"]
-    lines += [f"{manifest['records_read']:,} records read: {c['kept']:,} kept, {c['filtered']:,} filtered, "
-              f"{c['duplicate']:,} duplicates, {c['quarantined']:,} quarantined. "
-              f"seq_len {manifest['seq_len']}, vocab {manifest['vocab_size']:,}, "
-              f"{manifest['splits']['train']['sequences']:,} train / {manifest['splits']['val']['sequences']:,} val "
-              f"sequences; {manifest['seconds']:.0f} s.", ""]  # fmt: skip
+    read = (f"{manifest['records_read']:,} records read from {manifest['files_read']:,} files: {c['kept']:,} kept, "
+            f"{c['filtered']:,} filtered, {c['duplicate']:,} duplicates, {c['quarantined']:,} quarantined.")  # fmt: skip
+    if "splits" in manifest:
+        lines += [f"{read} seq_len {manifest['seq_len']}, vocab {manifest['vocab_size']:,}, "
+                  f"{manifest['splits']['train']['sequences']:,} train / {manifest['splits']['val']['sequences']:,} "
+                  f"val sequences; {manifest['seconds']:.0f} s.", ""]  # fmt: skip
+    else:  # the run stopped before packing (pipeline.EmptyCurationError)
+        lines += [read, "", f"**No output: {manifest['no_output']}.**", ""]
+    if manifest.get("blank_lines"):
+        lines += [f"{manifest['blank_lines']:,} blank lines in JSON-lines files were skipped: they are not records.",
+                  ""]  # fmt: skip
+    if manifest.get("skipped_files_by_reason"):
+        lines += ["Files not read: " + ", ".join(f"{n:,} {r}" for r, n in manifest["skipped_files_by_reason"].items())
+                  + " (the paths are in the manifest's `skipped_files`).", ""]  # fmt: skip
     lines += ["## Counts per domain", "", "| domain | input | kept | filtered | duplicate | quarantined |",
               "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for dom, r in manifest["counts"].items():
@@ -94,7 +103,7 @@ def write(out: Path, manifest: dict, table) -> Path:
         lines.append(f"| {r['stage']} | " + " | ".join(f"{r[k]:,}" for k in doms) + " |")
     lines += ["", "## Mix: target vs achieved (tokens after packing)", "", "![mix](report_plots/mix.png)", "",
               "| domain | target | achieved | tokens | sampling ratio |", "|---|---:|---:|---:|---:|"]  # fmt: skip
-    for dom, m in manifest["mix"].items():
+    for dom, m in manifest.get("mix", {}).items():
         lines.append(
             f"| {dom} | {100 * m['target']:.1f}% | {100 * m['achieved']:.1f}% | {m['tokens']:,} | {m['sampling_ratio']:.2f} |"
         )

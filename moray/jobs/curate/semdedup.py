@@ -97,3 +97,29 @@ def duplicate_pairs(uids: list[str], emb: np.ndarray, cfg: SemDedupConfig) -> tu
         ii, jj = np.nonzero(np.triu(sims >= 1 - cfg.eps, k=1))
         pairs += [(uids[idx[i]], uids[idx[j]]) for i, j in zip(ii, jj)]
     return pairs, labels
+
+
+def stage(ds, cfg: SemDedupConfig):
+    """Rows -> rows with the semantic duplicates among the kept documents of `cfg.domains` marked."""
+    from moray.jobs.curate.dedup_exact import cluster_summary, clusters, mark_duplicates
+    from moray.jobs.curate.rows import columns, kept
+
+    if not cfg.enabled:
+        return ds, {}
+    meta = columns(ds, ["uid", "doc_id", "n_chars", "domain", "outcome"])
+    if not len(kept(meta, cfg.domains)):  # nothing to embed: no actor pool to start
+        return ds, {"largest_clusters": [], "embedded": 0}
+    sizes = dict(zip(meta["uid"], meta["n_chars"]))
+    doc_ids = dict(zip(meta["uid"], meta["doc_id"]))
+    emb = embed(
+        ds.map_batches(kept, fn_kwargs={"domains": cfg.domains}, batch_format="pandas"), cfg
+    ).to_pandas()
+    emb = emb.sort_values("uid")
+    pairs, _ = duplicate_pairs(list(emb["uid"]), np.stack(emb["embedding"].to_list()), cfg)
+    new = clusters(pairs, sizes)
+    out = ds.map_batches(mark_duplicates, fn_kwargs={"dups": {u: (s, "semantic_duplicate") for u, s in new.items()},
+                                                     "stage": "semdedup"}, batch_format="pandas")  # fmt: skip
+    return out, {
+        "largest_clusters": cluster_summary(new, "semantic_duplicate", doc_ids)[:20],
+        "embedded": len(emb),
+    }

@@ -5,6 +5,7 @@ import pyarrow as pa
 import pytest
 
 from moray.jobs.curate import langid, ledger, mixing, pack, perplexity, tokenizer
+from moray.platform.data_contract import SpecialTokens, special_tokens_of
 
 
 def test_langid_accuracy_on_ud_labels(corpus):
@@ -61,8 +62,7 @@ def test_mix_plan_meets_targets_within_the_upsample_cap():
 def test_tokenizer_and_pack(tmp_path):
     texts = ["the cat sat on the mat. " * 20, "def f(x):\n    return x + 1\n" * 10, "Grüße aus Köln! " * 30]
     tok = tokenizer.train(texts, tokenizer.TokenizerConfig(vocab_size=300))
-    ids = tokenizer.special_ids(tok)
-    assert ids == {"bos": 0, "eos": 1, "pad": 2}
+    assert special_tokens_of(tok) == SpecialTokens(bos=0, eos=1, pad=2)
     assert tok.decode(tok.encode("Grüße 🙂").ids) == "Grüße 🙂"  # byte-level: nothing is unknown
     docs = [
         (f"d{i}", "web" if i % 2 else "code", np.asarray(tok.encode(texts[i % 3]).ids, np.int32))
