@@ -4,6 +4,9 @@ import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Ray gives its node 30 s to come up; a loaded 2-core machine (a benchmark or a build beside the
+# tests) can take longer to start the dashboard agent, and the whole session would fail.
+os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
 
 
 @pytest.fixture(autouse=True)

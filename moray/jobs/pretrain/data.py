@@ -56,6 +56,8 @@ def step_batches(
         raise ValueError(f"global batch {global_batch} is not divisible by data-parallel size {dp}")
     per_rank = global_batch // dp
     step = start_step
+    if steps_per_epoch < 1:
+        raise ValueError(f"the split holds less than one global batch of {global_batch} sequences")
     while step < max_steps:
         skip = step % steps_per_epoch  # batches of this epoch already consumed
         for i, batch in enumerate(iterate_epoch()):

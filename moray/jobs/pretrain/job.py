@@ -56,6 +56,9 @@ def run(cfg: PretrainConfig, callbacks: list[Callback] | None = None) -> dict:
     `callbacks` run inside every worker (e.g. the fault-injection hook of the tests)."""
     plan = validate(cfg)  # before any cluster work
     model_config = plan.model_config
+    if cfg.train.val_batches and plan.val_sequences < cfg.data.global_batch_size:
+        log.warning("no validation: the val split holds %d sequences, less than one global batch of %d",
+                    plan.val_sequences, cfg.data.global_batch_size)  # fmt: skip
 
     import ray.data
     import ray.train
@@ -86,6 +89,7 @@ def run(cfg: PretrainConfig, callbacks: list[Callback] | None = None) -> dict:
         "storage": storage_uri,
         "data_path": str(Path(cfg.data.path).resolve()),
         "train_sequences": plan.train_sequences,
+        "val_sequences": plan.val_sequences,
         "mlflow_run_id": run_id,
         "tracking_uri": tracking_uri(),
         "threads_per_worker": max(1, int(cfg.scaling.cpus_per_worker)),

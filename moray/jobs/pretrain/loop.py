@@ -104,6 +104,8 @@ def train_func(loop_config: dict) -> None:
     callbacks = loop_config.get("callbacks") or []
     clip = ClipSettings(tc.clip_per_layer, tc.clip_per_expert, tc.clip_global)
     micro = cfg.data.micro_batch_size
+    # whole global batches only: a validation split smaller than one (curation allows it) is skipped
+    val_batches = min(tc.val_batches, loop_config["val_sequences"] // global_batch)
 
     for batch in batches:
         for cb in callbacks:
@@ -135,8 +137,8 @@ def train_func(loop_config: dict) -> None:
             "batch_token_sum": float(all_reduce(inputs.sum().double(), w.dp_group)),
             **reduced.load_metrics(),
         }
-        if tc.val_batches and (done % tc.val_every == 0 or done == tc.max_steps):
-            metrics["val_loss"] = _validate(model, val_shard, global_batch, micro, tc.val_batches, w)
+        if val_batches and (done % tc.val_every == 0 or done == tc.max_steps):
+            metrics["val_loss"] = _validate(model, val_shard, global_batch, micro, val_batches, w)
         tracker.step(batch.step, metrics, {i: load.tolist() for i, load in reduced.tokens_per_expert.items()})
         if done % tc.checkpoint_every == 0 or done == tc.max_steps:
             tracker.flush()

@@ -1,0 +1,152 @@
+"""The data contract end to end, on a real curation output (a slice of ../shared/data, not a
+hand-made fixture): curate, pre-train a few steps, export; then the special-token ids agree
+everywhere (manifest, config.json, tokenizer files, generation_config.json, transformers, the
+serving engine's stop set) and generation ends where eos is produced, in moray and in transformers.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from moray.platform.data_contract import SPECIAL_TOKENS, read_manifest
+
+CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "corpus"
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local, tmp_path_factory):
+    if not CORPUS.is_dir():
+        pytest.skip("../shared/data/corpus is not here")
+    from moray.jobs.curate.pipeline import Curation, load_config
+    from moray.jobs.pretrain.job import load_config as pretrain_config
+    from moray.jobs.pretrain.job import run as pretrain
+
+    out = tmp_path_factory.mktemp("contract") / "curated"
+    curation = {
+        "output": str(out),
+        "sources": [
+            {"path": str(CORPUS / "web" / "c4-validation-2k.parquet"), "domain": "web", "max_records": 60},
+            {"path": str(CORPUS / "academic" / "sci-cite.jsonl"), "domain": "academic", "max_records": 60},
+            {"path": str(CORPUS / "code" / "thealgorithms-python" / "sorts"), "domain": "code"},
+            {
+                "path": str(CORPUS / "multilingual" / "ud-en.jsonl"),
+                "domain": "multilingual",
+                "max_records": 30,
+            },
+        ],
+        "perplexity": {"enabled": False},
+        "semdedup": {"enabled": False},
+        "tokenizer": {"vocab_size": 512, "train_chars": 300_000},
+        "pack": {"seq_len": 64, "val_fraction": 0.1},
+        "num_blocks": 2,
+        "mlflow": False,
+    }
+    Curation(load_config(data=curation)).run()
+    cfg = pretrain_config(None, [
+        f"data.path={out}", "run.name=contract", "run.register_model=null", "train.max_steps=3",
+        "train.warmup_steps=1", "train.checkpoint_every=3", "train.val_every=3", "scaling.num_workers=1",
+        "data.global_batch_size=4", "data.micro_batch_size=2",
+    ])  # fmt: skip
+    summary = pretrain(cfg)
+    return out, Path(summary["hf_export"])
+
+
+def test_special_token_ids_agree_everywhere(trained):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from moray.actors.engine import Engine
+    from moray.jobs.serve.loading import load_for_serving
+
+    data, export = trained
+    manifest = read_manifest(data)
+    ids = manifest.special_tokens.as_dict()  # {"bos": 0, "eos": 1, "pad": 2} for a curated tokenizer
+    # the curated tokenizer reserves the contract's tokens, and its ids differ from the tiny preset's
+    assert ids == {"bos": 0, "eos": 1, "pad": 2}
+
+    config = json.loads((export / "config.json").read_text())
+    assert {k: config[f"{k}_token_id"] for k in ids} == ids
+    assert config["vocab_size"] == manifest.vocab_size
+
+    tok = Tokenizer.from_file(str(export / "tokenizer.json"))
+    assert {k: tok.id_to_token(i) for k, i in ids.items()} == SPECIAL_TOKENS
+
+    tok_config = json.loads((export / "tokenizer_config.json").read_text())
+    assert {k: tok_config[f"{k}_token"] for k in ids} == SPECIAL_TOKENS
+    assert tok_config.get("chat_template")
+
+    gen = GenerationConfig.from_pretrained(export)
+    assert (gen.bos_token_id, gen.pad_token_id) == (ids["bos"], ids["pad"])
+    assert gen.eos_token_id in (ids["eos"], [ids["eos"]])
+
+    hf_tok = AutoTokenizer.from_pretrained(export)
+    assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (
+        ids["bos"],
+        ids["eos"],
+        ids["pad"],
+    )
+
+    model, engine_tok, _ = load_for_serving(str(export))
+    engine = Engine(model, engine_tok)
+    assert engine.stop_ids == {ids["eos"]}
+
+
+def _force_eos_after(export: Path, dst: Path, trigger: int, then: int, eos: int) -> Path:
+    """A copy of the export whose greedy continuation of `trigger` is `then`, and of `then` is eos:
+    a large value in one embedding column of the token dominates the final RMSNorm's output at its
+    position, and the output head reads that column."""
+    import shutil
+
+    shutil.copytree(export, dst)
+    weights = load_file(str(dst / "model.safetensors"))
+    embed, head = weights["model.embed_tokens.weight"], weights["lm_head.weight"]
+    embed[trigger, 1] = 50.0
+    head[then, 1] = 10.0
+    embed[then, 0] = 50.0
+    head[eos, 0] = 10.0
+    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_generation_ends_where_eos_is_produced(trained, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    from moray.actors.engine import Engine, RequestParams
+    from moray.jobs.serve.loading import load_for_serving
+    from moray.model import SamplingParams, generate, load_pretrained
+
+    data, export = trained
+    eos = read_manifest(data).special_tokens.eos
+    trigger, then = 300, 301
+    forced = _force_eos_after(export, tmp_path / "forced", trigger, then, eos)
+    prompt = [10, 11, 12, trigger]
+
+    # moray's generate: the new tokens are `then`, then eos, and nothing after
+    ours = generate(load_pretrained(forced), [prompt], SamplingParams(max_new_tokens=16))[0]
+    assert ours == [then, eos]
+
+    # transformers: generate and pipeline("text-generation") stop there too
+    hf = AutoModelForCausalLM.from_pretrained(forced, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)
+    assert out[0, len(prompt) :].tolist() == [then, eos]
+    hf_tok = AutoTokenizer.from_pretrained(forced)
+    text = hf_tok.decode(prompt)
+    generated = pipeline("text-generation", model=hf, tokenizer=hf_tok)(
+        text, max_new_tokens=16, do_sample=False, return_full_text=False
+    )[0]["generated_text"]
+    assert generated == hf_tok.decode([then])
+
+    # the serving engine: finishes with reason "stop" after `then`; eos is not part of the text
+    model, engine_tok, _ = load_for_serving(str(forced))
+    engine = Engine(model, engine_tok)
+    engine.add_request(prompt, RequestParams(max_tokens=16))
+    outputs = []
+    while engine.has_work():
+        outputs += engine.step()
+    assert outputs[-1].finish_reason == "stop"
+    assert [t for o in outputs for t in o.new_token_ids][:1] == [then]
+    assert outputs[-1].num_output_tokens == 2
