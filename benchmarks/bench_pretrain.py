@@ -57,10 +57,10 @@ def plain_pytorch(data: Path, steps: int, threads: int) -> float:
 
 def ray_train(data: Path, steps: int, workers: int, home: Path) -> float:
     from moray.jobs.pretrain.job import load_config, run
-    from moray.jobs.pretrain.loop import read_metrics
+    from moray.jobs.pretrain.tracker import read_metrics
 
     cfg = load_config(None, [
-        f"data.path={data}", "model.preset=small", "model.overrides={capacity_factor: 1.25}",
+        f"data.path={data}", "model.preset=small", "train.capacity_factor=1.25",
         f"data.global_batch_size={GLOBAL_BATCH}", f"data.micro_batch_size={MICRO}", f"train.max_steps={steps}",
         "train.warmup_steps=1", f"train.checkpoint_every={steps}", f"train.val_every={steps}", "train.val_batches=0",
         f"scaling.num_workers={workers}", f"scaling.cpus_per_worker={2 / workers:g}", "scaling.max_failures=0",
