@@ -28,11 +28,12 @@ def ray_local(tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    if not ray.is_initialized():
-        ray.init(
-            num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
-            _metrics_export_port=port,
-        )  # fmt: skip
+    from moray.platform.cluster import connect
+
+    connect(  # the jobs' own way in: a local Ray on loopback (tests/jobs/serve/test_listeners.py checks it)
+        num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
+        _metrics_export_port=port,
+    )  # fmt: skip
     ray.metrics_url = f"http://127.0.0.1:{port}/metrics"
     yield ray
     ray.shutdown()

@@ -108,7 +108,10 @@ def run(args: argparse.Namespace, blocking: bool = True, settings=None):
         f"moray: {keys} API key(s) required" if keys else "moray: no API key: open to anyone who can connect"
     )
     if args.grpc_port:
-        print(f"moray: gRPC moray.MorayGenerate on port {args.grpc_port} (all interfaces)", flush=True)
+        print(  # Ray Serve's gRPC proxy has no host setting
+            f"moray: gRPC moray.MorayGenerate on port {args.grpc_port}, on every interface (same API keys)",
+            flush=True,
+        )
     try:
         return serve.run(app, name="moray", route_prefix="/", blocking=blocking)
     except KeyboardInterrupt:

@@ -121,6 +121,11 @@ class MorayServer:
         from moray.actors.engine import EngineError, Overloaded, RequestParams
 
         tok = self.server.tokenizer
+        header = dict(grpc_context.invocation_metadata()).get("authorization", "")
+        if not self.server.authorized(header):  # the same keys as HTTP, as `authorization: Bearer KEY`
+            grpc_context.set_code(grpc.StatusCode.UNAUTHENTICATED)
+            grpc_context.set_details("Incorrect API key provided.")
+            raise PermissionError("incorrect API key")
         try:
             if request.prompt_ids:
                 ids = list(request.prompt_ids)

@@ -82,12 +82,15 @@ class OpenAIServer:
         self.created = now()
 
     # ------------------------------------------------------------ helpers
-    def check_auth(self, request: Request) -> None:
+    def authorized(self, header: str) -> bool:
+        """Whether an `Authorization` value (HTTP header or gRPC metadata) carries one of the keys."""
         if not self.api_keys:
-            return
-        header = request.headers.get("authorization", "")
+            return True
         key = header[7:] if header.lower().startswith("bearer ") else ""
-        if not any(hmac.compare_digest(key.encode(), k.encode()) for k in self.api_keys):
+        return any(hmac.compare_digest(key.encode(), k.encode()) for k in self.api_keys)
+
+    def check_auth(self, request: Request) -> None:
+        if not self.authorized(request.headers.get("authorization", "")):
             raise APIError(
                 401, "Incorrect API key provided.", "invalid_request_error", None, "invalid_api_key"
             )
