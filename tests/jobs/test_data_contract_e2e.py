@@ -13,38 +13,14 @@ from safetensors.torch import load_file, save_file
 
 from moray.platform.data_contract import SPECIAL_TOKENS, read_manifest
 
-CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "corpus"
-
 
 @pytest.fixture(scope="module")
-def trained(ray_local, tmp_path_factory):
-    if not CORPUS.is_dir():
-        pytest.skip("../shared/data/corpus is not here")
-    from moray.jobs.curate.pipeline import Curation, load_config
+def trained(curated_slice):
+    """Pre-train 3 steps on the session's curation output (tests/jobs/conftest.py) and export."""
     from moray.jobs.pretrain.job import load_config as pretrain_config
     from moray.jobs.pretrain.job import run as pretrain
 
-    out = tmp_path_factory.mktemp("contract") / "curated"
-    curation = {
-        "output": str(out),
-        "sources": [
-            {"path": str(CORPUS / "web" / "c4-validation-2k.parquet"), "domain": "web", "max_records": 60},
-            {"path": str(CORPUS / "academic" / "sci-cite.jsonl"), "domain": "academic", "max_records": 60},
-            {"path": str(CORPUS / "code" / "thealgorithms-python" / "sorts"), "domain": "code"},
-            {
-                "path": str(CORPUS / "multilingual" / "ud-en.jsonl"),
-                "domain": "multilingual",
-                "max_records": 30,
-            },
-        ],
-        "perplexity": {"enabled": False},
-        "semdedup": {"enabled": False},
-        "tokenizer": {"vocab_size": 512, "train_chars": 300_000},
-        "pack": {"seq_len": 64, "val_fraction": 0.1},
-        "num_blocks": 2,
-        "mlflow": False,
-    }
-    Curation(load_config(data=curation)).run()
+    out = curated_slice.out
     cfg = pretrain_config(None, [
         f"data.path={out}", "run.name=contract", "run.register_model=null", "train.max_steps=3",
         "train.warmup_steps=1", "train.checkpoint_every=3", "train.val_every=3", "scaling.num_workers=1",

@@ -1,6 +1,5 @@
 """Integration: a slice of the real corpus plus every kind of bad input, through local Ray."""
 
-import gzip
 import json
 
 import numpy as np
@@ -10,82 +9,11 @@ import pytest
 from moray.jobs.curate.pipeline import Curation, EmptyCurationError, load_config
 from moray.platform.config import ConfigError
 from moray.platform.data_contract import SpecialTokens, count_rows, read_manifest
-
-BAD_KINDS = {
-    "malformed json": b'{"text": "unterminated',
-    "not an object": b'["a list"]',
-    "missing text field": b'{"id": "m", "body": "x"}',
-    "non-string text": b'{"id": "n", "text": 7}',
-    "invalid utf-8": b'{"text": "caf\xe9 au lait"}',
-    "empty after normalization": b'{"id": "e", "text": "  \\u0000  "}',
-}
+from tests.fixtures.curated_slice import BAD_FILE_KINDS, BAD_KINDS
 
 
-def _bad_inputs(tmp_path):
-    d = tmp_path / "bad"
-    d.mkdir()
-    (d / "bad.jsonl").write_bytes(b"\n".join(BAD_KINDS.values()) + b"\n")
-    z = gzip.compress(
-        b"".join(json.dumps({"text": f"record {i} " * 40}).encode() + b"\n" for i in range(100))
-    )
-    (d / "cut.jsonl.gz").write_bytes(z[: len(z) // 2])
-    (d / "blob.txt").write_bytes(b"GIF89a\x00\x00\x00binary")
-    (d / "huge.txt").write_text("word " * 400_000)  # 2 MB > max_bytes below
-    return d
-
-
-# A news item and a paraphrase of it: word 5-gram Jaccard 0.03 (MinHash cannot see it), MiniLM
-# cosine 0.968 (SemDeDup at eps 0.05 can).
-NEWS = (
-    "The city council approved the new budget for public schools on Tuesday evening. "
-    "The plan adds forty teachers and repairs the roofs of six older buildings. "
-    "Parents who attended the meeting said the money was long overdue. "
-    "The mayor called the vote a turning point for the district and thanked the volunteers who campaigned for it. "
-    "Work on the buildings will start in the summer, when classes are out. "
-    "The council will review the spending again next spring."
-)
-NEWS_PARAPHRASED = (
-    "On Tuesday evening, the new public school budget was approved by the city council. "
-    "Forty teachers will be added under the plan, and six older buildings will get their roofs repaired. "
-    "According to parents at the meeting, the money should have come much sooner. "
-    "Thanking the volunteers who campaigned for it, the mayor described the vote as a turning point for the district. "
-    "Repairs to the buildings begin in summer, once classes have ended. "
-    "Next spring the council plans another review of the spending."
-)
-
-
-def test_curate_slice_end_to_end(ray_local, tmp_path, corpus):
-    bad = _bad_inputs(tmp_path)
-    out = tmp_path / "out"
-    news = tmp_path / "news.jsonl"
-    news.write_text(
-        "".join(
-            json.dumps({"id": i, "text": t}) + "\n"
-            for i, t in (("news-a", NEWS), ("news-b", NEWS_PARAPHRASED))
-        )
-    )
-    data = {
-        "output": str(out),
-        "sources": [
-            {"path": str(bad), "domain": "web"},
-            {"path": str(news), "domain": "web"},
-            {"path": str(corpus / "web" / "c4-validation-2k.parquet"), "domain": "web", "max_records": 80},
-            {"path": str(corpus / "academic" / "sci-cite.jsonl"), "domain": "academic", "max_records": 120},
-            {"path": str(corpus / "books" / "moby-dick"), "domain": "books"},
-            {"path": str(corpus / "code" / "thealgorithms-python" / "sorts"), "domain": "code"},
-            {
-                "path": str(corpus / "multilingual" / "ud-de.jsonl"),
-                "domain": "multilingual",
-                "max_records": 30,
-            },
-        ],
-        "normalize": {"max_bytes": 1_500_000},
-        "semdedup": {"eps": 0.05, "domains": ["web"]},
-        "tokenizer": {"vocab_size": 512, "train_chars": 400_000},
-        "pack": {"seq_len": 64, "val_fraction": 0.1, "rows_per_shard": 1000},
-        "num_blocks": 2,
-    }
-    m = Curation(load_config(data=data)).run()
+def test_curate_slice_end_to_end(curated_slice):
+    out, m, data = curated_slice.out, curated_slice.manifest, curated_slice.config
 
     # the counts add up and the ledger has a row per record
     led = pq.read_table(out / "ledger.parquet").to_pandas()
@@ -95,7 +23,7 @@ def test_curate_slice_end_to_end(ray_local, tmp_path, corpus):
 
     # every bad kind is quarantined with its reason, raw bytes kept
     q = led[led["outcome"] == "quarantined"]
-    for kind in [*BAD_KINDS, "truncated gzip", "binary file", "too large"]:
+    for kind in [*BAD_KINDS, *BAD_FILE_KINDS]:
         assert q["reason"].str.startswith(kind).any(), kind
     qf = pq.read_table(out / "quarantine" / "quarantined.parquet").to_pandas()
     assert len(qf) == len(q) and (qf["raw"].map(len) > 0).sum() >= len(q) - 1
