@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from moray.model import ModelConfig, Transformer, preset
-from moray.platform.config import ConfigError, from_dict
 from moray.model.config import yarn_mscale
 from moray.model.presets import PRESETS
+from moray.platform.config import ConfigError, from_dict
 
 YARN = {
     "type": "yarn",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -37,7 +37,6 @@ class StepStats:
     pairs: float = 0.0  # routed (token, expert) pairs
     grad_norm: float = 0.0
     lr: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
 
     @property
     def drop_rate(self) -> float:
