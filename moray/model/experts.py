@@ -17,6 +17,8 @@ Shapes: N tokens, k experts per token, P kept pairs (<= N*k), E experts, H hidde
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,7 +61,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) 
     return grouped_matmul(x, weight.transpose(-1, -2), counts)
 
 
-class _SwiGLUExperts(torch.autograd.Function):
+class SwiGLUExperts(torch.autograd.Function):
     """out = sum over pairs p of token t: w_p * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = p's expert.
 
     Pairs come sorted by expert (`counts` per expert). Saves x, the pre-activation (P, 2I) and
@@ -158,33 +160,66 @@ class RoutedExperts(nn.Module):
         weights: torch.Tensor,  # (N, k)
         keep: torch.Tensor | None = None,  # (N, k) bool: pairs that fit in capacity
     ) -> torch.Tensor:
-        N, k = experts.shape
-        flat_experts = experts.reshape(-1)  # (N*k,)
-        flat_weights = weights.reshape(-1)
-        pair_token = torch.arange(N * k, device=x.device) // k
-        if keep is not None:
-            kept = keep.reshape(-1).nonzero().squeeze(1)
-            flat_experts, flat_weights, pair_token = flat_experts[kept], flat_weights[kept], pair_token[kept]
-        order = torch.argsort(flat_experts, stable=True)
-        expert_of_row = flat_experts[order]  # (P,) sorted
-        token_of_row = pair_token[order]
-        counts = torch.bincount(expert_of_row, minlength=self.n_experts)  # (E,)
-        row_weights = flat_weights[order].to(x.dtype)  # (P,)
+        pairs = sort_pairs(experts, weights, keep, self.n_experts)
+        token_of_row, counts = pairs.token_of_row, pairs.counts
+        row_weights = pairs.weights.to(x.dtype)  # (P,)
 
         if self.beta is None and self.activation_scale is None:
             few_rows = len(token_of_row) <= self.FEW_ROWS_PER_EXPERT * self.n_experts
             if few_rows and x.device.type == "cpu" and not torch.is_grad_enabled():
                 out_rows = swiglu_experts_few_rows(x, token_of_row, self.gate_up_proj, self.down_proj, counts)
                 return torch.zeros_like(x).index_add_(0, token_of_row, out_rows * row_weights[:, None])
-            return _SwiGLUExperts.apply(
+            return SwiGLUExperts.apply(
                 x, self.gate_up_proj, self.down_proj, row_weights, token_of_row, counts
             )
+        out_rows = experts_ffn(
+            x[token_of_row], pairs.expert_of_row, counts, self.gate_up_proj, self.down_proj, self.beta,
+            self.activation_scale,
+        )  # fmt: skip
+        return torch.zeros_like(x).index_add_(0, token_of_row, out_rows * row_weights[:, None])  # (N, H)
 
-        rows = x[token_of_row]  # (P, H)
-        gate, up = grouped_linear(rows, self.gate_up_proj, counts).chunk(2, dim=-1)  # (P, I) each
-        beta = None if self.beta is None else self.beta[expert_of_row, None]
-        act = swish(gate, beta) * up
-        if self.activation_scale is not None:
-            act = act * self.activation_scale[expert_of_row, None]
-        out_rows = grouped_linear(act, self.down_proj, counts) * row_weights[:, None]  # (P, H)
-        return torch.zeros_like(x).index_add_(0, token_of_row, out_rows)  # (N, H)
+
+@dataclass
+class SortedPairs:
+    """The kept token-expert pairs, sorted by expert (P of them)."""
+
+    token_of_row: torch.Tensor  # (P,) the token each row comes from
+    expert_of_row: torch.Tensor  # (P,) ascending
+    weights: torch.Tensor  # (P,) combine weights
+    counts: torch.Tensor  # (E,) rows per expert
+
+
+def sort_pairs(
+    experts: torch.Tensor,  # (N, k)
+    weights: torch.Tensor,  # (N, k)
+    keep: torch.Tensor | None,  # (N, k) bool, or None: every pair
+    n_experts: int,
+) -> SortedPairs:
+    N, k = experts.shape
+    flat_experts, flat_weights = experts.reshape(-1), weights.reshape(-1)  # (N*k,)
+    pair_token = torch.arange(N * k, device=experts.device) // k
+    if keep is not None:
+        kept = keep.reshape(-1).nonzero().squeeze(1)
+        flat_experts, flat_weights, pair_token = flat_experts[kept], flat_weights[kept], pair_token[kept]
+    order = torch.argsort(flat_experts, stable=True)
+    expert_of_row = flat_experts[order]
+    counts = torch.bincount(expert_of_row, minlength=n_experts)
+    return SortedPairs(pair_token[order], expert_of_row, flat_weights[order], counts)
+
+
+def experts_ffn(
+    rows: torch.Tensor,  # (P, H) sorted by expert
+    expert_of_row: torch.Tensor,  # (P,)
+    counts: torch.Tensor,  # (E,)
+    gate_up_proj: torch.Tensor,  # (E, 2I, H)
+    down_proj: torch.Tensor,  # (E, H, I)
+    beta: torch.Tensor | None = None,  # (E,) learned Swish beta
+    activation_scale: torch.Tensor | None = None,  # (E,)
+) -> torch.Tensor:
+    """Each row through its expert, unweighted, with autograd's own backward (the extras' path):
+    (P, H)."""
+    gate, up = grouped_linear(rows, gate_up_proj, counts).chunk(2, dim=-1)  # (P, I) each
+    act = swish(gate, None if beta is None else beta[expert_of_row, None]) * up
+    if activation_scale is not None:
+        act = act * activation_scale[expert_of_row, None]
+    return grouped_linear(act, down_proj, counts)

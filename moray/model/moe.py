@@ -3,6 +3,9 @@
 Capacity: with a capacity factor f, each expert takes at most ceil(f * N * k / E) token-expert
 pairs per forward; beyond that the pairs with the lowest router affinity are dropped (their
 token still gets the shared experts and the residual). No factor, or eval mode: dropless.
+N counts the tokens of `self.tokens`: this process's, or, once a data- or expert-parallel run
+installs a group over every rank's tokens, the whole batch's, so the drops and the balance losses
+are the ones a single process would compute.
 
 After every forward the layer keeps `last_stats` (tokens per expert, drops, load entropy) and,
 in training, `last_losses` (the unweighted balance losses, see router.balance_losses).
@@ -19,7 +22,14 @@ from torch import nn
 from moray.model.config import ModelConfig
 from moray.model.experts import RoutedExperts
 from moray.model.norm import SwiGLU
-from moray.model.router import Router, Routing, balance_losses, contiguous_device_map, load_entropy
+from moray.model.router import (
+    LOCAL_TOKENS,
+    Router,
+    Routing,
+    balance_losses,
+    contiguous_device_map,
+    load_entropy,
+)
 
 
 @dataclass
@@ -93,6 +103,7 @@ class MoE(nn.Module):
         )
         self.capacity_factor = config.capacity_factor  # moved by the CapacityController
         self.register_buffer("device_of_expert", contiguous_device_map(E, config.ep_size), persistent=False)
+        self.tokens = LOCAL_TOKENS  # which tokens capacity and balance are decided over (see router.py)
         self.last_stats: RouterStats | None = None
         self.last_losses: dict[str, torch.Tensor] | None = None
 
@@ -122,8 +133,14 @@ class MoE(nn.Module):
         n_real = counted.experts.shape[0]
         keep, kept, capacity = None, None, None
         if self.training and self.capacity_factor is not None:
-            capacity = math.ceil(self.capacity_factor * n_real * k / E)
-            kept = capacity_mask(counted.experts, counted.affinity, E, capacity)  # (n_real, k)
+            # every rank's choices (n_all, 2k), or just ours; expert ids are exact in float64
+            pairs = torch.cat([counted.experts.double(), counted.affinity.detach().double()], dim=1)
+            pairs, start = self.tokens.gather(pairs)
+            all_experts, all_affinity = pairs[:, :k].long(), pairs[:, k:]
+            capacity = math.ceil(self.capacity_factor * len(pairs) * k / E)
+            kept = capacity_mask(all_experts, all_affinity, E, capacity)[
+                start : start + n_real
+            ]  # (n_real, k)
             keep = kept if real is None else kept.new_zeros(N, k).index_copy_(0, rows, kept)
         elif real is not None:
             keep = real[:, None].expand(N, k)
@@ -135,10 +152,10 @@ class MoE(nn.Module):
             tokens_per_expert = torch.bincount(counted.experts.reshape(-1), minlength=E)
             dropped = 0 if kept is None else int((~kept).sum())
         self.last_stats = RouterStats(tokens_per_expert, dropped, n_real * k, capacity)
-        if self.training and torch.is_grad_enabled() and n_real > 0:
+        if self.training and torch.is_grad_enabled() and (n_real > 0 or self.tokens is not LOCAL_TOKENS):
             n_dev = int(self.device_of_expert.max()) + 1
             m = self.config.max_devices_per_token or min(n_dev, k)
-            self.last_losses = balance_losses(counted, self.device_of_expert, n_dev, m)
+            self.last_losses = balance_losses(counted, self.device_of_expert, n_dev, m, self.tokens)
         else:
             self.last_losses = None
         return out.view(shape)

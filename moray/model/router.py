@@ -94,13 +94,36 @@ def contiguous_device_map(n_experts: int, n_devices: int) -> torch.Tensor:
     return torch.arange(n_experts) // (n_experts // n_devices)
 
 
+class LocalTokens:
+    """The tokens that routing decisions are taken over: this process's, the default.
+
+    Capacity (which pairs are dropped) and the balance losses are functions of a whole batch. When
+    the batch is split over data- or expert-parallel ranks, a group over all ranks' tokens is
+    installed from outside (moray.platform.expert_parallel.GlobalTokens), so every rank takes the
+    decision one process would take on the whole batch."""
+
+    def gather(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Every rank's rows of `t` (n, ...), rank after rank, (n_all, ...), and where this rank's
+        rows start among them. No gradient."""
+        return t, 0
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed over the ranks; differentiable."""
+        return t
+
+
+LOCAL_TOKENS = LocalTokens()
+
+
 def balance_losses(
     routing: Routing,
     device_of_expert: torch.Tensor,  # (E,) long
     n_devices: int,
     max_devices_per_token: int,
+    tokens: LocalTokens = LOCAL_TOKENS,
 ) -> dict[str, torch.Tensor]:
-    """The unweighted balance losses of DeepSeek-V2 (eqs. 12-20) and the router z-loss.
+    """The unweighted balance losses of DeepSeek-V2 (eqs. 12-20) and the router z-loss, over the
+    tokens of `tokens` (this process's, or every rank's: one sum over ranks, differentiable).
 
     expert_balance = sum_i f_i P_i,        f_i = E/(k N) * #tokens choosing expert i, P_i = mean score
     device_balance = sum_d f'_d P'_d,      f'_d = mean of f over d's experts, P'_d = sum of P over them
@@ -108,14 +131,26 @@ def balance_losses(
     z_loss         = mean_t logsumexp(logits_t)^2
     """
     scores, experts = routing.scores, routing.experts
-    N, E = scores.shape
-    k = experts.shape[1]
-    counts = torch.bincount(experts.reshape(-1), minlength=E).float()  # (E,)
-    f = counts * E / (k * N)
-    P = scores.mean(dim=0)  # (E,)
+    E, k = scores.shape[1], experts.shape[1]
+    device_of_expert = device_of_expert.to(scores.device)
+    token_devices = device_of_expert[experts]  # (n, k)
+    sent = torch.zeros(len(experts), n_devices, device=scores.device).scatter_(
+        1, token_devices, 1.0
+    )  # (n, D)
+    # Every per-token sum in one vector, so a data-parallel run reduces it with one collective.
+    local = torch.cat([
+        torch.bincount(experts.reshape(-1), minlength=E).to(scores.dtype),  # (E,) pairs per expert
+        scores.sum(dim=0),  # (E,)
+        sent.sum(dim=0).to(scores.dtype),  # (D,) tokens sending to each device
+        torch.logsumexp(routing.logits, dim=-1).pow(2).sum()[None].to(scores.dtype),
+        scores.new_tensor([len(experts)]),  # N
+    ])  # fmt: skip
+    counts, score_sum, sent_sum, z_sum, N = tokens.sum(local).split([E, E, n_devices, 1, 1])
+    N = N.clamp_min(1)
+    f = counts.detach() * E / (k * N.detach())
+    P = score_sum / N.detach()  # (E,)
     expert_balance = (f * P).sum()
 
-    device_of_expert = device_of_expert.to(scores.device)
     # (D,); a device without experts (a sparse placement) has f' = 0, not 0/0.
     experts_per_device = torch.bincount(device_of_expert, minlength=n_devices).float().clamp_min(1)
     f_dev = (
@@ -124,12 +159,10 @@ def balance_losses(
     P_dev = torch.zeros(n_devices, device=scores.device, dtype=P.dtype).index_add_(0, device_of_expert, P)
     device_balance = (f_dev * P_dev).sum()
 
-    token_devices = device_of_expert[experts]  # (N, k)
-    sent = torch.zeros(N, n_devices, device=scores.device).scatter_(1, token_devices, 1.0)  # (N, D)
-    f_comm = sent.sum(dim=0) * n_devices / (max_devices_per_token * N)
+    f_comm = sent_sum.detach() * n_devices / (max_devices_per_token * N.detach())
     comm_balance = (f_comm * P_dev).sum()
 
-    z_loss = torch.logsumexp(routing.logits, dim=-1).pow(2).mean()
+    z_loss = (z_sum / N.detach()).squeeze(0)
     return {
         "expert_balance": expert_balance,
         "device_balance": device_balance,

@@ -141,7 +141,7 @@ class ScalingSection:
 class ParallelSection:
     """Degrees of the device mesh (see moray.platform.parallel.ParallelLayout): data parallelism
     takes what pp and tp leave of the world size; ep is borrowed from the data-parallel ranks.
-    Only data parallelism (FSDP2) is implemented yet."""
+    Data (FSDP2) and expert parallelism are implemented; tensor and pipeline parallelism not yet."""
 
     tp: int = 1
     pp: int = 1
@@ -152,8 +152,10 @@ class ParallelSection:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name}={v!r}: must be a positive integer")
-            if v != 1:
-                raise ConfigError(f"{name}={v}: only data parallelism (tp=pp=ep=1) is implemented so far")
+            if v != 1 and name != "ep":
+                raise ConfigError(
+                    f"{name}={v}: only data and expert parallelism (tp=pp=1) are implemented so far"
+                )
 
     def layout(self, world_size: int, use_gpu: bool = False) -> ParallelLayout:
         device = "cuda" if use_gpu else "cpu"

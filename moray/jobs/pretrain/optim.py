@@ -99,11 +99,34 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     raise ValueError(f"optimizer {name!r}: use 'adamw' or 'lamb_adam'")
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def total_norm(grads: list[torch.Tensor]) -> float:
+    """The 2-norm of all these whole tensors together, when some are sharded (DTensors, possibly on
+    different meshes: FSDP's "dp", the expert shards' "dp_mod_ep" x "ep"). Tensors sharing a mesh
+    and placements are reduced together, one collective per kind."""
+    kinds: dict[tuple, list[torch.Tensor]] = {}
+    for g in grads:
+        kinds.setdefault((getattr(g, "device_mesh", None), tuple(getattr(g, "placements", ()))), []).append(g)
+    squares = 0.0
+    for gs in kinds.values():
+        n = torch.nn.utils.get_total_norm(gs, 2.0)
+        squares += float(n.full_tensor() if hasattr(n, "full_tensor") else n) ** 2
+    return math.sqrt(squares)
+
+
 def _clip_(params: list[torch.Tensor], max_norm: float) -> float:
-    with_grad = [p for p in params if p.grad is not None]
-    if not with_grad:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
         return 0.0
-    return float(torch.nn.utils.clip_grad_norm_(with_grad, max_norm))
+    norm = total_norm(grads)
+    if norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for g in grads:
+            _local(g).mul_(scale)
+    return norm
 
 
 def clip_gradients(model: nn.Module, per_layer: float | None, per_expert: float | None,
@@ -119,6 +142,8 @@ def clip_gradients(model: nn.Module, per_layer: float | None, per_expert: float 
                 gu, down = module.gate_up_proj.grad, module.down_proj.grad
                 if gu is None or down is None:
                     continue
+                # Sharded or not, a rank holds whole experts (the stacks are split on dim 0).
+                gu, down = _local(gu), _local(down)
                 norms = (gu.flatten(1).pow(2).sum(1) + down.flatten(1).pow(2).sum(1)).sqrt()  # (E,)
                 scale = (per_expert / (norms + 1e-6)).clamp(max=1.0)
                 stats["experts_clipped"] += int((scale < 1).sum())

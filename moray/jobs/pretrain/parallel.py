@@ -1,13 +1,14 @@
 """Parallelism applied from outside the model (torchtitan's `parallelize`), in a fixed order:
 
-    1. tensor parallel      (issue: expert and tensor parallelism)
-    2. expert parallel      (same)
-    3. pipeline split       (issue: pipeline parallelism)
+    1. tensor parallel      (issue: expert and tensor parallelism; not yet)
+    2. expert parallel      routing decided over the whole batch; routed experts split over "ep"
+    3. pipeline split       (issue: pipeline parallelism; not yet)
     4. activation checkpointing
-    5. FSDP2 `fully_shard` over the data-parallel ranks, per transformer block then the root
+    5. FSDP2 `fully_shard`: routed experts over "dp_mod_ep" (the ranks that hold the same
+       experts), every transformer block over "dp", then the root
 
 The model stays single-device code; the layout (moray.platform.parallel.ParallelLayout) says what
-to apply. Until their plans land, the config refuses tp, pp and ep above 1.
+to apply. Until their plans land, the config refuses tp and pp above 1.
 """
 
 from __future__ import annotations
@@ -15,21 +16,35 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moray.model.moe import MoE
+from moray.platform.expert_parallel import apply_expert_parallel, install_global_tokens
 from moray.platform.parallel import ParallelLayout
 
 
 def parallelize(model: nn.Module, layout: ParallelLayout, mesh) -> nn.Module:
-    if layout.tp > 1 or layout.ep > 1 or layout.pp > 1:
-        raise NotImplementedError(f"only data parallelism is implemented; got {layout.describe()}")
-    if mesh is not None and layout.dp > 1:
-        _apply_fsdp(model, layout, mesh["dp"])
+    if layout.tp > 1 or layout.pp > 1:
+        raise NotImplementedError(
+            f"tensor and pipeline parallelism are not implemented; got {layout.describe()}"
+        )
+    if mesh is None or layout.dp == 1:
+        return model
+    # Capacity and the balance losses over every data-parallel rank's tokens, as one process would
+    # decide them on the whole batch.
+    install_global_tokens(model, mesh["dp"].get_group())
+    if layout.ep > 1:
+        apply_expert_parallel(model, mesh["ep"])
+    _apply_fsdp(model, layout, mesh)
     return model
 
 
-def _apply_fsdp(model: nn.Module, layout: ParallelLayout, dp_mesh) -> None:
+def _apply_fsdp(model: nn.Module, layout: ParallelLayout, mesh) -> None:
     """Shard parameters, gradients and optimizer state over the data-parallel ranks. On GPUs the
     all-gathered parameters are cast to bf16 for compute; master weights, gradient reduction and
-    optimizer state stay fp32."""
+    optimizer state stay fp32.
+
+    Expert shards are sharded over "dp_mod_ep" only (the other ranks hold other experts). Their
+    gradients arrive summed over the ep ranks that sent them tokens, so FSDP divides their sum over
+    "dp_mod_ep" by the whole dp, not by its own size: the mean over every data-parallel rank."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     options = {}
@@ -38,5 +53,8 @@ def _apply_fsdp(model: nn.Module, layout: ParallelLayout, dp_mesh) -> None:
             param_dtype=layout.compute_dtype, reduce_dtype=torch.float32
         )
     for block in model.layers:
-        fully_shard(block, mesh=dp_mesh, **options)
-    fully_shard(model, mesh=dp_mesh, **options)
+        if layout.ep > 1 and isinstance(block.mlp, MoE):
+            fully_shard(block.mlp.experts, mesh=mesh["dp_mod_ep"], **options)
+            block.mlp.experts.set_gradient_divide_factor(layout.dp)
+        fully_shard(block, mesh=mesh["dp"], **options)
+    fully_shard(model, mesh=mesh["dp"], **options)

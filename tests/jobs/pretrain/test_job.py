@@ -218,3 +218,27 @@ def test_checkpoint_restores_from_a_non_local_filesystem(baseline, tmp_path):
     ckpt.load(storage, path, model, build_optimizer(model, "adamw", 1e-3, 0.0))
     for (name, got), want in zip(model.state_dict().items(), exported.state_dict().values()):
         assert torch.equal(got, want), name
+
+
+def test_expert_parallel_under_ray_train(ray_local, packed_data):
+    """parallel.ep=2 on 2 Ray Train workers: routed experts split over the ranks, checkpoints and
+    the export whole (the layouts' numbers against one process: test_parallel.py)."""
+    from moray.model import load_pretrained
+
+    summary = run(_cfg(packed_data, "ep2", "parallel.ep=2", "train.max_steps=3", "train.checkpoint_every=3",
+                       "train.val_every=3", "run.register_model=null"))  # fmt: skip
+    rows = read_metrics(Path(summary["run_dir"]))
+    assert [r["step"] for r in rows] == [0, 1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    assert rows[-1]["comm_balance"] > 0  # the device-level losses see the 2 expert-parallel ranks
+    final = Path(summary["run_dir"]) / "checkpoint-0000003"
+    assert ckpt.verify(Storage(str(final)), str(final))["world_size"] == 2
+    model = load_pretrained(summary["hf_export"])
+    assert model.layers[1].mlp.experts.gate_up_proj.shape[0] == model.config.n_routed_experts
+
+
+def test_expert_parallel_worker_range_is_checked(packed_data):
+    """Elastic resizing changes only dp; a world size whose dp the ep ranks cannot divide is refused
+    before Ray starts, saying why."""
+    with pytest.raises(ConfigError, match=r"scaling.num_workers=1: parallel.ep=2: expert-parallel ranks are "
+                                          r"borrowed from the 1 data-parallel ranks, so ep must divide dp"):  # fmt: skip
+        run(_cfg(packed_data, "bad", "parallel.ep=2", "scaling.num_workers=[1,2]"))
