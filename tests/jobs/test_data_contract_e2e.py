@@ -96,9 +96,14 @@ def test_generation_ends_where_eos_is_produced(trained, tmp_path):
 
     data, export = trained
     eos = read_manifest(data).special_tokens.eos
-    trigger, then = 300, 301
+    hf_tok = AutoTokenizer.from_pretrained(export)
+    # The prompt as the pipeline will tokenize its text, so every path sees the same ids; the
+    # forced continuation is a token with visible text.
+    text = "The council will review the spending"
+    prompt = hf_tok(text)["input_ids"]
+    trigger = prompt[-1]
+    then = next(t for t in range(3, 512) if t not in prompt and hf_tok.decode([t]).strip())
     forced = _force_eos_after(export, tmp_path / "forced", trigger, then, eos)
-    prompt = [10, 11, 12, trigger]
 
     # moray's generate: the new tokens are `then`, then eos, and nothing after
     ours = generate(load_pretrained(forced), [prompt], SamplingParams(max_new_tokens=16))[0]
@@ -109,8 +114,6 @@ def test_generation_ends_where_eos_is_produced(trained, tmp_path):
     with torch.no_grad():
         out = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)
     assert out[0, len(prompt) :].tolist() == [then, eos]
-    hf_tok = AutoTokenizer.from_pretrained(forced)
-    text = hf_tok.decode(prompt)
     generated = pipeline("text-generation", model=hf, tokenizer=hf_tok)(
         text, max_new_tokens=16, do_sample=False, return_full_text=False
     )[0]["generated_text"]
