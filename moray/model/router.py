@@ -146,9 +146,9 @@ def balance_losses(
         scores.new_tensor([len(experts)]),  # N
     ])  # fmt: skip
     counts, score_sum, sent_sum, z_sum, N = tokens.sum(local).split([E, E, n_devices, 1, 1])
-    N = N.clamp_min(1)
-    f = counts.detach() * E / (k * N.detach())
-    P = score_sum / N.detach()  # (E,)
+    counts, sent_sum, N = counts.detach(), sent_sum.detach(), N.detach().clamp_min(1)  # counts: no gradient
+    f = counts * E / (k * N)
+    P = score_sum / N  # (E,)
     expert_balance = (f * P).sum()
 
     # (D,); a device without experts (a sparse placement) has f' = 0, not 0/0.
@@ -159,10 +159,10 @@ def balance_losses(
     P_dev = torch.zeros(n_devices, device=scores.device, dtype=P.dtype).index_add_(0, device_of_expert, P)
     device_balance = (f_dev * P_dev).sum()
 
-    f_comm = sent_sum.detach() * n_devices / (max_devices_per_token * N.detach())
+    f_comm = sent_sum * n_devices / (max_devices_per_token * N)
     comm_balance = (f_comm * P_dev).sum()
 
-    z_loss = (z_sum / N.detach()).squeeze(0)
+    z_loss = (z_sum / N).squeeze(0)
     return {
         "expert_balance": expert_balance,
         "device_balance": device_balance,

@@ -1,10 +1,10 @@
 """Expert parallelism, applied from outside the model (torchtitan's ExpertParallel).
 
-Two pieces, installed on every MoE layer by `apply_expert_parallel`:
+Two pieces, installed on every MoE layer from outside (moray/jobs/pretrain/parallel.py):
 
-GlobalTokens    capacity and the balance losses decided over the whole batch, every data-parallel
+GlobalTokens    (`install_global_tokens`) capacity and the balance losses decided over the whole batch, every data-parallel
                 rank's tokens, as one process would decide them (model/router.py, LocalTokens).
-ExpertShard     the layer's routed experts split over the `ep` ranks, E/ep each, as DTensors
+ExpertShard     (`apply_expert_parallel`) the layer's routed experts split over the `ep` ranks, E/ep each, as DTensors
                 (Shard(0) on the "ep" mesh dimension, so checkpoints and the HF export see whole
                 tensors). Token-expert pairs travel to the rank that holds their expert and back
                 with `all_to_all_single` (uneven splits, differentiable); shared experts, the router
@@ -13,7 +13,8 @@ ExpertShard     the layer's routed experts split over the `ep` ranks, E/ep each,
 Expert-parallel ranks are data-parallel ranks: each has its own batch slice. Gradients: the loss
 each rank backpropagates is its own tokens' mean, so an expert's gradient arrives summed over the
 ranks of its ep group; divided by dp (and summed over the dp/ep groups that hold the same expert)
-it is the one-process gradient of the global mean. `expert_gradient_divide_factor` says so to FSDP.
+it is the one-process gradient of the global mean; `fully_shard` is told so with
+`set_gradient_divide_factor(dp)`.
 
 Shapes: N tokens here, k experts per token, P pairs sent, R pairs received, E experts, H hidden.
 """
@@ -67,14 +68,13 @@ class ExpertShard(nn.Module):
         super().__init__()
         from torch.distributed.tensor import DTensor, Shard
 
-        self.n_experts, self.width = experts.n_experts, experts.width
+        self.n_experts = experts.n_experts
         self.ep = ep_mesh.size()
         if self.n_experts % self.ep:
             raise ValueError(f"{self.n_experts} routed experts do not split over ep={self.ep} ranks")
         self.n_local = self.n_experts // self.ep
-        self.ep_rank = ep_mesh.get_local_rank()
         self.group = ep_mesh.get_group()
-        first = self.ep_rank * self.n_local
+        first = ep_mesh.get_local_rank() * self.n_local
         for name, param in experts.named_parameters(recurse=False):
             local = param.detach()[first : first + self.n_local].clone()
             shard = DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False)
