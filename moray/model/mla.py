@@ -77,7 +77,8 @@ class MultiHeadLatentAttention(nn.Module):
             q = self.q_proj(x)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(B, T, H, -1).transpose(1, 2)  # (B, H, T, dn + r)
+        # Heads from the width, not the config: under tensor parallelism a rank holds H/tp of them.
+        q = q.view(B, T, -1, self.dn + self.r).transpose(1, 2)  # (B, H, T, dn + r)
         q_nope, q_pe = q.split([self.dn, self.r], dim=-1)
         q_pe = apply_rope(q_pe, inp.cos, inp.sin)  # (B, H, T, r)
 
@@ -121,12 +122,12 @@ class MultiHeadLatentAttention(nn.Module):
             out = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask, keys)
         else:
             out = self._expanded(q_nope, q_pe, c_kv, k_pe, mask)  # (B, H, T, dv)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.dv))
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, H * dv) -> (B, T, hidden)
 
     def _expanded(self, q_nope, q_pe, c_kv, k_pe, mask):
         B, H, T, _ = q_nope.shape
         S = c_kv.shape[1]
-        kv = self.kv_b_proj(c_kv).view(B, S, H, self.dn + self.dv).transpose(1, 2)  # (B, H, S, dn + dv)
+        kv = self.kv_b_proj(c_kv).view(B, S, -1, self.dn + self.dv).transpose(1, 2)  # (B, H, S, dn + dv)
         k_nope, v = kv.split([self.dn, self.dv], dim=-1)
         k = torch.cat([k_nope, k_pe.expand(-1, H, -1, -1)], dim=-1)  # (B, H, S, dn + r)
         q = torch.cat([q_nope, q_pe], dim=-1)  # (B, H, T, dn + r)

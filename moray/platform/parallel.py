@@ -90,6 +90,15 @@ class ParallelLayout:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.compute_dtype)
 
+    def loss_parallel(self):
+        """The context for computing the loss and its backward: with tp > 1 the logits stay sharded
+        on the vocabulary and the cross-entropy is computed on the shards (DTensor's loss_parallel)."""
+        if self.tp == 1:
+            return contextlib.nullcontext()
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        return loss_parallel()
+
     # ---- mesh and model -------------------------------------------------------------------------
     def build_mesh(self) -> LayoutMesh | None:
         """The named device mesh (collective: every rank calls it), with "dp" flattened from
@@ -112,7 +121,11 @@ class ParallelLayout:
     def configure_model(self, config):
         """The model config this layout trains or serves: its expert-parallel degree drives the
         device-limited routing and the device/communication balance losses. With ep=1 the model
-        keeps its own `ep_size` (the single-process emulation of its published layout)."""
+        keeps its own `ep_size` (the single-process emulation of its published layout). Raises
+        ValueError if the model cannot be split over the tp ranks."""
+        from moray.platform.tensor_parallel import check_tensor_parallel
+
+        check_tensor_parallel(config, self.tp)
         if self.ep == 1:
             return config
         if config.ep_size not in (1, self.ep):

@@ -116,7 +116,8 @@ def train_func(loop_config: dict) -> None:
             (inputs[m : m + micro], targets[m : m + micro]) for m in range(0, len(inputs), micro)
         ]
         stats = train_step(
-            model, optimizer, scheduler, micro_batches, tc.aux_loss_weight, clip, w.layout.autocast
+            model, optimizer, scheduler, micro_batches, tc.aux_loss_weight, clip, w.layout.autocast,
+            w.layout.loss_parallel,
         )
         reduced = reduce_stats(stats, w.layout.dp, w.dp_group, w.device)
         moe_feedback(model, reduced, controller, tc.router_bias_update)
@@ -186,9 +187,10 @@ def _validate(model, val_shard, global_batch: int, micro: int, max_batches: int,
                 batch.inputs[m : m + micro].to(w.device),
                 batch.targets[m : m + micro].to(w.device),
             )
-            with w.layout.autocast():
-                logits = model(inputs).logits
-            total[0] += lm_loss(logits, targets, reduction="sum").double()
+            with w.layout.loss_parallel():
+                with w.layout.autocast():
+                    logits = model(inputs).logits
+                total[0] += lm_loss(logits, targets, reduction="sum").double()
             total[1] += targets.numel()
     total = all_reduce(total, w.dp_group).cpu()
     model.train()

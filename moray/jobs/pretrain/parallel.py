@@ -1,6 +1,6 @@
 """Parallelism applied from outside the model (torchtitan's `parallelize`), in a fixed order:
 
-    1. tensor parallel      (issue: expert and tensor parallelism; not yet)
+    1. tensor parallel      attention heads, MLP channels and the vocabulary split over "tp"
     2. expert parallel      routing decided over the whole batch; routed experts split over "ep"
     3. pipeline split       (issue: pipeline parallelism; not yet)
     4. activation checkpointing
@@ -8,7 +8,7 @@
        experts), every transformer block over "dp", then the root
 
 The model stays single-device code; the layout (moray.platform.parallel.ParallelLayout) says what
-to apply. Until their plans land, the config refuses tp and pp above 1.
+to apply. Until its plan lands, the config refuses pp above 1.
 """
 
 from __future__ import annotations
@@ -19,21 +19,24 @@ from torch import nn
 from moray.model.moe import MoE
 from moray.platform.expert_parallel import apply_expert_parallel, install_global_tokens
 from moray.platform.parallel import ParallelLayout
+from moray.platform.tensor_parallel import apply_tensor_parallel
 
 
 def parallelize(model: nn.Module, layout: ParallelLayout, mesh) -> nn.Module:
-    if layout.tp > 1 or layout.pp > 1:
-        raise NotImplementedError(
-            f"tensor and pipeline parallelism are not implemented; got {layout.describe()}"
-        )
-    if mesh is None or layout.dp == 1:
+    if layout.pp > 1:
+        raise NotImplementedError(f"pipeline parallelism is not implemented; got {layout.describe()}")
+    if mesh is None:
         return model
-    # Capacity and the balance losses over every data-parallel rank's tokens, as one process would
-    # decide them on the whole batch.
-    install_global_tokens(model, mesh["dp"].get_group())
+    if layout.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"])
+    if layout.dp > 1:
+        # Capacity and the balance losses over every data-parallel rank's tokens, as one process
+        # would decide them on the whole batch (the tp ranks of a data-parallel rank share its tokens).
+        install_global_tokens(model, mesh["dp"].get_group())
     if layout.ep > 1:
         apply_expert_parallel(model, mesh["ep"])
-    _apply_fsdp(model, layout, mesh)
+    if layout.dp > 1:
+        _apply_fsdp(model, layout, mesh)
     return model
 
 

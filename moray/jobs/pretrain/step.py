@@ -53,8 +53,11 @@ class StepStats:
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy in fp32 (also under bf16 autocast)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
+    """Next-token cross-entropy in fp32 (also under bf16 autocast). Logits sharded on the vocabulary
+    (a DTensor, under tensor parallelism) need the layout's `loss_parallel` context, for the
+    backward pass too; the loss comes back as a plain tensor."""
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
+    return loss.full_tensor() if hasattr(loss, "full_tensor") else loss
 
 
 def train_step(
@@ -65,6 +68,7 @@ def train_step(
     aux_loss_weight: float,
     clip: ClipSettings,
     autocast=contextlib.nullcontext,
+    loss_parallel=contextlib.nullcontext,  # the layout's, around the loss and its backward
 ) -> StepStats:
     model.train()
     n = len(micro_batches)
@@ -72,11 +76,12 @@ def train_step(
     tokens: dict[int, torch.Tensor] = {}
     dropped = pairs = 0.0
     for inputs, targets in micro_batches:
-        with autocast():
-            out = model(inputs)
-        lm = lm_loss(out.logits, targets)
-        loss = lm + aux_loss_weight * out.aux_loss
-        (loss / n).backward()
+        with loss_parallel():
+            with autocast():
+                out = model(inputs)
+            lm = lm_loss(out.logits, targets)
+            loss = lm + aux_loss_weight * out.aux_loss
+            (loss / n).backward()
         losses["loss"] += float(loss.detach()) / n
         losses["lm_loss"] += float(lm.detach()) / n
         for name, v in out.balance_losses.items():

@@ -1,13 +1,17 @@
 """Parallel layouts of pre-training, loss-equal to one process (gloo, fp32, deterministic).
 
 Ten steps of the real step (`train_step`, `reduce_stats`, `moe_feedback`) on the tiny model,
-through `parallelize` (FSDP2; expert shards with all-to-all dispatch), against one process on the
+through `parallelize` (FSDP2; tensor-parallel DTensors with the loss on vocab-sharded logits;
+expert shards with all-to-all dispatch), with AdamW and with LAMB, against one process on the
 whole batch: capacity binding (tokens are dropped, and the controller moves the factor), routing
 device-limited (2 groups, 1 per token), every balance loss on, clipping per expert, per layer and
-globally. Losses, gradient norms, drops and capacity factors agree at every step, the final
-weights, gathered, agree too, and the layout's checkpoint loads into one process with the same
-next-step loss. Processes are spawned directly (no Ray: the layouts are plain
-PyTorch; tests/jobs/pretrain/test_job.py runs them under Ray Train)."""
+globally. Losses, gradient norms, drops and capacity factors agree at every step, and the final
+weights, gathered, agree too.
+
+Checkpoints move between layouts: each layout's checkpoint loads into one process, the one-process
+checkpoint into each layout, and the 4-rank layout's into the 2-rank ones and back, every time with
+the writer's next-step loss. Processes are spawned directly (no Ray: the layouts are plain PyTorch;
+tests/jobs/pretrain/test_job.py runs them under Ray Train)."""
 
 from __future__ import annotations
 
@@ -27,6 +31,14 @@ from moray.platform.parallel import ParallelLayout
 from moray.platform.storage import Storage
 
 STEPS, BATCH, SEQ = 10, 4, 16
+OPTIMIZERS = ("adamw", "lamb_adam")
+LAYOUTS = {
+    "one": ParallelLayout(),
+    "dp2": ParallelLayout(dp=2),
+    "dp2-ep2": ParallelLayout(dp=2, ep=2),
+    "tp2": ParallelLayout(tp=2),
+    "tp2-ep2": ParallelLayout(dp=2, tp=2, ep=2),  # 4 ranks: 2 data-parallel x 2 tensor-parallel
+}
 
 
 def _config():
@@ -42,96 +54,139 @@ def _batch(step: int):
     return seqs[:, :-1], seqs[:, 1:]
 
 
-def _setup(world: int, ep: int, optimizer: str):
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    layout = ParallelLayout(dp=world, ep=ep)
-    mesh = layout.build_mesh()
-    torch.manual_seed(0)
-    model = parallelize(Transformer(layout.configure_model(_config())), layout, mesh)
-    opt = build_optimizer(model, optimizer, 1e-3, 0.1)  # 1e-2 is chaotic for this model: float order grows
-    group = mesh["dp"].get_group() if mesh is not None else None
-    return layout, model, opt, group
+class Rank:
+    """One layout built on this process: model, optimizer, and its data-parallel coordinates."""
+
+    def __init__(self, layout: ParallelLayout, optimizer: str):
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        self.layout = layout
+        mesh = layout.build_mesh()
+        torch.manual_seed(0)
+        self.model = parallelize(Transformer(layout.configure_model(_config())), layout, mesh)
+        self.opt = build_optimizer(self.model, optimizer, 1e-3, 0.1)  # 1e-2 is chaotic: float order grows
+        self.group = mesh["dp"].get_group() if mesh is not None else None
+        self.dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
+
+    def rows(self, t: torch.Tensor) -> torch.Tensor:
+        per_rank = BATCH // self.layout.dp
+        return t[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
+
+    def next_loss(self) -> float:
+        """The training loss (capacity on, no update) of the batch after the last step, over all ranks."""
+        inputs, targets = (self.rows(t) for t in _batch(STEPS))
+        with self.layout.loss_parallel():
+            out = self.model(inputs)
+            loss = (lm_loss(out.logits, targets) + out.aux_loss).detach()
+        if self.group is not None:
+            dist.all_reduce(loss, group=self.group)
+        return float(loss) / self.layout.dp
+
+    def load(self, checkpoint: str, factor: float) -> float:
+        ckpt.load(Storage(checkpoint), checkpoint, self.model, self.opt)
+        self.model.set_capacity_factor(factor)
+        return self.next_loss()
 
 
-def _rows(t: torch.Tensor, world: int, rank: int) -> torch.Tensor:
-    per_rank = BATCH // world
-    return t[rank * per_rank : (rank + 1) * per_rank]
-
-
-def next_loss(model, world: int, rank: int, group) -> float:
-    """The training loss (capacity on, no update) of the batch after the last step, over all ranks."""
-    inputs, targets = (_rows(t, world, rank) for t in _batch(STEPS))
-    out = model(inputs)
-    loss = (lm_loss(out.logits, targets) + out.aux_loss).detach()
-    if group is not None:
-        dist.all_reduce(loss, group=group)
-    return float(loss) / world
-
-
-def train(world: int, ep: int, optimizer: str, rank: int = 0, save_to: str | None = None) -> dict:
+def train(layout: ParallelLayout, optimizer: str, save_to: str | None = None) -> dict:
     """STEPS steps on this rank's slice of each global batch; the group's figures per step."""
-    layout, model, opt, group = _setup(world, ep, optimizer)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, Schedule(STEPS, 2, "cosine", 0.1))
+    r = Rank(layout, optimizer)
+    sched = torch.optim.lr_scheduler.LambdaLR(r.opt, Schedule(STEPS, 2, "cosine", 0.1))
     controller = CapacityController(0.5, 0.02, 0.25, 2.0)
-    controller.apply(model)
+    controller.apply(r.model)
     clip = ClipSettings(per_layer=0.5, per_expert=0.02, global_norm=1.0)
     history = []
     for step in range(STEPS):
-        inputs, targets = (_rows(t, world, rank) for t in _batch(step))
-        stats = train_step(model, opt, sched, [(inputs, targets)], aux_loss_weight=1.0, clip=clip)
-        reduced = reduce_stats(stats, layout.dp, group)
-        moe_feedback(model, reduced, controller)
+        inputs, targets = (r.rows(t) for t in _batch(step))
+        stats = train_step(r.model, r.opt, sched, [(inputs, targets)], aux_loss_weight=1.0, clip=clip,
+                           loss_parallel=layout.loss_parallel)  # fmt: skip
+        reduced = reduce_stats(stats, layout.dp, r.group)
+        moe_feedback(r.model, reduced, controller)
         history.append({"loss": reduced.losses["loss"], "grad_norm": reduced.grad_norm,
                         "dropped": reduced.dropped, "factor": controller.factor})  # fmt: skip
     if save_to is not None:
-        ckpt.save(Path(save_to), model, opt, {"factor": controller.factor}, rank, world)
-    return {"history": history, "next_loss": next_loss(model, world, rank, group),
-            "weights": ckpt.full_model_state(model)}  # fmt: skip
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        ckpt.save(Path(save_to), r.model, r.opt, {"factor": controller.factor}, rank, layout.world_size)
+    return {"history": history, "next_loss": r.next_loss(), "weights": ckpt.full_model_state(r.model)}
 
 
-def _worker(rank: int, world: int, init_file: str, ep: int, optimizer: str, out_file: str, save_to) -> None:
+def run_jobs(layout: ParallelLayout, jobs: list[tuple], root: Path):
+    """In one process group of the layout's size: ("train", optimizer, save_to) and ("load",
+    optimizer, checkpoint, capacity factor) jobs in order; rank 0's results."""
+    if layout.world_size == 1:
+        return [_run(layout, job) for job in jobs]
+    out = root / f"results-{len(list(root.glob('results-*')))}.pt"
+    mp.start_processes(_worker, args=(layout.world_size, str(out) + ".init", layout, jobs, str(out)),
+                       nprocs=layout.world_size, start_method="spawn")  # fmt: skip
+    return torch.load(out, weights_only=True)
+
+
+def _run(layout: ParallelLayout, job: tuple):
+    if job[0] == "train":
+        return train(layout, job[1], job[2])
+    return Rank(layout, job[1]).load(job[2], job[3])
+
+
+def _worker(rank: int, world: int, init_file: str, layout, jobs, out_file: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        result = train(world, ep, optimizer, rank, save_to)
+        results = [_run(layout, job) for job in jobs]
         if rank == 0:
-            torch.save(result, out_file)
+            torch.save(results, out_file)
     finally:
         dist.destroy_process_group()
 
 
-def run_layout(tmp_path, world: int, ep: int, optimizer: str, save_to: str | None = None) -> dict:
-    out = tmp_path / f"{world}-{ep}-{optimizer}.pt"
-    mp.start_processes(
-        _worker, args=(world, str(tmp_path / f"init-{out.stem}"), ep, optimizer, str(out), save_to),
-        nprocs=world, start_method="spawn",
-    )  # fmt: skip
-    return torch.load(out, weights_only=True)
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Each layout's training with both optimizers, once per module: name -> optimizer -> result,
+    with its checkpoint under result["checkpoint"]."""
+    root = tmp_path_factory.mktemp("layouts")
+    cache: dict[str, dict] = {}
+
+    def get(name: str) -> dict:
+        if name not in cache:
+            jobs = [("train", opt, str(root / name / opt)) for opt in OPTIMIZERS]
+            results = run_jobs(LAYOUTS[name], jobs, root)
+            cache[name] = {opt: {**res, "checkpoint": str(root / name / opt)} for opt, res in zip(OPTIMIZERS, results)}
+        return cache[name]
+
+    get.root = root
+    return get
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "lamb_adam"])
-@pytest.mark.parametrize("ep", [1, 2], ids=["dp2", "dp2-ep2"])
-def test_layout_equals_one_process(tmp_path, ep, optimizer):
-    want = train(1, 1, optimizer)
-    saved = tmp_path / "checkpoint"
-    got = run_layout(tmp_path, 2, ep, optimizer, str(saved))
-    assert sum(h["dropped"] for h in want["history"]) > 0  # capacity binds
-    assert len({h["factor"] for h in want["history"]}) > 1  # and the controller moves it
-    for step, (g, w) in enumerate(zip(got["history"], want["history"])):
-        assert g["dropped"] == w["dropped"], step
-        assert g["factor"] == pytest.approx(w["factor"], rel=1e-12), step
-        assert g["loss"] == pytest.approx(w["loss"], rel=1e-5), step
-        assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-5), step
-    assert got["weights"].keys() == want["weights"].keys()
-    for name, w in want["weights"].items():
-        torch.testing.assert_close(got["weights"][name], w, rtol=1e-5, atol=1e-6, msg=name)
+@pytest.mark.parametrize("name", ["dp2", "dp2-ep2", "tp2", "tp2-ep2"])
+def test_layout_equals_one_process(runs, name):
+    for optimizer in OPTIMIZERS:
+        want, got = runs("one")[optimizer], runs(name)[optimizer]
+        assert sum(h["dropped"] for h in want["history"]) > 0  # capacity binds
+        assert len({h["factor"] for h in want["history"]}) > 1  # and the controller moves it
+        for step, (g, w) in enumerate(zip(got["history"], want["history"])):
+            assert g["dropped"] == w["dropped"], (optimizer, step)
+            assert g["factor"] == pytest.approx(w["factor"], rel=1e-12), (optimizer, step)
+            assert g["loss"] == pytest.approx(w["loss"], rel=1e-5), (optimizer, step)
+            assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-5), (optimizer, step)
+        assert got["weights"].keys() == want["weights"].keys()
+        for key, w in want["weights"].items():
+            torch.testing.assert_close(got["weights"][key], w, rtol=1e-5, atol=1e-6, msg=f"{optimizer} {key}")
+        assert got["next_loss"] == pytest.approx(want["next_loss"], rel=1e-5)
 
-    # the layout's checkpoint restores into one process: the same weights, the same next loss
-    _, model, opt, _ = _setup(1, 1, optimizer)
-    ckpt.load(Storage(str(saved)), str(saved), model, opt)
-    assert ckpt.verify(Storage(str(saved)), str(saved))["world_size"] == 2
-    for name, w in model.state_dict().items():
-        torch.testing.assert_close(w, got["weights"][name], rtol=0, atol=0, msg=name)
-    model.set_capacity_factor(got["history"][-1]["factor"])
-    assert next_loss(model, 1, 0, None) == pytest.approx(got["next_loss"], rel=1e-5)
-    assert got["next_loss"] == pytest.approx(want["next_loss"], rel=1e-5)
+        # the layout's checkpoint restores into one process: the same weights, the same next loss
+        r = Rank(LAYOUTS["one"], optimizer)
+        assert r.load(got["checkpoint"], got["history"][-1]["factor"]) == pytest.approx(got["next_loss"], rel=1e-5)
+        assert ckpt.verify(Storage(got["checkpoint"]), got["checkpoint"])["world_size"] == LAYOUTS[name].world_size
+        for key, w in r.model.state_dict().items():
+            torch.testing.assert_close(w, got["weights"][key], rtol=0, atol=0, msg=key)
+
+
+def _loads(runs, reader: str, writers: list[tuple[str, str]]) -> None:
+    """`reader` loads each (writer layout, optimizer) checkpoint: the writer's next-step loss."""
+    jobs = [("load", opt, runs(w)[opt]["checkpoint"], runs(w)[opt]["history"][-1]["factor"]) for w, opt in writers]
+    for (w, opt), loss in zip(writers, run_jobs(LAYOUTS[reader], jobs, runs.root)):
+        assert loss == pytest.approx(runs(w)[opt]["next_loss"], rel=1e-5), f"{w} -> {reader} ({opt})"
+
+
+def test_checkpoints_move_between_layouts(runs):
+    _loads(runs, "tp2-ep2", [("one", "adamw"), ("tp2", "lamb_adam"), ("dp2-ep2", "adamw")])
+    _loads(runs, "tp2", [("one", "lamb_adam"), ("tp2-ep2", "adamw"), ("dp2-ep2", "lamb_adam")])
+    _loads(runs, "dp2-ep2", [("one", "adamw"), ("tp2-ep2", "lamb_adam"), ("tp2", "adamw")])
