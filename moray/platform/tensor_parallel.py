@@ -56,7 +56,9 @@ def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
         "intermediate_size": config.intermediate_size,
     }
     if config.n_shared_experts:
-        sizes["moe_intermediate_size * n_shared_experts"] = config.moe_intermediate_size * config.n_shared_experts
+        sizes["moe_intermediate_size * n_shared_experts"] = (
+            config.moe_intermediate_size * config.n_shared_experts
+        )
     for name, size in sizes.items():
         if size % tp:
             raise ValueError(f"parallel.tp={tp}: must divide the model's {name} ({size})")

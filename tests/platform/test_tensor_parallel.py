@@ -91,7 +91,9 @@ def test_tp2_equals_one_process(tmp_path, q_lora_rank):
     assert {"embed_tokens.weight", "lm_head.weight", f"layers.0.self_attn.{q}.weight",
             "layers.1.self_attn.kv_b_proj.weight", "layers.1.self_attn.o_proj.weight",
             "layers.0.mlp.down_proj.weight", "layers.2.mlp.shared_experts.up_proj.weight"} <= set(got["sharded"])  # fmt: skip
-    assert not any("experts.gate_up_proj" in n or "kv_a_proj" in n or "gate.weight" in n for n in got["sharded"])
+    assert not any(
+        "experts.gate_up_proj" in n or "kv_a_proj" in n or "gate.weight" in n for n in got["sharded"]
+    )
     assert want["dropped"] > 0 and got["dropped"] == want["dropped"]
     assert float(got["loss"]) == pytest.approx(float(want["loss"]), rel=1e-5)
     for name, v in want["losses"].items():
@@ -110,5 +112,7 @@ def test_models_that_cannot_be_split_are_refused():
         check_tensor_parallel(tiny.replace(vocab_size=510), 4)
     for extra in UNSUPPORTED_EXTRAS:
         value = [1] if extra == "relative_bias_offsets" else True
-        with pytest.raises(ValueError, match=f"the model extra {extra} is not supported with tensor parallelism"):
+        with pytest.raises(
+            ValueError, match=f"the model extra {extra} is not supported with tensor parallelism"
+        ):
             ParallelLayout(dp=1, tp=2).configure_model(tiny.replace(**{extra: value}))

@@ -116,7 +116,13 @@ def train_func(loop_config: dict) -> None:
             (inputs[m : m + micro], targets[m : m + micro]) for m in range(0, len(inputs), micro)
         ]
         stats = train_step(
-            model, optimizer, scheduler, micro_batches, tc.aux_loss_weight, clip, w.layout.autocast,
+            model,
+            optimizer,
+            scheduler,
+            micro_batches,
+            tc.aux_loss_weight,
+            clip,
+            w.layout.autocast,
             w.layout.loss_parallel,
         )
         reduced = reduce_stats(stats, w.layout.dp, w.dp_group, w.device)

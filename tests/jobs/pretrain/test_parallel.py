@@ -148,7 +148,9 @@ def runs(tmp_path_factory):
         if name not in cache:
             jobs = [("train", opt, str(root / name / opt)) for opt in OPTIMIZERS]
             results = run_jobs(LAYOUTS[name], jobs, root)
-            cache[name] = {opt: {**res, "checkpoint": str(root / name / opt)} for opt, res in zip(OPTIMIZERS, results)}
+            cache[name] = {
+                opt: {**res, "checkpoint": str(root / name / opt)} for opt, res in zip(OPTIMIZERS, results)
+            }
         return cache[name]
 
     get.root = root
@@ -173,15 +175,22 @@ def test_layout_equals_one_process(runs, name):
 
         # the layout's checkpoint restores into one process: the same weights, the same next loss
         r = Rank(LAYOUTS["one"], optimizer)
-        assert r.load(got["checkpoint"], got["history"][-1]["factor"]) == pytest.approx(got["next_loss"], rel=1e-5)
-        assert ckpt.verify(Storage(got["checkpoint"]), got["checkpoint"])["world_size"] == LAYOUTS[name].world_size
+        assert r.load(got["checkpoint"], got["history"][-1]["factor"]) == pytest.approx(
+            got["next_loss"], rel=1e-5
+        )
+        assert (
+            ckpt.verify(Storage(got["checkpoint"]), got["checkpoint"])["world_size"]
+            == LAYOUTS[name].world_size
+        )
         for key, w in r.model.state_dict().items():
             torch.testing.assert_close(w, got["weights"][key], rtol=0, atol=0, msg=key)
 
 
 def _loads(runs, reader: str, writers: list[tuple[str, str]]) -> None:
     """`reader` loads each (writer layout, optimizer) checkpoint: the writer's next-step loss."""
-    jobs = [("load", opt, runs(w)[opt]["checkpoint"], runs(w)[opt]["history"][-1]["factor"]) for w, opt in writers]
+    jobs = [
+        ("load", opt, runs(w)[opt]["checkpoint"], runs(w)[opt]["history"][-1]["factor"]) for w, opt in writers
+    ]
     for (w, opt), loss in zip(writers, run_jobs(LAYOUTS[reader], jobs, runs.root)):
         assert loss == pytest.approx(runs(w)[opt]["next_loss"], rel=1e-5), f"{w} -> {reader} ({opt})"
 
