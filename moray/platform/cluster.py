@@ -63,3 +63,20 @@ def connect(**kwargs):
     else:
         ray.init(_node_ip_address=node_ip, **kwargs)
     return ray
+
+
+def known_cpus() -> float | None:
+    """The CPUs of the Ray that `connect` uses, where known before connecting: the connected Ray's,
+    or this machine's for a local Ray still to start. None for a cluster by address, which may
+    autoscale."""
+    import ray
+
+    if ray.is_initialized():
+        return float(ray.cluster_resources().get("CPU", 0.0))
+    from ray._private.services import canonicalize_bootstrap_address
+
+    if os.environ.get("RAY_ADDRESS") or canonicalize_bootstrap_address(None) is not None:
+        return None
+    from ray._private.utils import get_num_cpus
+
+    return float(get_num_cpus())

@@ -141,7 +141,7 @@ class ScalingSection:
 class ParallelSection:
     """Degrees of the device mesh (see moray.platform.parallel.ParallelLayout): data parallelism
     takes what pp and tp leave of the world size; ep is borrowed from the data-parallel ranks.
-    Data (FSDP2) and expert parallelism are implemented; tensor and pipeline parallelism not yet."""
+    Data (FSDP2), tensor and expert parallelism are implemented; pipeline parallelism not yet."""
 
     tp: int = 1
     pp: int = 1
@@ -152,10 +152,8 @@ class ParallelSection:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name}={v!r}: must be a positive integer")
-            if v != 1 and name != "ep":
-                raise ConfigError(
-                    f"{name}={v}: only data and expert parallelism (tp=pp=1) are implemented so far"
-                )
+            if v != 1 and name == "pp":
+                raise ConfigError(f"pp={v}: pipeline parallelism is not implemented yet (use pp=1)")
 
     def layout(self, world_size: int, use_gpu: bool = False) -> ParallelLayout:
         device = "cuda" if use_gpu else "cpu"

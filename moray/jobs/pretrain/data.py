@@ -23,12 +23,27 @@ import torch
 
 from moray.platform.data_contract import TOKENS_COLUMN, shard_files
 
+# CPUs a read task asks Ray for. Reading token ids is light, and Ray Train's workers hold their CPUs
+# away from Ray Data while every worker runs its own read of the split: a whole CPU per read task
+# (Ray's default) would leave the reads of 4 workers on 2 CPUs waiting forever. The run needs this
+# much CPU beyond its workers (job._check_cpus).
+READ_TASK_CPUS = 0.25
+
 
 def read_split(data_path: str, split: str):
     """A Ray Dataset over one split's shards, in file order."""
     import ray.data
 
-    ds = ray.data.read_parquet(shard_files(data_path, split), columns=[TOKENS_COLUMN], shuffle=None)
+    # Ray Data's newer Parquet path lists files in tasks of a whole CPU each, whatever `num_cpus`
+    # says; the file list is known here, so read through the path whose tasks take READ_TASK_CPUS.
+    context = ray.data.DataContext.get_current()
+    saved, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        ds = ray.data.read_parquet(
+            shard_files(data_path, split), columns=[TOKENS_COLUMN], shuffle=None, num_cpus=READ_TASK_CPUS
+        )
+    finally:
+        context.use_datasource_v2 = saved
     # Every rank re-reads the split each epoch: per-worker progress bars would only be noise.
     ds.context.enable_progress_bars = False
     return ds

@@ -51,10 +51,27 @@ def _mlflow_run(mlflow, cfg: PretrainConfig, params: dict) -> str:
     return run.info.run_id
 
 
+def _check_cpus(cfg: PretrainConfig) -> None:
+    """Ray Train holds its workers' CPUs away from Ray Data: a cluster with less than a read task's
+    CPUs left beyond the workers would wait forever for its reads."""
+    from moray.jobs.pretrain.data import READ_TASK_CPUS
+    from moray.platform.cluster import known_cpus
+
+    total, workers, per_worker = known_cpus(), cfg.scaling.worker_range[1], cfg.scaling.cpus_per_worker
+    if total is not None and total - workers * per_worker < READ_TASK_CPUS:
+        fits = (total - READ_TASK_CPUS) / workers
+        raise ConfigError(
+            f"scaling: {workers} workers x cpus_per_worker={per_worker} leave less than the {READ_TASK_CPUS} CPU "
+            f"Ray Data needs to read the shards, of the {total:g} CPUs Ray has here; set "
+            f"scaling.cpus_per_worker to at most {fits:.3g} (workers may share cores)"
+        )
+
+
 def run(cfg: PretrainConfig, callbacks: list[Callback] | None = None) -> dict:
     """Train; returns a summary (run dir, MLflow run id, model version, final metrics).
     `callbacks` run inside every worker (e.g. the fault-injection hook of the tests)."""
     plan = validate(cfg)  # before any cluster work
+    _check_cpus(cfg)
     model_config = plan.model_config
     if cfg.train.val_batches and plan.val_sequences < cfg.data.global_batch_size:
         log.warning("no validation: the val split holds %d sequences, less than one global batch of %d",

@@ -139,7 +139,8 @@ def test_corrupt_checkpoint_falls_back_to_the_previous(baseline, tmp_path, caplo
     [
         ("scaling.num_workers=3", "global_batch_size=8"),
         ("train.max_steps=0", "max_steps=0"),
-        ("parallel.tp=2", "tp=2"),
+        ("parallel.pp=2", "pp=2: pipeline parallelism is not implemented"),
+        ("parallel.tp=4", r"scaling.num_workers=2: world size 2 is not divisible by pp\*tp=4"),
         ("model.preset=huge", "unknown model preset"),
         ("data.path=/nonexistent", "no manifest.json"),
         ("train.capacity_factor=9", "capacity_factor=9"),
@@ -220,25 +221,45 @@ def test_checkpoint_restores_from_a_non_local_filesystem(baseline, tmp_path):
         assert torch.equal(got, want), name
 
 
-def test_expert_parallel_under_ray_train(ray_local, packed_data):
-    """parallel.ep=2 on 2 Ray Train workers: routed experts split over the ranks, checkpoints and
-    the export whole (the layouts' numbers against one process: test_parallel.py)."""
+def test_tensor_and_expert_parallel_under_ray_train(ray_local, packed_data):
+    """parallel.tp=2 parallel.ep=2 on 4 Ray Train workers (2 data-parallel x 2 tensor-parallel,
+    the routed experts split over the 2 data-parallel ranks): checkpoints and the export hold whole
+    tensors (the layouts' numbers against one process: test_parallel.py)."""
     from moray.model import load_pretrained
 
-    summary = run(_cfg(packed_data, "ep2", "parallel.ep=2", "train.max_steps=3", "train.checkpoint_every=3",
-                       "train.val_every=3", "run.register_model=null"))  # fmt: skip
+    summary = run(_cfg(packed_data, "tp2-ep2", "parallel.tp=2", "parallel.ep=2", "scaling.num_workers=4",
+                       "train.max_steps=3", "train.checkpoint_every=3", "train.val_every=3",
+                       "run.register_model=null"))  # fmt: skip
     rows = read_metrics(Path(summary["run_dir"]))
     assert [r["step"] for r in rows] == [0, 1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    assert math.isfinite(rows[-1]["val_loss"])  # validation on vocab-sharded logits too
     assert rows[-1]["comm_balance"] > 0  # the device-level losses see the 2 expert-parallel ranks
     final = Path(summary["run_dir"]) / "checkpoint-0000003"
-    assert ckpt.verify(Storage(str(final)), str(final))["world_size"] == 2
+    assert ckpt.verify(Storage(str(final)), str(final))["world_size"] == 4
     model = load_pretrained(summary["hf_export"])
     assert model.layers[1].mlp.experts.gate_up_proj.shape[0] == model.config.n_routed_experts
+    assert model.lm_head.weight.shape[0] == model.config.vocab_size
+    assert model.layers[0].self_attn.kv_b_proj.weight.shape[0] == model.config.num_attention_heads * 32
 
 
-def test_expert_parallel_worker_range_is_checked(packed_data):
-    """Elastic resizing changes only dp; a world size whose dp the ep ranks cannot divide is refused
-    before Ray starts, saying why."""
-    with pytest.raises(ConfigError, match=r"scaling.num_workers=1: parallel.ep=2: expert-parallel ranks are "
-                                          r"borrowed from the 1 data-parallel ranks, so ep must divide dp"):  # fmt: skip
-        run(_cfg(packed_data, "bad", "parallel.ep=2", "scaling.num_workers=[1,2]"))
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        # elastic resizing changes only dp: every world size in the range must take the layout
+        (["parallel.ep=2", "scaling.num_workers=[1,2]"], r"scaling.num_workers=1: parallel.ep=2: expert-parallel "
+         r"ranks are borrowed from the 1 data-parallel ranks, so ep must divide dp"),
+        (["parallel.tp=2", "scaling.num_workers=[2,3]"], r"scaling.num_workers=3: world size 3 is not divisible "
+         r"by pp\*tp=2"),
+        (["parallel.tp=2", "model.overrides={rope_per_head_base: true}"], r"parallel.tp=2: the model extra "
+         r"rope_per_head_base is not supported with tensor parallelism"),
+        (["parallel.tp=2", "model.overrides={num_attention_heads: 3}"], r"parallel.tp=2: must divide the "
+         r"model's num_attention_heads \(3\)"),
+        # Ray Train's workers would hold every CPU and Ray Data's reads would wait forever
+        (["parallel.tp=2", "scaling.num_workers=4", "scaling.cpus_per_worker=1.0"], r"scaling: 4 workers x "
+         r"cpus_per_worker=1.0 leave less than the 0.25 CPU Ray Data needs to read the shards"),
+    ],
+)  # fmt: skip
+def test_layouts_the_model_or_worker_range_cannot_take_are_refused(packed_data, overrides, match):
+    """Before Ray starts, saying why."""
+    with pytest.raises(ConfigError, match=match):
+        run(_cfg(packed_data, "bad", *overrides))

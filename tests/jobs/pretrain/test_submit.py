@@ -45,6 +45,8 @@ def head_node():
 
 
 def test_ray_job_submit_runs_pretraining(head_node, packed_data, tmp_path):
+    """On 4 workers: 2 data-parallel x 2 tensor-parallel ranks, the routed experts split over the
+    2 data-parallel ones."""
     address, env = head_node
     auth = Path.home() / ".ray" / "auth_token"
     assert auth.is_file() or env.get("RAY_AUTH_TOKEN"), "token authentication should be on"
@@ -52,7 +54,7 @@ def test_ray_job_submit_runs_pretraining(head_node, packed_data, tmp_path):
     cmd = [str(BIN / "ray"), "job", "submit", f"--address={address}", f"--working-dir={REPO}",
            f"--runtime-env-json={json.dumps(runtime_env)}", "--",
            sys.executable, "-m", "moray.jobs.pretrain", "--config", "configs/pretrain/tiny.yaml", "--set",
-           f"data.path={packed_data}", "train.max_steps=4", "train.warmup_steps=1", "train.checkpoint_every=2", "train.val_every=2",
+           f"data.path={packed_data}", "parallel.tp=2", "parallel.ep=2", "scaling.num_workers=4", "train.max_steps=4", "train.warmup_steps=1", "train.checkpoint_every=2", "train.val_every=2",
            "run.name=submitted", "run.register_model=moray-submitted"]  # fmt: skip
     for _ in range(15):  # the job agent comes up a few seconds after `ray start` returns
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
