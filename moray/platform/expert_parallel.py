@@ -21,6 +21,9 @@ Shapes: N tokens here, k experts per token, P pairs sent, R pairs received, E ex
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
@@ -53,9 +56,51 @@ class GlobalTokens:
         return funcol.all_reduce(t, "sum", self.group)
 
 
+@dataclass
+class AllToAllStats:
+    """What this process's expert dispatch sent to other ranks (forward and backward), since reset."""
+
+    bytes_sent: int = 0
+    seconds: float = 0.0
+    calls: int = 0
+
+    def reset(self) -> None:
+        self.bytes_sent, self.seconds, self.calls = 0, 0.0, 0
+
+
+ALL_TO_ALL = AllToAllStats()
+
+
+def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    """Rows of x, in_splits[r] of them to rank r; out_splits[r] rows from rank r (blocking)."""
+    t0 = time.perf_counter()
+    out = x.new_empty((sum(out_splits), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    me = dist.get_rank(group)
+    ALL_TO_ALL.bytes_sent += (sum(in_splits) - in_splits[me]) * x[:1].numel() * x.element_size()
+    ALL_TO_ALL.seconds += time.perf_counter() - t0
+    ALL_TO_ALL.calls += 1
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    """`_exchange`, whose backward sends the gradients back the way the rows came."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        return _exchange(x, out_splits, in_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        return _exchange(grad, in_splits, out_splits, ctx.group), None, None, None
+
+
 def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    """Rows of x, in_splits[r] of them to rank r; out_splits[r] rows from rank r. Differentiable."""
-    return funcol.all_to_all_single(x.contiguous(), out_splits, in_splits, group)
+    """Rows of x, in_splits[r] of them to rank r; out_splits[r] rows from rank r. Differentiable;
+    counted in ALL_TO_ALL."""
+    return _AllToAll.apply(x, out_splits, in_splits, group)
 
 
 class ExpertShard(nn.Module):

@@ -49,7 +49,12 @@ def _step(model, inputs, targets):
 
 
 def _worker(rank: int, world: int, init_file: str, ep: int, extras: bool, out_file: str) -> None:
-    from moray.platform.expert_parallel import ExpertShard, apply_expert_parallel, install_global_tokens
+    from moray.platform.expert_parallel import (
+        ALL_TO_ALL,
+        ExpertShard,
+        apply_expert_parallel,
+        install_global_tokens,
+    )
     from moray.platform.parallel import ParallelLayout
 
     torch.set_num_threads(1)
@@ -60,9 +65,26 @@ def _worker(rank: int, world: int, init_file: str, ep: int, extras: bool, out_fi
         install_global_tokens(model, mesh["dp"].get_group())
         if ep > 1:
             apply_expert_parallel(model, mesh["ep"])
+        # the pairs this rank sends to an expert on the other rank: what the all-to-all must carry
+        remote = []
+
+        def count_remote(shard, args):
+            _, experts, _, keep = args
+            remote.append(int((keep & (experts // shard.n_local != mesh["ep"].get_local_rank())).sum()))
+
+        for m in model.modules():
+            if isinstance(m, ExpertShard):
+                m.register_forward_pre_hook(count_remote)
+        ALL_TO_ALL.reset()
         inputs, targets = _batch()
         rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
         loss, losses, dropped = _step(model, inputs[rows], targets[rows])
+        if ep > 1:
+            # forward: my pairs out, the other rank's results back; backward: the same, reversed. So
+            # over both ranks, each remote pair's row crosses 4 times.
+            sent = torch.tensor([ALL_TO_ALL.bytes_sent, sum(remote)], dtype=torch.float64)
+            dist.all_reduce(sent)
+            assert sum(remote) > 0 and sent[0] == 4 * sent[1] * model.config.hidden_size * 4
 
         # what FSDP's reduction would leave: the mean over data-parallel ranks; an expert shard's
         # gradient is already summed over the ranks that sent it tokens

@@ -25,6 +25,7 @@ from moray.jobs.pretrain.tracker import Tracker, read_metrics
 from moray.model import CapacityController, ModelConfig, Transformer
 from moray.model.accounting import account
 from moray.platform.config import from_dict
+from moray.platform.expert_parallel import ALL_TO_ALL
 from moray.platform.parallel import ParallelLayout
 from moray.platform.storage import Storage
 
@@ -110,6 +111,7 @@ def train_func(loop_config: dict) -> None:
     for batch in batches:
         for cb in callbacks:
             cb.on_step_start(batch.step, w.rank)
+        ALL_TO_ALL.reset()
         t0 = time.perf_counter()
         inputs, targets = batch.inputs.to(w.device), batch.targets.to(w.device)
         micro_batches = [
@@ -142,6 +144,9 @@ def train_func(loop_config: dict) -> None:
             # checksum summed over ranks (equal across runs <=> the same sequences, exactly once each).
             "sample_start": float(batch.step * global_batch),
             "batch_token_sum": float(all_reduce(inputs.sum().double(), w.dp_group)),
+            # expert dispatch on this rank (rank 0's figures; 0 without expert parallelism)
+            "all_to_all_mb": ALL_TO_ALL.bytes_sent / 1e6,
+            "all_to_all_s": ALL_TO_ALL.seconds,
             **reduced.load_metrics(),
         }
         if val_batches and (done % tc.val_every == 0 or done == tc.max_steps):
