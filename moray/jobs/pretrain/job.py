@@ -53,12 +53,17 @@ def _mlflow_run(mlflow, cfg: PretrainConfig, params: dict) -> str:
 
 def _check_cpus(cfg: PretrainConfig) -> None:
     """Ray Train holds its workers' CPUs away from Ray Data: a cluster with less than a read task's
-    CPUs left beyond the workers would wait forever for its reads."""
+    CPUs left beyond the workers would wait forever for its reads. An elastic run starts as many
+    workers as fit, so the check is on that many."""
     from moray.jobs.pretrain.data import READ_TASK_CPUS
     from moray.platform.cluster import known_cpus
 
-    total, workers, per_worker = known_cpus(), cfg.scaling.worker_range[1], cfg.scaling.cpus_per_worker
-    if total is not None and total - workers * per_worker < READ_TASK_CPUS:
+    total, per_worker = known_cpus(), cfg.scaling.cpus_per_worker
+    if total is None:
+        return
+    lo, hi = cfg.scaling.worker_range
+    workers = max(lo, min(hi, int(total // per_worker)))
+    if total - workers * per_worker < READ_TASK_CPUS:
         fits = (total - READ_TASK_CPUS) / workers
         raise ConfigError(
             f"scaling: {workers} workers x cpus_per_worker={per_worker} leave less than the {READ_TASK_CPUS} CPU "

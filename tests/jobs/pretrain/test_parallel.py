@@ -2,10 +2,10 @@
 
 Ten steps of the real step (`train_step`, `reduce_stats`, `moe_feedback`) on the tiny model,
 through `parallelize` (FSDP2; tensor-parallel DTensors with the loss on vocab-sharded logits;
-expert shards with all-to-all dispatch), with AdamW and with LAMB, against one process on the
-whole batch: capacity binding (tokens are dropped, and the controller moves the factor), routing
-device-limited (2 groups, 1 per token), every balance loss on, clipping per expert, per layer and
-globally. Losses, gradient norms, drops and capacity factors agree at every step, and the final
+expert shards with all-to-all dispatch), with AdamW and with LAMB (adaptive weight decay on),
+against one process on the whole batch: capacity binding (tokens are dropped, and the controller
+moves the factor), routing device-limited (2 groups, 1 per token), every balance loss on, clipping
+per expert, per layer and globally. Losses, gradient norms, drops and capacity factors agree at every step, and the final
 weights, gathered, agree too.
 
 Checkpoints move between layouts: each layout's checkpoint loads into one process, the one-process
@@ -63,7 +63,8 @@ class Rank:
         mesh = layout.build_mesh()
         torch.manual_seed(0)
         self.model = parallelize(Transformer(layout.configure_model(_config())), layout, mesh)
-        self.opt = build_optimizer(self.model, optimizer, 1e-3, 0.1)  # 1e-2 is chaotic: float order grows
+        # lr 1e-2 is chaotic for this model (float order grows); LAMB with the adaptive weight decay
+        self.opt = build_optimizer(self.model, optimizer, 1e-3, 0.1, adaptive_weight_decay=True)
         self.group = mesh["dp"].get_group() if mesh is not None else None
         self.dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
 
