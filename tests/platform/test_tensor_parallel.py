@@ -8,6 +8,8 @@ both ranks without any reduction. Models that cannot be split are refused, sayin
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -77,8 +79,6 @@ def _worker(rank: int, world: int, init_file: str, q_lora_rank, out_file: str) -
 
 @pytest.mark.parametrize("q_lora_rank", [None, 16], ids=["q_proj", "q_lora"])
 def test_tp2_equals_one_process(tmp_path, q_lora_rank):
-    import contextlib
-
     model = _model(q_lora_rank)
     want = _step(model, contextlib.nullcontext)
     want["grads"] = {n: p.grad for n, p in model.named_parameters()}

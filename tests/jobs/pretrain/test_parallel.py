@@ -9,7 +9,7 @@ per expert, per layer and globally. Losses, gradient norms, drops and capacity f
 weights, gathered, agree too.
 
 Checkpoints move between layouts: each layout's checkpoint loads into one process, the one-process
-checkpoint into each layout, and the 4-rank layout's into the 2-rank ones and back, every time with
+checkpoint into each layout, and the 2-rank layouts' into the 4-rank one and back, every time with
 the writer's next-step loss. Processes are spawned directly (no Ray: the layouts are plain PyTorch;
 tests/jobs/pretrain/test_job.py runs them under Ray Train)."""
 
@@ -197,6 +197,8 @@ def _loads(runs, reader: str, writers: list[tuple[str, str]]) -> None:
 
 
 def test_checkpoints_move_between_layouts(runs):
-    _loads(runs, "tp2-ep2", [("one", "adamw"), ("tp2", "lamb_adam"), ("dp2-ep2", "adamw")])
+    _loads(
+        runs, "tp2-ep2", [("one", "adamw"), ("tp2", "lamb_adam"), ("dp2-ep2", "adamw"), ("dp2", "lamb_adam")]
+    )
     _loads(runs, "tp2", [("one", "lamb_adam"), ("tp2-ep2", "adamw"), ("dp2-ep2", "lamb_adam")])
     _loads(runs, "dp2-ep2", [("one", "adamw"), ("tp2-ep2", "lamb_adam"), ("tp2", "adamw")])
