@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moray.model.cache import LatentCache
@@ -51,7 +52,60 @@ class Block(nn.Module):
         return x + (self.mlp(h, token_mask) if isinstance(self.mlp, MoE) else self.mlp(h))
 
 
-class Transformer(nn.Module):
+class HoldsMoE:
+    """What the training loop asks of a model or of a pipeline stage's part of one: its MoE layers
+    by their index in the whole model (`layers` is a ModuleList, or a ModuleDict keyed by index)."""
+
+    layers: nn.Module
+
+    def moe_layers(self) -> list[tuple[int, MoE]]:
+        return [(int(i), b.mlp) for i, b in self.layers.named_children() if isinstance(b.mlp, MoE)]
+
+    def set_capacity_factor(self, factor: float | None) -> None:
+        for _, moe in self.moe_layers():
+            moe.capacity_factor = factor
+
+
+def causal_inputs(rotary: RotaryEmbedding, B: int, T: int, device, needs_mask: bool) -> AttentionInputs:
+    """Attention inputs of a training forward: no cache, no padding, positions 0..T-1."""
+    positions = torch.arange(T, device=device).expand(B, T)
+    cos, sin = rotary(positions)
+    return AttentionInputs(positions, cos, sin, None, None, T, False, plain_causal=not needs_mask)
+
+
+def balance_weights(config: ModelConfig) -> dict[str, float]:
+    """Each balance loss's weight in the model's aux loss."""
+    return {
+        "expert_balance": config.aux_loss_alpha,
+        "device_balance": config.device_balance_alpha,
+        "comm_balance": config.comm_balance_alpha,
+        "router_z_loss": config.router_z_loss_coef,
+    }
+
+
+def router_outputs(config: ModelConfig, moe_layers, device) -> tuple[torch.Tensor, dict, dict]:
+    """The MoE layers' last forward: the weighted balance loss (aux), the unweighted balance losses
+    summed over these layers, and each layer's routing statistics."""
+    weights = balance_weights(config)
+    totals: dict[str, torch.Tensor] = {}
+    stats: dict[int, RouterStats] = {}
+    for i, moe in moe_layers:
+        stats[i] = moe.last_stats
+        for name, value in (moe.last_losses or {}).items():
+            totals[name] = totals.get(name, 0) + value
+    aux = sum((weights[n] * v for n, v in totals.items()), torch.zeros((), device=device))
+    return aux, totals, stats
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy in fp32 (also under bf16 autocast). Logits sharded on the vocabulary
+    (a DTensor, under tensor parallelism) need DTensor's `loss_parallel` context, for the backward
+    pass too; the loss comes back as a plain tensor."""
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
+    return loss.full_tensor() if hasattr(loss, "full_tensor") else loss
+
+
+class Transformer(HoldsMoE, nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -81,13 +135,6 @@ class Transformer(nn.Module):
                 continue  # zeros / the RoPE frequencies they start from
             else:
                 p.normal_(0.0, std)
-
-    def moe_layers(self) -> list[tuple[int, MoE]]:
-        return [(i, b.mlp) for i, b in enumerate(self.layers) if isinstance(b.mlp, MoE)]
-
-    def set_capacity_factor(self, factor: float | None) -> None:
-        for _, moe in self.moe_layers():
-            moe.capacity_factor = factor
 
     def forward(
         self,
@@ -147,18 +194,5 @@ class Transformer(nn.Module):
         return self._output(logits)
 
     def _output(self, logits: torch.Tensor) -> ModelOutput:
-        cfg = self.config
-        weights = {
-            "expert_balance": cfg.aux_loss_alpha,
-            "device_balance": cfg.device_balance_alpha,
-            "comm_balance": cfg.comm_balance_alpha,
-            "router_z_loss": cfg.router_z_loss_coef,
-        }
-        totals: dict[str, torch.Tensor] = {}
-        stats: dict[int, RouterStats] = {}
-        for i, moe in self.moe_layers():
-            stats[i] = moe.last_stats
-            for name, value in (moe.last_losses or {}).items():
-                totals[name] = totals.get(name, 0) + value
-        aux = sum((weights[n] * v for n, v in totals.items()), torch.zeros((), device=logits.device))
+        aux, totals, stats = router_outputs(self.config, self.moe_layers(), logits.device)
         return ModelOutput(logits=logits, aux_loss=aux, balance_losses=totals, router_stats=stats)

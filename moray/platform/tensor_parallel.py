@@ -99,12 +99,14 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
 
     tp = tp_mesh.size()
     check_tensor_parallel(model.config, tp)
-    parallelize_module(model, tp_mesh, {
+    ends = {
         "embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
         "lm_head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False),
-    })  # fmt: skip
+    }
+    # a pipeline stage holds the embedding or the head, or neither
+    parallelize_module(model, tp_mesh, {k: v for k, v in ends.items() if getattr(model, k, None) is not None})
     group = tp_mesh.get_group()
-    for block in model.layers:
+    for block in model.layers.children():
         attn = block.self_attn
         q = "self_attn.q_proj" if model.config.q_lora_rank is None else "self_attn.q_b_proj"
         plan = {q: ColwiseParallel(), "self_attn.kv_b_proj": ColwiseParallel(),

@@ -98,10 +98,15 @@ def load(storage: Storage, directory: str, model, optimizer) -> None:
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
-def full_model_state(model) -> dict[str, torch.Tensor]:
-    """The unsharded model weights on CPU, on every rank (collective under FSDP)."""
+def full_model_state(model, pipeline_group=None) -> dict[str, torch.Tensor]:
+    """The unsharded model weights on CPU, on every rank (collective under FSDP); with a
+    `pipeline_group`, every stage's weights, gathered from the group's ranks."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model, options=options)
+    if pipeline_group is not None:
+        parts = [None] * dist.get_world_size(pipeline_group)
+        dist.all_gather_object(parts, state, group=pipeline_group)
+        state = {k: v for part in parts for k, v in part.items()}
     if dist.is_initialized():
         dist.barrier()
     return state

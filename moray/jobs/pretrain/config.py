@@ -13,6 +13,7 @@ from moray.model import ModelConfig
 from moray.platform.config import ConfigError, ModelSpec
 from moray.platform.data_contract import ContractError, Manifest, count_rows, read_manifest
 from moray.platform.parallel import ParallelLayout
+from moray.platform.pipeline_parallel import SCHEDULES, check_pipeline
 
 # Model fields that have one home elsewhere: the parallel layout, the train section.
 SET_ELSEWHERE = {"capacity_factor": "train.capacity_factor", "ep_size": "parallel.ep"}
@@ -141,19 +142,21 @@ class ScalingSection:
 class ParallelSection:
     """Degrees of the device mesh (see moray.platform.parallel.ParallelLayout): data parallelism
     takes what pp and tp leave of the world size; ep is borrowed from the data-parallel ranks.
-    Data (FSDP2), tensor and expert parallelism are implemented; pipeline parallelism not yet."""
+    Pipeline stages run a torch.distributed.pipelining schedule over each rank's micro-batches."""
 
     tp: int = 1
     pp: int = 1
     ep: int = 1
+    virtual_stages: int = 1  # pipeline stages per pp rank (2 or more: interleaved_1f1b)
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "ep"):
+        for name in ("tp", "pp", "ep", "virtual_stages"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name}={v!r}: must be a positive integer")
-            if v != 1 and name == "pp":
-                raise ConfigError(f"pp={v}: pipeline parallelism is not implemented yet (use pp=1)")
+        if self.pp_schedule not in SCHEDULES:
+            raise ConfigError(f"pp_schedule={self.pp_schedule!r}: use one of {SCHEDULES}")
 
     def layout(self, world_size: int, use_gpu: bool = False) -> ParallelLayout:
         device = "cuda" if use_gpu else "cpu"
@@ -212,6 +215,11 @@ def validate(cfg: PretrainConfig) -> Plan:
         layout = cfg.parallel.layout(world, cfg.scaling.use_gpu)
         try:
             layout.configure_model(model_config)
+            if layout.pp > 1 and not g % layout.dp:
+                p = cfg.parallel
+                check_pipeline(
+                    model_config, layout.pp, p.virtual_stages, p.pp_schedule, g // layout.dp // micro
+                )
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if model_config.n_routed_experts % layout.ep:

@@ -27,6 +27,7 @@ from moray.model.accounting import account
 from moray.platform.config import from_dict
 from moray.platform.expert_parallel import ALL_TO_ALL
 from moray.platform.parallel import ParallelLayout
+from moray.platform.pipeline_parallel import PipelinedModel, PipelineOptions, pipeline_group
 from moray.platform.storage import Storage
 
 log = logging.getLogger("moray.pretrain")
@@ -80,9 +81,12 @@ def train_func(loop_config: dict) -> None:
     run_dir = storage.path(cfg.run.name)
     global_batch, seq_len = cfg.data.global_batch_size, loop_config["seq_len"]
 
-    model = parallelize(Transformer(model_config).to(w.device), w.layout, w.mesh)
+    micro = cfg.data.micro_batch_size
+    pipeline = PipelineOptions(cfg.parallel.pp_schedule, cfg.parallel.virtual_stages,
+                               global_batch // w.layout.dp // micro, seq_len)  # fmt: skip
+    model = parallelize(Transformer(model_config).to(w.device), w.layout, w.mesh, pipeline, w.device)
     optimizer = build_optimizer(model, tc.optimizer, tc.lr, tc.weight_decay, tuple(tc.betas), 1e-8,
-                                tc.adaptive_weight_decay)  # fmt: skip
+                                tc.adaptive_weight_decay, pipeline_group(model))  # fmt: skip
     schedule = Schedule(
         tc.max_steps, tc.warmup_steps, tc.schedule, tc.min_lr_ratio, 0.2, tc.warmup_oscillation
     )
@@ -104,7 +108,6 @@ def train_func(loop_config: dict) -> None:
                            tc.max_steps, steps_per_epoch, global_batch, w.dp_rank, w.layout.dp)  # fmt: skip
     callbacks = loop_config.get("callbacks") or []
     clip = ClipSettings(tc.clip_per_layer, tc.clip_per_expert, tc.clip_global)
-    micro = cfg.data.micro_batch_size
     # whole global batches only: a validation split smaller than one (curation allows it) is skipped
     val_batches = min(tc.val_batches, loop_config["val_sequences"] // global_batch)
 
@@ -193,16 +196,17 @@ def _validate(model, val_shard, global_batch: int, micro: int, max_batches: int,
     batches = step_batches(iterate_split(val_shard, global_batch), 0, max_batches, max_batches, global_batch,
                            w.dp_rank, w.layout.dp)  # fmt: skip
     for batch in batches:
-        for m in range(0, batch.inputs.shape[0], micro):
-            inputs, targets = (
-                batch.inputs[m : m + micro].to(w.device),
-                batch.targets[m : m + micro].to(w.device),
-            )
-            with w.layout.loss_parallel():
-                with w.layout.autocast():
-                    logits = model(inputs).logits
-                total[0] += lm_loss(logits, targets, reduction="sum").double()
-            total[1] += targets.numel()
+        micro_batches = [(batch.inputs[m : m + micro].to(w.device), batch.targets[m : m + micro].to(w.device))
+                         for m in range(0, batch.inputs.shape[0], micro)]  # fmt: skip
+        if isinstance(model, PipelinedModel):
+            total[0] += model.evaluate(micro_batches, w.layout.autocast, w.layout.loss_parallel).to(w.device)
+        else:
+            for inputs, targets in micro_batches:
+                with w.layout.loss_parallel():
+                    with w.layout.autocast():
+                        logits = model(inputs).logits
+                    total[0] += lm_loss(logits, targets, reduction="sum").double()
+        total[1] += batch.targets.numel()
     total = all_reduce(total, w.dp_group).cpu()
     model.train()
     return float(total[0] / total[1].clamp_min(1))
@@ -213,7 +217,7 @@ def _export(
 ) -> None:
     """Gather the full weights; rank 0 exports the HF directory (with the curated tokenizer) and
     the plots into run storage."""
-    state = ckpt.full_model_state(model)
+    state = ckpt.full_model_state(model, pipeline_group(model))
     if rank != 0:
         return
     from moray.jobs.pretrain.report import write_plots

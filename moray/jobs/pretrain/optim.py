@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -32,7 +33,9 @@ class LambAdam(torch.optim.Optimizer):
         max_trust_ratio: float = 10.0,
         adaptive_weight_decay: bool = False,
         awd_beta: float = 0.99,
+        norm_group=None,  # the pipeline's group: the adaptive decay's norms span every stage
     ):
+        self.norm_group = norm_group
         if lr <= 0 or eps <= 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1) or weight_decay < 0:
             raise ValueError(
                 f"bad LambAdam hyper-parameters: lr={lr} betas={betas} eps={eps} wd={weight_decay}"
@@ -77,8 +80,11 @@ class LambAdam(torch.optim.Optimizer):
         return loss
 
     def _adaptive_decay(self, group: dict, wd: float) -> float:
-        g_norm = math.sqrt(sum(self._norm(p.grad) ** 2 for p in group["params"] if p.grad is not None))
-        w_norm = math.sqrt(sum(self._norm(p) ** 2 for p in group["params"]))
+        squares = torch.tensor([sum(self._norm(p.grad) ** 2 for p in group["params"] if p.grad is not None),
+                                sum(self._norm(p) ** 2 for p in group["params"])], dtype=torch.float64)  # fmt: skip
+        if self.norm_group is not None:
+            dist.all_reduce(squares, group=self.norm_group)
+        g_norm, w_norm = squares.sqrt().tolist()
         ratio = g_norm / max(w_norm, 1e-12)
         ema = group.get("awd_ema")
         group["awd_ema"] = ratio if ema is None else group["awd_beta"] * ema + (1 - group["awd_beta"]) * ratio
@@ -87,7 +93,7 @@ class LambAdam(torch.optim.Optimizer):
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, betas=(0.9, 0.95), eps=1e-8,
-                    adaptive_weight_decay: bool = False) -> torch.optim.Optimizer:  # fmt: skip
+                    adaptive_weight_decay: bool = False, pipeline_group=None) -> torch.optim.Optimizer:  # fmt: skip
     """Two groups: matrices decay, vectors (norms, biases, router biases, betas, scales) do not."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
@@ -95,7 +101,8 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
     if name == "lamb_adam":
-        return LambAdam(groups, lr=lr, betas=betas, eps=eps, adaptive_weight_decay=adaptive_weight_decay)
+        return LambAdam(groups, lr=lr, betas=betas, eps=eps, adaptive_weight_decay=adaptive_weight_decay,
+                        norm_group=pipeline_group)  # fmt: skip
     raise ValueError(f"optimizer {name!r}: use 'adamw' or 'lamb_adam'")
 
 
@@ -103,10 +110,11 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def total_norm(grads: list[torch.Tensor]) -> float:
+def total_norm(grads: list[torch.Tensor], group=None) -> float:
     """The 2-norm of all these whole tensors together, when some are sharded (DTensors, possibly on
-    different meshes: FSDP's "dp", the expert shards' "dp_mod_ep" x "ep"). Tensors sharing a mesh
-    and placements are reduced together, one collective per kind."""
+    different meshes: FSDP's "dp", the expert shards' "dp_mod_ep" x "ep"), and, with a `group` (the
+    pipeline's), with the tensors the group's other ranks pass. Tensors sharing a mesh and
+    placements are reduced together, one collective per kind."""
     kinds: dict[tuple, list[torch.Tensor]] = {}
     for g in grads:
         kinds.setdefault((getattr(g, "device_mesh", None), tuple(getattr(g, "placements", ()))), []).append(g)
@@ -114,14 +122,18 @@ def total_norm(grads: list[torch.Tensor]) -> float:
     for gs in kinds.values():
         n = torch.nn.utils.get_total_norm(gs, 2.0)
         squares += float(n.full_tensor() if hasattr(n, "full_tensor") else n) ** 2
+    if group is not None:
+        total = torch.tensor(squares, dtype=torch.float64)
+        dist.all_reduce(total, group=group)
+        squares = float(total)
     return math.sqrt(squares)
 
 
-def _clip_(params: list[torch.Tensor], max_norm: float) -> float:
+def _clip_(params: list[torch.Tensor], max_norm: float, group=None) -> float:
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    if not grads and group is None:
         return 0.0
-    norm = total_norm(grads)
+    norm = total_norm(grads, group)
     if norm > max_norm:
         scale = max_norm / (norm + 1e-6)
         for g in grads:
@@ -130,9 +142,10 @@ def _clip_(params: list[torch.Tensor], max_norm: float) -> float:
 
 
 def clip_gradients(model: nn.Module, per_layer: float | None, per_expert: float | None,
-                   global_norm: float | None) -> dict[str, float]:  # fmt: skip
+                   global_norm: float | None, pipeline_group=None) -> dict[str, float]:  # fmt: skip
     """Clip per routed expert (each expert's rows of the stacked weights), then per transformer
-    block, then globally. Returns the global grad norm before clipping and the clip counts."""
+    block, then globally (over every pipeline stage's parameters when `pipeline_group` is given).
+    Returns the global grad norm before clipping and the clip counts."""
     stats = {"experts_clipped": 0, "layers_clipped": 0}
     if per_expert is not None:
         for module in model.modules():
@@ -150,11 +163,11 @@ def clip_gradients(model: nn.Module, per_layer: float | None, per_expert: float 
                 gu.mul_(scale[:, None, None])
                 down.mul_(scale[:, None, None])
     if per_layer is not None:
-        for block in getattr(model, "layers", []):
+        for block in model.layers.children():
             norm = _clip_(list(block.parameters()), per_layer)
             stats["layers_clipped"] += int(norm > per_layer)
     stats["grad_norm"] = _clip_(
-        list(model.parameters()), global_norm if global_norm is not None else math.inf
+        list(model.parameters()), global_norm if global_norm is not None else math.inf, pipeline_group
     )
     return stats
 

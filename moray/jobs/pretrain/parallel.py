@@ -2,13 +2,15 @@
 
     1. tensor parallel      attention heads, MLP channels and the vocabulary split over "tp"
     2. expert parallel      routing decided over the whole batch; routed experts split over "ep"
-    3. pipeline split       (issue: pipeline parallelism; not yet)
+    3. pipeline split       contiguous layers per stage over "pp"; this rank keeps its stages
+                            (a PipelinedModel: the same modules under the same names)
     4. activation checkpointing
     5. FSDP2 `fully_shard`: routed experts over "dp_mod_ep" (the ranks that hold the same
-       experts), every transformer block over "dp", then the root
+       experts), every transformer block over "dp", then the root (each pipeline stage's)
 
 The model stays single-device code; the layout (moray.platform.parallel.ParallelLayout) says what
-to apply. Until its plan lands, the config refuses pp above 1.
+to apply. Tensor and expert parallelism go first, on the whole model: the split keeps the modules
+they replaced, so it may as well come after them.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from torch import nn
 from moray.model.moe import MoE
 from moray.platform.expert_parallel import apply_expert_parallel, install_global_tokens
 from moray.platform.parallel import ParallelLayout
+from moray.platform.pipeline_parallel import PipelinedModel, PipelineOptions
 from moray.platform.tensor_parallel import apply_tensor_parallel
 
 
-def parallelize(model: nn.Module, layout: ParallelLayout, mesh) -> nn.Module:
-    if layout.pp > 1:
-        raise NotImplementedError(f"pipeline parallelism is not implemented; got {layout.describe()}")
+def parallelize(model: nn.Module, layout: ParallelLayout, mesh, pipeline: PipelineOptions | None = None,
+                device: torch.device | str = "cpu") -> nn.Module:  # fmt: skip
+    """The model as this rank trains it: `model` itself, parallelized in place, or with pp > 1 a
+    PipelinedModel of this rank's stages (scheduled by `pipeline`)."""
     if mesh is None:
         return model
     if layout.tp > 1:
@@ -35,12 +39,18 @@ def parallelize(model: nn.Module, layout: ParallelLayout, mesh) -> nn.Module:
         install_global_tokens(model, mesh["dp"].get_group())
     if layout.ep > 1:
         apply_expert_parallel(model, mesh["ep"])
+    roots = [model]
+    if layout.pp > 1:
+        model = PipelinedModel(model, layout, mesh, pipeline or PipelineOptions())
+        roots = model.stages
     if layout.dp > 1:
-        _apply_fsdp(model, layout, mesh)
+        _apply_fsdp(roots, layout, mesh)
+    if layout.pp > 1:
+        model.build_schedule(torch.device(device))
     return model
 
 
-def _apply_fsdp(model: nn.Module, layout: ParallelLayout, mesh) -> None:
+def _apply_fsdp(roots: list[nn.Module], layout: ParallelLayout, mesh) -> None:
     """Shard parameters, gradients and optimizer state over the data-parallel ranks. On GPUs the
     all-gathered parameters are cast to bf16 for compute; master weights, gradient reduction and
     optimizer state stay fp32.
@@ -55,9 +65,12 @@ def _apply_fsdp(model: nn.Module, layout: ParallelLayout, mesh) -> None:
         options["mp_policy"] = MixedPrecisionPolicy(
             param_dtype=layout.compute_dtype, reduce_dtype=torch.float32
         )
-    for block in model.layers:
-        if layout.ep > 1 and isinstance(block.mlp, MoE):
-            fully_shard(block.mlp.experts, mesh=mesh["dp_mod_ep"], **options)
-            block.mlp.experts.set_gradient_divide_factor(layout.dp)
-        fully_shard(block, mesh=mesh["dp"], **options)
-    fully_shard(model, mesh=mesh["dp"], **options)
+    for root in roots:
+        for block in root.layers.children():
+            if layout.ep > 1 and isinstance(block.mlp, MoE):
+                fully_shard(block.mlp.experts, mesh=mesh["dp_mod_ep"], **options)
+                block.mlp.experts.set_gradient_divide_factor(layout.dp)
+            fully_shard(block, mesh=mesh["dp"], **options)
+        # A pipeline stage's root is resharded after its forward too (FSDP keeps a root's parameters
+        # gathered otherwise): its parameters, seen through PipelinedModel, are then always shards.
+        fully_shard(root, mesh=mesh["dp"], reshard_after_forward=layout.pp > 1, **options)

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from moray.jobs.pretrain.optim import clip_gradients
+from moray.model.transformer import lm_loss  # noqa: F401 (the loop's and the tests' import)
+from moray.platform.pipeline_parallel import PipelinedModel, pipeline_group
 
 
 @dataclass
@@ -52,14 +53,6 @@ class StepStats:
         return out
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy in fp32 (also under bf16 autocast). Logits sharded on the vocabulary
-    (a DTensor, under tensor parallelism) need the layout's `loss_parallel` context, for the
-    backward pass too; the loss comes back as a plain tensor."""
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
-    return loss.full_tensor() if hasattr(loss, "full_tensor") else loss
-
-
 def train_step(
     model,
     optimizer: torch.optim.Optimizer,
@@ -70,7 +63,23 @@ def train_step(
     autocast=contextlib.nullcontext,
     loss_parallel=contextlib.nullcontext,  # the layout's, around the loss and its backward
 ) -> StepStats:
+    """A pipelined model (PipelinedModel) runs its micro-batches through its schedule and reports
+    the whole pipeline's figures; its gradient norm is taken over every stage."""
     model.train()
+    if isinstance(model, PipelinedModel):
+        stats = StepStats(*model.forward_backward(micro_batches, aux_loss_weight, autocast, loss_parallel))
+    else:
+        stats = _forward_backward(model, micro_batches, aux_loss_weight, autocast, loss_parallel)
+    norms = clip_gradients(model, clip.per_layer, clip.per_expert, clip.global_norm, pipeline_group(model))
+    stats.lr = optimizer.param_groups[0]["lr"]
+    stats.grad_norm = norms["grad_norm"]
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return stats
+
+
+def _forward_backward(model, micro_batches, aux_loss_weight: float, autocast, loss_parallel) -> StepStats:
     n = len(micro_batches)
     losses: dict[str, float] = {"loss": 0.0, "lm_loss": 0.0}
     tokens: dict[int, torch.Tensor] = {}
@@ -90,12 +99,7 @@ def train_step(
             tokens[i] = tokens.get(i, 0) + st.tokens_per_expert.detach().float().cpu()
             dropped += float(st.dropped)
             pairs += float(st.pairs)
-    norms = clip_gradients(model, clip.per_layer, clip.per_expert, clip.global_norm)
-    lr = optimizer.param_groups[0]["lr"]
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
-    return StepStats(losses, tokens, dropped, pairs, norms["grad_norm"], lr)
+    return StepStats(losses, tokens, dropped, pairs)
 
 
 def all_reduce(t: torch.Tensor, group=None) -> torch.Tensor:
@@ -122,7 +126,7 @@ def moe_feedback(model, reduced: StepStats, controller=None, bias_update: bool =
         controller.update(reduced.drop_rate)
         controller.apply(model)
     if bias_update:
-        for i, load in reduced.tokens_per_expert.items():
-            gate = model.layers[i].mlp.gate
+        for i, moe in model.moe_layers():  # this rank's layers (a pipeline stage holds some)
+            gate = moe.gate
             if gate.e_score_correction_bias is not None:  # a persistent buffer: checkpointed with the model
-                gate.update_bias(load.to(gate.e_score_correction_bias.device))
+                gate.update_bias(reduced.tokens_per_expert[i].to(gate.e_score_correction_bias.device))
