@@ -45,48 +45,114 @@ class Accounting:
         return {**asdict(self), "kv_cache_reduction": self.kv_cache_reduction}
 
 
-def attention_params(c: ModelConfig) -> int:
+@dataclass(frozen=True)
+class BlockParams:
+    """One transformer block's parameters, grouped by how the parallel plans split them
+    (moray/platform/tensor_parallel.py): `heads` and `mlp` are split over tensor-parallel ranks,
+    `routed` over expert-parallel ranks, the rest is replicated."""
+
+    heads: int  # q_proj (or q_b_proj), kv_b_proj, o_proj (+ relative biases): split by heads over tp
+    latent: int  # q_a_proj, kv_a_proj_with_mqa and their norms: replicated over tp
+    mlp: int  # the dense SwiGLU, or the shared experts of a MoE block: split by channels over tp
+    routed: int  # every routed expert of the block: split over ep, replicated over tp
+    routed_active: int  # the top-k routed experts a token runs through
+    router: int
+    norms: int  # the block's two RMSNorms
+
+    @property
+    def total(self) -> int:
+        return self.heads + self.latent + self.mlp + self.routed + self.router + self.norms
+
+    @property
+    def attention(self) -> int:
+        return self.heads + self.latent
+
+
+def block_params(c: ModelConfig, layer_idx: int) -> BlockParams:
     H, nh = c.hidden_size, c.num_attention_heads
     if c.q_lora_rank is None:
-        q = H * nh * c.qk_head_dim
+        q_heads, q_latent = H * nh * c.qk_head_dim, 0
     else:
-        q = H * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * nh * c.qk_head_dim
-    kv = H * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank
-    kv += c.kv_lora_rank * nh * (c.qk_nope_head_dim + c.v_head_dim)
-    o = nh * c.v_head_dim * H
-    return q + kv + o + nh * len(c.relative_bias_offsets)
+        q_heads, q_latent = c.q_lora_rank * nh * c.qk_head_dim, H * c.q_lora_rank + c.q_lora_rank
+    kv_latent = H * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank
+    kv_heads = c.kv_lora_rank * nh * (c.qk_nope_head_dim + c.v_head_dim)
+    heads = q_heads + kv_heads + nh * c.v_head_dim * H + nh * len(c.relative_bias_offsets)
+    beta = 1 if c.swiglu_learned_beta else 0
+    expert = 3 * H * c.moe_intermediate_size + beta + (1 if c.expert_activation_scale else 0)
+    if c.is_moe_layer(layer_idx):
+        shared = c.n_shared_experts * 3 * H * c.moe_intermediate_size + (beta if c.n_shared_experts else 0)
+        routed, active, router = (
+            c.n_routed_experts * expert,
+            c.num_experts_per_tok * expert,
+            c.n_routed_experts * H,
+        )
+    else:
+        shared, routed, active, router = 3 * H * c.intermediate_size + beta, 0, 0, 0
+    return BlockParams(heads=heads, latent=q_latent + kv_latent, mlp=shared, routed=routed,
+                       routed_active=active, router=router, norms=2 * H)  # fmt: skip
+
+
+def attention_params(c: ModelConfig) -> int:
+    return block_params(c, 0).attention
+
+
+@dataclass(frozen=True)
+class BlockFlops:
+    """Training FLOPs (forward + backward) per token of one block, split as tensor parallelism
+    splits the work: `split` is divided over the tp ranks, `replicated` is computed by each."""
+
+    split: float  # head projections, attention scores and values, dense MLP / shared experts
+    replicated: float  # the low-rank down-projections, the router, the top-k routed experts
+
+    @property
+    def total(self) -> float:
+        return self.split + self.replicated
+
+
+def block_train_flops(c: ModelConfig, layer_idx: int, seq_len: int) -> BlockFlops:
+    """6 FLOPs per activated matmul weight (2 forward, 4 backward) plus the attention scores and
+    the weighted sum of values over the causal context (on average seq_len / 2 keys), x3 for the
+    backward. Norms, relative biases and the extras' scalars are not matmul weights."""
+    b = block_params(c, layer_idx)
+    nh = c.num_attention_heads
+    heads = b.heads - nh * len(c.relative_bias_offsets)
+    latent = b.latent - (c.q_lora_rank or 0) - c.kv_lora_rank  # less the two norms
+    attn_fwd = 2 * nh * (c.qk_head_dim + c.v_head_dim) * (seq_len / 2)
+    return BlockFlops(split=6 * (heads + b.mlp) + 3 * attn_fwd,
+                      replicated=6 * (latent + b.router + b.routed_active))  # fmt: skip
+
+
+def head_train_flops(c: ModelConfig) -> float:
+    """The output projection (the tied embedding when tied): 6 FLOPs per weight per token. The input
+    embedding is a lookup: no FLOPs."""
+    return 6 * c.vocab_size * c.hidden_size
 
 
 def account(c: ModelConfig, seq_len: int = 4096, cache_dtype: str = "bfloat16") -> Accounting:
     H, L = c.hidden_size, c.num_hidden_layers
-    n_moe = sum(c.is_moe_layer(i) for i in range(L))
-    n_dense = L - n_moe
-    beta = 1 if c.swiglu_learned_beta else 0
+    blocks = [block_params(c, i) for i in range(L)]
+    moe = [b for i, b in zip(range(L), blocks) if c.is_moe_layer(i)]
+    dense_blocks = [b for i, b in zip(range(L), blocks) if not c.is_moe_layer(i)]
 
     embedding = c.vocab_size * H
     head = 0 if c.tie_word_embeddings else c.vocab_size * H
-    attention = L * attention_params(c)
-    dense = n_dense * (3 * H * c.intermediate_size + beta)
-    expert = 3 * H * c.moe_intermediate_size
-    per_expert_extra = (1 if c.swiglu_learned_beta else 0) + (1 if c.expert_activation_scale else 0)
-    routed = n_moe * c.n_routed_experts * (expert + per_expert_extra)
-    shared = n_moe * (c.n_shared_experts * expert + (beta if c.n_shared_experts else 0))
-    router = n_moe * c.n_routed_experts * H
+    attention = sum(b.attention for b in blocks)
+    dense = sum(b.mlp for b in dense_blocks)
+    routed = sum(b.routed for b in moe)
+    shared = sum(b.mlp for b in moe)
+    router = sum(b.router for b in moe)
     rope = 0
     if c.rope_learned_wavelengths:
         rope = (c.num_attention_heads if c.rope_per_head_base else 1) * c.qk_rope_head_dim // 2
-    other = L * 2 * H + H + rope  # two norms per layer, the final norm
+    other = sum(b.norms for b in blocks) + H + rope  # two norms per layer, the final norm
     total = embedding + head + attention + dense + routed + shared + router + other
-    routed_active = n_moe * c.num_experts_per_tok * (expert + per_expert_extra)
+    routed_active = sum(b.routed_active for b in moe)
     activated = total - embedding - routed + routed_active
     if c.tie_word_embeddings:
         activated += embedding  # the tied table is also the output projection
 
-    # Training FLOPs: 6 per activated matmul weight (2 fwd + 4 bwd) plus attention scores and
-    # the weighted sum of values over the causal context (on average seq_len / 2 keys).
-    matmul_params = activated - other
-    attn_fwd = L * 2 * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * (seq_len / 2)
-    train_flops = int(6 * matmul_params + 3 * attn_fwd)
+    # Training FLOPs: each block's (block_train_flops) and the output head's 6 per weight.
+    train_flops = int(sum(block_train_flops(c, i, seq_len).total for i in range(L)) + head_train_flops(c))
 
     mla_values = L * (c.kv_lora_rank + c.qk_rope_head_dim)
     mha_values = L * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim)

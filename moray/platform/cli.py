@@ -16,6 +16,7 @@ COMMANDS = {
     "pretrain": ("moray.jobs.pretrain.job", "pre-train a model on Ray Train from a curated dataset"),
     "serve": ("moray.jobs.serve.__main__", "serve a model with an OpenAI-compatible API on Ray Serve"),
     "model": ("moray.platform.model_command", "inspect a model (parameters, FLOPs, KV cache) and generate"),
+    "plan": ("moray.platform.plan", "plan a training layout: memory per device, communication, step time"),
 }
 JOBS = COMMANDS  # the old name, still read by tests/jobs/serve/test_config.py; drop once that reads COMMANDS
 
