@@ -20,14 +20,12 @@ the capacity controller; `forward_backward` sums them over the pipeline.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from moray.model.accounting import attention_params
 from moray.model.config import ModelConfig
 from moray.model.transformer import (
     HoldsMoE,
@@ -37,59 +35,16 @@ from moray.model.transformer import (
     lm_loss,
     router_outputs,
 )
+from moray.platform.plan import balanced_split, layer_costs
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 
 
 # ---- where the stages split --------------------------------------------------------------------
-def layer_flops(config: ModelConfig, seq_len: int) -> tuple[list[float], float, float]:
-    """Training FLOPs per token (forward + backward = 6 per multiplied weight, plus attention's
-    scores and weighted values over the causal context) of each layer, of the embedding (a lookup
-    and, backward, an add: H each) and of the final norm + output head."""
-    H = config.hidden_size
-    attn = 6 * attention_params(config) + 3 * 2 * config.num_attention_heads * (
-        config.qk_head_dim + config.v_head_dim
-    ) * (seq_len / 2)
-    expert = 3 * H * config.moe_intermediate_size
-    moe = 6 * ((config.num_experts_per_tok + config.n_shared_experts) * expert + config.n_routed_experts * H)
-    dense = 6 * 3 * H * config.intermediate_size
-    layers = [attn + (moe if config.is_moe_layer(i) else dense) for i in range(config.num_hidden_layers)]
-    return layers, 2.0 * H, 6.0 * H * config.vocab_size
-
-
-def balanced_split(costs: list[float], n_stages: int) -> list[int]:
-    """Boundaries b_0 = 0 < b_1 < ... < b_n = len(costs) of contiguous stages, each non-empty, that
-    minimize the most expensive stage (exact: dynamic programming, O(n L^2))."""
-    L = len(costs)
-    if not 1 <= n_stages <= L:
-        raise ValueError(f"{n_stages} pipeline stages need at least that many layers; the model has {L}")
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-    # best[s][j]: the smallest max-stage cost of the first j layers in s stages; cut[s][j]: its last cut
-    best = [[math.inf] * (L + 1) for _ in range(n_stages + 1)]
-    cut = [[0] * (L + 1) for _ in range(n_stages + 1)]
-    best[0][0] = 0.0
-    for s in range(1, n_stages + 1):
-        for j in range(s, L - (n_stages - s) + 1):
-            for i in range(s - 1, j):
-                v = max(best[s - 1][i], prefix[j] - prefix[i])
-                if v < best[s][j]:
-                    best[s][j], cut[s][j] = v, i
-    bounds = [L]
-    for s in range(n_stages, 0, -1):
-        bounds.append(cut[s][bounds[-1]])
-    return bounds[::-1]
-
-
 def stage_ranges(config: ModelConfig, n_stages: int, seq_len: int) -> list[range]:
-    """The layers of each stage, FLOP-balanced with the embedding counted in the first stage and
-    the head in the last."""
-    layers, embed, head = layer_flops(config, seq_len)
-    costs = list(layers)
-    costs[0] += embed
-    costs[-1] += head
-    b = balanced_split(costs, n_stages)
+    """The layers of each stage, balancing their training FLOPs (the head's counted in the last
+    stage; the embedding is a lookup), as `moray plan` splits them."""
+    b = balanced_split(layer_costs(config, seq_len), n_stages)
     return [range(b[s], b[s + 1]) for s in range(n_stages)]
 
 
@@ -129,7 +84,7 @@ class _AddAuxGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, aux: torch.Tensor, weight: float) -> torch.Tensor:
         ctx.weight = weight
-        return x.view_as(x)
+        return x.clone()  # not a view: FSDP hooks a stage's output for its backward
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

@@ -101,8 +101,9 @@ def load(storage: Storage, directory: str, model, optimizer) -> None:
 def full_model_state(model, pipeline_group=None) -> dict[str, torch.Tensor]:
     """The unsharded model weights on CPU, on every rank (collective under FSDP); with a
     `pipeline_group`, every stage's weights, gathered from the group's ranks."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(model, options=options)
+    # (cpu_offload=True would gather on global rank 0 only, and a pipeline's other stages live elsewhere)
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    state = {k: v.detach().cpu() for k, v in state.items()}
     if pipeline_group is not None:
         parts = [None] * dist.get_world_size(pipeline_group)
         dist.all_gather_object(parts, state, group=pipeline_group)

@@ -66,10 +66,7 @@ def train_step(
     """A pipelined model (PipelinedModel) runs its micro-batches through its schedule and reports
     the whole pipeline's figures; its gradient norm is taken over every stage."""
     model.train()
-    if isinstance(model, PipelinedModel):
-        stats = StepStats(*model.forward_backward(micro_batches, aux_loss_weight, autocast, loss_parallel))
-    else:
-        stats = _forward_backward(model, micro_batches, aux_loss_weight, autocast, loss_parallel)
+    stats = forward_backward(model, micro_batches, aux_loss_weight, autocast, loss_parallel)
     norms = clip_gradients(model, clip.per_layer, clip.per_expert, clip.global_norm, pipeline_group(model))
     stats.lr = optimizer.param_groups[0]["lr"]
     stats.grad_norm = norms["grad_norm"]
@@ -79,7 +76,17 @@ def train_step(
     return stats
 
 
-def _forward_backward(model, micro_batches, aux_loss_weight: float, autocast, loss_parallel) -> StepStats:
+def forward_backward(
+    model,
+    micro_batches,
+    aux_loss_weight: float,
+    autocast=contextlib.nullcontext,
+    loss_parallel=contextlib.nullcontext,
+) -> StepStats:
+    """Gradients of the micro-batches' mean loss, accumulated; this rank's statistics (the whole
+    pipeline's, for a pipelined model)."""
+    if isinstance(model, PipelinedModel):
+        return StepStats(*model.forward_backward(micro_batches, aux_loss_weight, autocast, loss_parallel))
     n = len(micro_batches)
     losses: dict[str, float] = {"loss": 0.0, "lm_loss": 0.0}
     tokens: dict[int, torch.Tensor] = {}
