@@ -42,9 +42,12 @@ Activations: bytes saved for backward per token, enumerated from what moray's mo
 models, one process, dp2, tp2 and dp2 x ep2, in tests/platform/test_plan.py: within 0.1%). With
 full activation checkpointing a block keeps only its input, and one block is recomputed at a
 time. A stage holds its activations for the micro-batches in flight: GPipe all m, 1F1B and ZB-H1
-pp - r on rank r (pp on the first), interleaved 1F1B Megatron's warm-up count (spread evenly over
-the rank's chunks). Bubble: (p-1)/(m+p-1) for 1F1B and GPipe, (p-1)/(v*m+p-1) interleaved,
-(p-1)/(3m+p-1) for ZB-H1 (the weight-gradient passes fill two thirds of it; T_F = T_B = T_W).
+pp - r on rank r (pp on the first), interleaved 1F1B per chunk as its schedule runs them (torch's
+and Megatron's order; the chunks differ: the embedding's, the head's). Checked against the peak of
+saved tensors alive under moray's schedules on real ranks (pp2 under GPipe, 1F1B and interleaved
+1F1B, pp2 x dp2, pp2 x tp2, pp2 x ep2: within 2%). Bubble: (p-1)/(m+p-1) for 1F1B and GPipe,
+(p-1)/(v*m+p-1) interleaved, (p-1)/(3m+p-1) for ZB-H1 (the weight-gradient passes fill two thirds
+of it; T_F = T_B = T_W).
 
 Step time = (compute + tp + ep + pp communication) / (1 - bubble) + the part of the dp
 communication that outlasts the compute it overlaps. Compute runs at `efficiency` x peak (0.5
@@ -261,7 +264,9 @@ def block_activation_bytes(c: ModelConfig, i: int, layout: Layout) -> float:
                         4r more in fp32: the input is a view of [c_kv | k_pe]); the latent (a(c + r));
                         attention per head: fused kernel q, k (a*dq each), v (a(dn + dv): a view of kv_b's
                         output), out (a*dv), log-sum-exp (4); the math path (CPU, dq != dv) scaled q and k,
-                        the T probabilities and v: a(2dq + T + dv); o_proj's input a*dv
+                        the T probabilities and v: a(2dq + T + dv) (v: a(dn + dv) with one sequence per
+                        micro-batch, whose (1, h, T, dv) view of kv_b's output needs no copy to be
+                        batched, so the whole output stays saved); o_proj's input a*dv
       MLP               gate, silu(gate), up, their product: 4a*I (dense I, shared experts I_s), split by tp
       router            fp32 input copy (4H, bf16 only), scores and logits (8E, fp32), lse (4), top-k ids (8k)
       routed experts    per pair: gate|up pre-activation (2a*I_e), sort order and token ids (16), weight (a),
@@ -282,7 +287,7 @@ def block_activation_bytes(c: ModelConfig, i: int, layout: Layout) -> float:
         total += norm(c.q_lora_rank)
     total += 4 * kv + (4 * r if a == 4 else 0) + 4 + a * kv + a * (kv + r)  # kv_a norm, latent
     if layout.attention == "math":
-        total += a * h * (2 * dq + layout.seq_len + dv)
+        total += a * h * (2 * dq + layout.seq_len + dv + (dn if layout.micro_batch_size == 1 else 0))
     else:
         total += a * h * (2 * dq + dn + dv + dv) + 4 * h
     total += a * h * dv  # o_proj input
@@ -387,15 +392,27 @@ def _bubble(layout: Layout) -> float:
     return (p - 1) / (v * m + p - 1)
 
 
-def _in_flight(layout: Layout, rank: int) -> float:
-    """Micro-batches whose activations rank `rank` holds at its peak (in whole-rank units)."""
+def _in_flight(layout: Layout, rank: int) -> list[list[int]]:
+    """Micro-batches whose activations rank `rank` holds, per chunk (its v virtual stages), at each
+    moment that may be its peak: after each forward. GPipe holds all m; 1F1B (and ZB-H1) m or
+    pp - rank; interleaved 1F1B, simulated as torch's ScheduleInterleaved1F1B (Megatron's order):
+    forward k runs chunk (k // r) % v, backward k chunk v - 1 - (k // r) % v, r the micro-batches
+    of a round (pp when pp divides m), after a warm-up of (v - 1) r + 2 (pp - rank - 1) forwards
+    one forward then one backward."""
     p, m, v = layout.pp, layout.micro_batches, layout.virtual_stages
     if layout.schedule == "gpipe" or p == 1:
-        return float(m) if layout.schedule == "gpipe" else 1.0
+        return [[m if layout.schedule == "gpipe" else 1]]
     if v == 1:
-        return float(min(m, p - rank))
-    # Megatron's interleaved schedule warms up 2(p - r - 1) + (v - 1)p chunk passes, then one more
-    return min(m * v, 2 * (p - rank - 1) + (v - 1) * p + 1) / v
+        return [[min(m, p - rank)]]
+    per_round = m // max(1, m // p)
+    warmup = min((v - 1) * per_round + 2 * (p - 1 - rank), m * v)
+    held, moments = [0] * v, []
+    for k in range(m * v):
+        held[(k // per_round) % v] += 1
+        moments.append(list(held))
+        if k >= warmup:  # steady state: this forward, then the backward of an earlier micro-batch
+            held[v - 1 - ((k - warmup) // per_round) % v] -= 1
+    return moments
 
 
 def _link(device: Device, span: int) -> tuple[str, float]:
@@ -464,7 +481,9 @@ def rank_work(c: ModelConfig, layout: Layout, share: RankShare) -> RankWork:
     return RankWork(flops, tp_bytes, ep_bytes)
 
 
-def rank_memory(c: ModelConfig, layout: Layout, device: Device, rank: int, share: RankShare) -> StageMemory:
+def rank_memory(c: ModelConfig, layout: Layout, device: Device, rank: int, share: RankShare,
+                chunks: list[list[int]] | None = None) -> StageMemory:  # fmt: skip
+    """The bytes pipeline rank `rank` holds; `chunks`: its virtual stages' layers (default: one)."""
     L, H, V, tp = layout, c.hidden_size, c.vocab_size, layout.tp
     a, pb, gb = BYTES[L.compute_dtype], BYTES[L.param_dtype], BYTES[L.grad_dtype]
     zero = L.zero if L.dp > 1 else 0  # one data-parallel rank shards nothing (moray applies no FSDP)
@@ -491,17 +510,22 @@ def rank_memory(c: ModelConfig, layout: Layout, device: Device, rank: int, share
     else:
         grads += embed_grad
 
-    per_block = [block_activation_bytes(c, i, L) for i in share.layers]
+    per_block = {i: block_activation_bytes(c, i, L) for i in share.layers}
     ckpt = L.activation_checkpointing == "full"
-    per_token = len(share.layers) * a * H if ckpt else sum(per_block)  # checkpointed: block inputs only
-    per_token += 4 * c.qk_rope_head_dim + (8 if share.first else 0)  # rotary cos/sin; token ids
-    if share.last:
-        per_token += head_activation_bytes(c, L)
+
+    def per_token(layers: list[int]) -> float:  # one micro-batch of a chunk, per token
+        b = len(layers) * a * H if ckpt else sum(per_block[i] for i in layers)  # checkpointed: block inputs
+        b += 4 * c.qk_rope_head_dim + (8 if 0 in layers else 0)  # rotary cos/sin; token ids
+        return b + (head_activation_bytes(c, L) if c.num_hidden_layers - 1 in layers else 0)
+
+    chunks = chunks or [share.layers]
+    sizes = [per_token(layers) for layers in chunks]
+    held = max(_in_flight(L, rank), key=lambda n: sum(k * b for k, b in zip(n, sizes)))
     tokens_mb = L.micro_batch_size * L.seq_len
-    flight = _in_flight(L, rank)
-    activations = per_token * tokens_mb * flight
+    activations = sum(k * b for k, b in zip(held, sizes)) * tokens_mb
+    flight = sum(held) / len(chunks)  # in whole-rank units
     if ckpt:  # one block recomputed at a time, with all its activations
-        activations += max(per_block) * tokens_mb
+        activations += max(per_block.values()) * tokens_mb
     return StageMemory(rank, share.layers, params, grads, optimizer, activations, buffers,
                        device.reserve_gb * GIB, flight)  # fmt: skip
 
@@ -514,8 +538,9 @@ def plan(config: ModelConfig, layout: Layout, device: Device, name: str = "model
     a, pb, gb = BYTES[L.compute_dtype], BYTES[L.param_dtype], BYTES[L.grad_dtype]
     bounds = balanced_split(layer_costs(c, L.seq_len), pp * v)
     chunks = [list(range(bounds[j], bounds[j + 1])) for j in range(pp * v)]
-    shares = [rank_share(c, L, [i for j in range(r, pp * v, pp) for i in chunks[j]]) for r in range(pp)]
-    stages = [rank_memory(c, L, device, r, share) for r, share in enumerate(shares)]
+    mine = [[chunks[j] for j in range(r, pp * v, pp)] for r in range(pp)]  # each rank's chunks
+    shares = [rank_share(c, L, [i for chunk in mine[r] for i in chunk]) for r in range(pp)]
+    stages = [rank_memory(c, L, device, r, share, mine[r]) for r, share in enumerate(shares)]
     peak = max(stages, key=lambda s: s.total)
     if check_fit:
         _check_fits(peak, device)

@@ -9,14 +9,20 @@ per trillion tokens, i.e. 1e12 / (172.8e3 * 3600) = 1607 tokens per GPU-second.
 
 Measured here: parameters, gradients and AdamW state per rank of the tiny model under one process,
 dp2 (FSDP2 = ZeRO-3), tp2 and dp2 x ep2 (2 gloo processes), and the bytes saved for backward
-(torch's saved-tensor hooks, deduplicated by storage) against the planner's figures.
+(torch's saved-tensor hooks, deduplicated by storage) against the planner's figures. Pipelines
+the same way, every rank against the plan's figures for its pipeline rank: pp2 under 1F1B, GPipe
+and interleaved 1F1B (2 processes, in the same spawn), pp2 x dp2, pp2 x tp2 and pp2 x ep2 (one
+spawn of 4); their activations are the peak of the saved tensors alive at once over a step of
+the schedule (each held from its pack until autograd releases it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import random
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -25,6 +31,8 @@ import torch.multiprocessing as mp
 
 from moray.model import Transformer, preset
 from moray.model.accounting import account, block_params, block_train_flops, head_train_flops
+from moray.platform.parallel import ParallelLayout
+from moray.platform.pipeline_parallel import stage_ranges
 from moray.platform.plan import (
     GIB,
     balanced_split,
@@ -136,6 +144,53 @@ class SavedBytes:
         return sum(self.seen.values())
 
 
+class _Held:
+    """A saved tensor as autograd holds it: dropped when autograd releases it (its node ran)."""
+
+    __slots__ = ("tensor", "key", "owner")
+
+    def __init__(self, tensor, key, owner):
+        self.tensor, self.key, self.owner = tensor, key, owner
+
+    def __del__(self):
+        self.owner._release(self.key)
+
+
+class PeakSavedBytes(SavedBytes):
+    """The most bytes saved for backward alive at once (each storage once): a schedule's peak,
+    the micro-batches whose forward ran and whose backward has not yet released them."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.count: dict[int, int] = {}
+        self.live = self.peak = 0
+
+    def _pack(self, t):
+        params = {self._storage(p).data_ptr() for p in self.model.parameters()}
+        s = self._storage(t)
+        key = s.data_ptr()
+        if isinstance(t, torch.nn.Parameter) or t.device.type == "meta" or key in params:
+            return t
+        if not self.count.get(key):
+            self.seen[key] = s.nbytes()
+            self.live += self.seen[key]
+            self.peak = max(self.peak, self.live)
+        self.count[key] = self.count.get(key, 0) + 1
+        return _Held(t, key, self)
+
+    def _release(self, key):
+        self.count[key] -= 1
+        if not self.count[key]:
+            self.live -= self.seen.pop(key)
+
+    def __enter__(self):
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(
+            self._pack, lambda h: h.tensor if isinstance(h, _Held) else h
+        )
+        self.hooks.__enter__()
+        return self
+
+
 def _local_bytes(tensors) -> int:
     return sum((t.to_local() if hasattr(t, "to_local") else t).nbytes for t in tensors)
 
@@ -158,6 +213,25 @@ def _measure(model, opt, inputs, targets, loss_parallel) -> dict:
             "activations": saved.total}  # fmt: skip
 
 
+def _measure_pipelined(model, opt, micro_batches, loss_parallel) -> dict:
+    """The second step of a pipelined model (a schedule's first step also runs a forward and a
+    backward of its own, on empty tensors, to learn its stages' shapes): the bytes of this rank's
+    parameters, gradients, optimizer state and its peak of saved activations over the schedule."""
+    null = contextlib.nullcontext
+    model.forward_backward(micro_batches, 1.0, null, loss_parallel)
+    opt.zero_grad(set_to_none=True)
+    with PeakSavedBytes(model) as saved:
+        model.forward_backward(micro_batches, 1.0, null, loss_parallel)
+    assert saved.live == 0 and not any(saved.count.values())  # every saved tensor was released
+    grads = _local_bytes(p.grad for p in model.parameters() if p.grad is not None)
+    opt.step()
+    state = _local_bytes(
+        t for st in opt.state.values() for t in st.values() if torch.is_tensor(t) and t.dim()
+    )
+    return {"params": _local_bytes(model.parameters()), "grads": grads, "optimizer": state,
+            "activations": saved.peak}  # fmt: skip
+
+
 def _batch(vocab: int, batch: int, seq: int):
     g = torch.Generator().manual_seed(1)
     seqs = torch.randint(3, vocab, (batch, seq + 1), generator=g)
@@ -167,37 +241,92 @@ def _batch(vocab: int, batch: int, seq: int):
 LAYOUTS = {"dp2": dict(dp=2), "tp2": dict(tp=2), "dp2xep2": dict(dp=2, ep=2)}
 
 
-def _worker(rank: int, init_file: str, out_file: str) -> None:
+# Pipelines: PIPE_MICRO micro-batches a step of PIPE_BATCH / PIPE_MICRO sequences (over the dp ranks)
+PIPE_BATCH, PIPE_MICRO = 8, 4
+
+
+@dataclass(frozen=True)
+class Pipe:
+    degrees: dict
+    schedule: str = "1f1b"
+    virtual_stages: int = 1
+    layers: int = 3  # the tiny model's; interleaving 2 chunks on each of 2 ranks takes 4
+
+    @property
+    def world(self) -> int:
+        return ParallelLayout(**self.degrees).world_size
+
+
+PIPELINES = {
+    "pp2": Pipe(dict(pp=2)),
+    "pp2-gpipe": Pipe(dict(pp=2), "gpipe"),
+    "pp2-interleaved": Pipe(dict(pp=2), "interleaved_1f1b", 2, 4),
+    "pp2xdp2": Pipe(dict(pp=2, dp=2)),
+    "pp2xtp2": Pipe(dict(pp=2, tp=2)),
+    "pp2xep2": Pipe(dict(pp=2, dp=2, ep=2)),
+}
+
+
+def _measure_layout(name: str) -> dict:
+    """This rank's figures for one layout (every rank of the process group builds it)."""
     from moray.jobs.pretrain.optim import build_optimizer
     from moray.jobs.pretrain.parallel import parallelize
-    from moray.platform.parallel import ParallelLayout
+    from moray.platform.pipeline_parallel import PipelineOptions, pipeline_group
 
+    pipe = PIPELINES.get(name, Pipe(LAYOUTS.get(name), None))
+    layout = ParallelLayout(**pipe.degrees)
+    mesh = layout.build_mesh()
+    torch.manual_seed(0)
+    config = layout.configure_model(preset("tiny", num_hidden_layers=pipe.layers))
+    dp_rank = mesh["dp"].get_local_rank()
+    if pipe.schedule is None:
+        model = parallelize(Transformer(config).train(), layout, mesh)
+        opt = build_optimizer(model, "adamw", 1e-3, 0.1)
+        inputs, targets = _batch(512, BATCH, SEQ)
+        rows = slice(dp_rank * BATCH // layout.dp, None)
+        inputs, targets = inputs[rows][: BATCH // layout.dp], targets[rows][: BATCH // layout.dp]
+        return _measure(model, opt, inputs, targets, layout.loss_parallel)
+    options = PipelineOptions(pipe.schedule, pipe.virtual_stages, PIPE_MICRO, SEQ)
+    model = parallelize(Transformer(config).train(), layout, mesh, options)
+    opt = build_optimizer(model, "adamw", 1e-3, 0.1, pipeline_group=pipeline_group(model))
+    inputs, targets = _batch(512, PIPE_BATCH, SEQ)
+    size = PIPE_BATCH // PIPE_MICRO  # a global micro-batch; each dp rank takes its slice
+    per_rank = size // layout.dp
+    first = [m * size + dp_rank * per_rank for m in range(PIPE_MICRO)]
+    micro = [(inputs[i : i + per_rank], targets[i : i + per_rank]) for i in first]
+    figures = _measure_pipelined(model, opt, micro, layout.loss_parallel)
+    return {**figures, "pp_rank": mesh["pp"].get_local_rank(), "layers": sorted(int(k) for k in model.layers)}
+
+
+def _worker(rank: int, world: int, names: list[str], init_file: str, out_file: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        results = {}
-        for name, degrees in LAYOUTS.items():
-            layout = ParallelLayout(**degrees)
-            mesh = layout.build_mesh()
-            torch.manual_seed(0)
-            model = parallelize(Transformer(layout.configure_model(preset("tiny"))).train(), layout, mesh)
-            opt = build_optimizer(model, "adamw", 1e-3, 0.1)
-            inputs, targets = _batch(512, BATCH, SEQ)
-            rows = slice(mesh["dp"].get_local_rank() * BATCH // layout.dp, None)
-            inputs, targets = inputs[rows][: BATCH // layout.dp], targets[rows][: BATCH // layout.dp]
-            results[name] = _measure(model, opt, inputs, targets, layout.loss_parallel)
-        torch.save(results, f"{out_file}.{rank}")
+        torch.save({name: _measure_layout(name) for name in names}, f"{out_file}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
+def _spawn(tmp, world: int, names: list[str]) -> list[dict]:
+    """Each named layout's figures on every rank of one spawn of `world` gloo processes."""
+    out = tmp / f"figures-{world}.pt"
+    mp.start_processes(_worker, args=(world, names, str(tmp / f"init-{world}"), str(out)), nprocs=world,
+                       start_method="spawn")  # fmt: skip
+    return [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(world)]
+
+
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
-    """Each layout's figures on both ranks: one spawn of 2 gloo processes for the three layouts."""
-    tmp = tmp_path_factory.mktemp("plan")
-    out = tmp / "figures.pt"
-    mp.start_processes(_worker, args=(str(tmp / "init"), str(out)), nprocs=2, start_method="spawn")
-    return [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
+    """The 2-rank layouts' figures, on both ranks: one spawn of 2 gloo processes for all of them."""
+    names = list(LAYOUTS) + [n for n, pipe in PIPELINES.items() if pipe.world == 2]
+    return _spawn(tmp_path_factory.mktemp("plan"), 2, names)
+
+
+@pytest.fixture(scope="module")
+def measured4(tmp_path_factory):
+    """The 4-rank pipelines' figures, on every rank: one spawn of 4 gloo processes."""
+    names = [n for n, pipe in PIPELINES.items() if pipe.world == 4]
+    return _spawn(tmp_path_factory.mktemp("plan4"), 4, names)
 
 
 def _planned(name: str, batch: int, seq: int, **degrees) -> dict:
@@ -237,6 +366,50 @@ def test_parallel_memory_matches_real_ranks(measured, layout):
             assert rank[layout][part] == pytest.approx(want[part], rel=0.01), (layout, part)
     mean = sum(rank[layout]["activations"] for rank in measured) / len(measured)
     assert mean == pytest.approx(want["activations"], rel=0.01), layout
+
+
+def _planned_pipeline(name: str):
+    """The plan of a measured pipeline (the tiny model, fp32 FSDP2, CPU attention)."""
+    pipe = PIPELINES[name]
+    c = preset("tiny", num_hidden_layers=pipe.layers)
+    schedule = "1f1b" if pipe.schedule == "interleaved_1f1b" else pipe.schedule  # the plan's: v > 1
+    layout = make_layout(c, **pipe.degrees, zero=3, global_batch=PIPE_BATCH, micro_batches=PIPE_MICRO,
+                         seq_len=SEQ, schedule=schedule, virtual_stages=pipe.virtual_stages,
+                         param_dtype="fp32", compute_dtype="fp32", attention="math")  # fmt: skip
+    return c, plan(c, layout, get_device("cpu-this-machine"))
+
+
+@pytest.mark.parametrize("name", list(PIPELINES))
+def test_pipeline_memory_matches_real_ranks(request, name):
+    """Every rank against the plan's figures for its pipeline rank: its layers (the planner's split
+    is the runtime's), its parameters, gradients and AdamW state exactly, and the peak of its saved
+    activations over the schedule's second step within 3% (the issue asks 10%). Measured / planned
+    peaks, first and last pipeline rank: pp2 1.0009, 1.0035; GPipe 1.0002, 1.0003; interleaved
+    1.0001, 1.0018; pp2 x dp2 1.0011, 1.0038; pp2 x tp2 1.0013, 1.0048; pp2 x ep2 1.0126 and 0.9948
+    on the first rank's two ep ranks, 1.0184 on the last's (routing is not balanced, as the plan
+    assumes: one rank's experts receive more rows). What stays out: per-layer index tensors of E
+    entries, scalar losses, the stage outputs a schedule keeps for its backward and receive
+    buffers (not saved tensors: a*H per token and micro-batch in flight)."""
+    pipe = PIPELINES[name]
+    ranks = request.getfixturevalue("measured" if pipe.world == 2 else "measured4")
+    c, p = _planned_pipeline(name)
+    n = c.num_hidden_layers
+    # the runtime's stage split is the planner's: stage_ranges is balanced_split over layer_costs
+    ranges = stage_ranges(c, 2 * pipe.virtual_stages, SEQ)
+    bounds = balanced_split(layer_costs(c, SEQ), 2 * pipe.virtual_stages)
+    assert [list(r) for r in ranges] == [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
+    assert sorted(i for s in p.stages for i in s.layers) == list(range(n))
+    # the schedule's micro-batches in flight, in whole-rank units (interleaved: chunk passes / v)
+    flight = {"1f1b": [2, 1], "gpipe": [PIPE_MICRO] * 2, "interleaved_1f1b": [2.5, 1.5]}[pipe.schedule]
+    assert [s.in_flight for s in p.stages] == flight
+    for got in ranks:
+        got = got[name]
+        want = p.stages[got["pp_rank"]]
+        assert got["layers"] == want.layers, (name, got["pp_rank"])
+        assert (got["params"], got["grads"], got["optimizer"]) == (want.params, want.grads, want.optimizer), (
+            name
+        )
+        assert got["activations"] == pytest.approx(want.activations, rel=0.03), (name, got["pp_rank"])
 
 
 # ---- pipeline split --------------------------------------------------------------------------------------
