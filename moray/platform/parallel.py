@@ -27,10 +27,16 @@ DEVICE_TYPES = ("cpu", "cuda")
 
 @dataclass(frozen=True)
 class LayoutMesh:
-    """The root mesh and its flattened dimensions: mesh["tp"], mesh["dp"] ..."""
+    """The root mesh and its flattened dimensions: mesh["tp"], mesh["dp"] ...
+
+    An elastic run may start more workers than its layout takes: the layout holds the first
+    `world_size` ranks and the others are spare (they hold no coordinate and take no part in
+    training); `active_group` is then the layout's ranks (None: every rank of the process group)."""
 
     root: object  # DeviceMesh
     flattened: dict
+    active_group: object = None
+    spare: bool = False
 
     def __getitem__(self, name: str):
         return self.flattened[name] if name in self.flattened else self.root[name]
@@ -110,13 +116,22 @@ class ParallelLayout:
             if self.world_size != 1:
                 raise RuntimeError(f"a {self.world_size}-rank layout needs an initialized process group")
             return None
-        if dist.get_world_size() != self.world_size:
-            raise RuntimeError(
-                f"layout has {self.world_size} ranks, the process group {dist.get_world_size()}"
-            )
-        mesh = init_device_mesh(self.device_type, self.mesh_shape, mesh_dim_names=MESH_DIMS)
+        world = dist.get_world_size()
+        if world < self.world_size:
+            raise RuntimeError(f"layout has {self.world_size} ranks, the process group {world}")
+        if world == self.world_size:
+            mesh = init_device_mesh(self.device_type, self.mesh_shape, mesh_dim_names=MESH_DIMS)
+            active = None
+        else:  # every rank takes part in creating the groups, the spare ones too
+            from torch.distributed.device_mesh import DeviceMesh
+
+            active = dist.new_group(list(range(self.world_size)))
+            ranks = torch.arange(self.world_size).view(self.mesh_shape)
+            mesh = DeviceMesh(self.device_type, ranks, mesh_dim_names=MESH_DIMS)
+            if dist.get_rank() >= self.world_size:
+                return LayoutMesh(mesh, {}, active, spare=True)
         # torch asks callers to keep flattened meshes themselves rather than slice them from the root
-        return LayoutMesh(mesh, {"dp": mesh["dp_mod_ep", "ep"]._flatten("dp")})
+        return LayoutMesh(mesh, {"dp": mesh["dp_mod_ep", "ep"]._flatten("dp")}, active)
 
     def configure_model(self, config):
         """The model config this layout trains or serves: its expert-parallel degree drives the

@@ -157,6 +157,7 @@ class PipelinedModel(HoldsMoE, nn.Module):
         self.norm = model.norm if last else None
         self.lm_head = model.lm_head if last else None
         self.schedule = None  # built by `build_schedule`, after the other plans wrapped the stages
+        self.device = torch.device("cpu")  # where the stages compute (NCCL reduces tensors there)
 
     @property
     def has_first(self) -> bool:
@@ -175,6 +176,7 @@ class PipelinedModel(HoldsMoE, nn.Module):
         raise RuntimeError("a pipelined model runs through its schedule: forward_backward or evaluate")
 
     def build_schedule(self, device: torch.device) -> None:
+        self.device = torch.device(device)
         from torch.distributed.pipelining import (
             PipelineStage,
             Schedule1F1B,
@@ -228,9 +230,10 @@ class PipelinedModel(HoldsMoE, nn.Module):
         """The summed cross-entropy of the micro-batches (no gradients), on every pp rank."""
         lm = self._run(micro_batches, True, autocast, loss_parallel)
         n_tokens = sum(t.numel() for _, t in micro_batches)
-        total = torch.tensor(sum(float(x) for x in lm) * n_tokens / len(micro_batches), dtype=torch.float64)
+        total = sum(float(x) for x in lm) * n_tokens / len(micro_batches)
+        total = torch.tensor(total, dtype=torch.float64, device=self.device)
         dist.all_reduce(total, group=self.pp_group)
-        return total
+        return total.cpu()
 
     def _pipeline_stats(self, lm: list[torch.Tensor], aux_loss_weight: float):
         n = self.options.n_microbatches
@@ -252,8 +255,10 @@ class PipelinedModel(HoldsMoE, nn.Module):
                     loads[moe_ids.index(i)] += st.tokens_per_expert.detach().double().cpu()
                     scalars[-2] += float(st.dropped)
                     scalars[-1] += float(st.pairs)
+        scalars, loads = scalars.to(self.device), loads.to(self.device)
         dist.all_reduce(scalars, group=self.pp_group)
         dist.all_reduce(loads, group=self.pp_group)
+        scalars, loads = scalars.cpu(), loads.cpu()
         losses = {"lm_loss": float(scalars[0])}
         aux = 0.0
         for k, name in enumerate(names):

@@ -34,17 +34,21 @@ from moray.platform.storage import Storage
 
 log = logging.getLogger("moray.pretrain")
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# Optimizer state keyed by parameter name, its hyper-parameters too: pipeline ranks hold different
+# parameter groups, and DCP would keep only one rank's copy of an unflattened `param_groups` list.
+_FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def checkpoint_name(step: int) -> str:
     return f"checkpoint-{step:07d}"
 
 
-def save(directory: Path, model, optimizer, extra: dict, rank: int, world_size: int) -> None:
-    """Collective: every rank calls it with its own (empty) staging directory."""
+def save(directory: Path, model, optimizer, extra: dict, rank: int, world_size: int, group=None) -> None:
+    """Collective over `group` (default: every rank): each rank calls it with its own (empty)
+    staging directory."""
     directory.mkdir(parents=True, exist_ok=True)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory))
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_FLAT)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory), process_group=group)
     files = {p.name: sha256_file(p) for p in sorted(directory.iterdir()) if p.is_file()}
     manifest = {"rank": rank, "world_size": world_size, "files": files}
     if rank == 0:
@@ -85,29 +89,33 @@ def latest_valid(storage: Storage, run_dir: str) -> tuple[str, dict] | None:
     return None
 
 
-def load(storage: Storage, directory: str, model, optimizer) -> None:
-    """Collective: restore model and optimizer, resharding onto the current world size.
-    A checkpoint on remote storage is downloaded to a local staging directory first."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+def load(storage: Storage, directory: str, model, optimizer, group=None) -> None:
+    """Collective over `group` (default: every rank): restore model and optimizer, resharding onto
+    the current layout. A checkpoint on remote storage is downloaded to a local staging directory first."""
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_FLAT)
     state = {"model": model_sd, "optim": optim_sd}
     if storage.is_local:
-        dcp.load(state, checkpoint_id=directory)
+        dcp.load(state, checkpoint_id=directory, process_group=group)
     else:
         with tempfile.TemporaryDirectory() as local:
-            dcp.load(state, checkpoint_id=str(storage.download_dir(directory, Path(local))))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            dcp.load(
+                state, checkpoint_id=str(storage.download_dir(directory, Path(local))), process_group=group
+            )
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=_FLAT
+    )
 
 
-def full_model_state(model, pipeline_group=None) -> dict[str, torch.Tensor]:
-    """The unsharded model weights on CPU, on every rank (collective under FSDP); with a
-    `pipeline_group`, every stage's weights, gathered from the group's ranks."""
+def full_model_state(model, pipeline_group=None, group=None) -> dict[str, torch.Tensor]:
+    """The unsharded model weights on CPU, on every rank of `group` (default: all; collective under
+    FSDP); with a `pipeline_group`, every stage's weights, gathered from the group's ranks."""
     # (cpu_offload=True would gather on global rank 0 only, and a pipeline's other stages live elsewhere)
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    state = {k: v.detach().cpu() for k, v in state.items()}
+    state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}  # a copy, not the live weights
     if pipeline_group is not None:
         parts = [None] * dist.get_world_size(pipeline_group)
         dist.all_gather_object(parts, state, group=pipeline_group)
         state = {k: v for part in parts for k, v in part.items()}
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
     return state

@@ -157,6 +157,10 @@ class ParallelSection:
                 raise ConfigError(f"{name}={v!r}: must be a positive integer")
         if self.pp_schedule not in SCHEDULES:
             raise ConfigError(f"pp_schedule={self.pp_schedule!r}: use one of {SCHEDULES}")
+        if self.virtual_stages > 1 and self.pp == 1:
+            raise ConfigError(
+                f"virtual_stages={self.virtual_stages}: virtual stages split pipeline ranks; set pp > 1"
+            )
 
     def layout(self, world_size: int, use_gpu: bool = False) -> ParallelLayout:
         device = "cuda" if use_gpu else "cpu"
@@ -196,6 +200,46 @@ class Plan:
     val_sequences: int
 
 
+def layout_for(cfg: PretrainConfig, world: int, model_config: ModelConfig) -> ParallelLayout:
+    """The layout of exactly `world` ranks, checked against the model and the batch arithmetic."""
+    g, micro = cfg.data.global_batch_size, cfg.data.micro_batch_size
+    layout = cfg.parallel.layout(world, cfg.scaling.use_gpu)
+    if model_config.n_routed_experts % layout.ep:
+        raise ConfigError(f"parallel.ep={layout.ep}: must divide n_routed_experts")
+    # each rank takes g / dp sequences, in whole micro-batches of `micro`
+    if g % layout.dp or (g // layout.dp) % micro:
+        raise ConfigError(
+            f"data.global_batch_size={g}: must split into {layout.dp} data-parallel ranks x whole "
+            f"micro-batches of data.micro_batch_size={micro} (world size {world} is in scaling.num_workers)"
+        )
+    p = cfg.parallel
+    try:
+        layout.configure_model(model_config)
+        if layout.pp > 1:
+            check_pipeline(model_config, layout.pp, p.virtual_stages, p.pp_schedule, g // layout.dp // micro)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return layout
+
+
+def run_layout(cfg: PretrainConfig, workers: int, model_config: ModelConfig) -> ParallelLayout:
+    """The layout a run takes on `workers` Ray Train workers. A fixed worker count must fit its layout
+    exactly. An elastic run takes the most data-parallel ranks that fit (dp shrinks to what divides
+    the batch and takes ep; pp and tp stay): the workers beyond them are spare, idle until a
+    restart can use them (Ray Train may start any count in the range)."""
+    lo, hi = cfg.scaling.worker_range
+    if lo == hi:
+        return layout_for(cfg, workers, model_config)
+    per_dp = cfg.parallel.pp * cfg.parallel.tp
+    first_error = None
+    for dp in range(workers // per_dp, 0, -1):
+        try:
+            return layout_for(cfg, dp * per_dp, model_config)
+        except ConfigError as e:
+            first_error = first_error or e
+    raise first_error or ConfigError(f"scaling.num_workers={workers}: fewer workers than pp x tp = {per_dp}")
+
+
 def validate(cfg: PretrainConfig) -> Plan:
     """Everything checkable before the cluster: the data contract, the model, the layouts of every
     world size the run may take, the batch arithmetic."""
@@ -210,27 +254,9 @@ def validate(cfg: PretrainConfig) -> Plan:
             f"{model_config.max_position_embeddings}"
         )
     lo, hi = cfg.scaling.worker_range
-    g, micro = cfg.data.global_batch_size, cfg.data.micro_batch_size
     for world in range(lo, hi + 1):
-        layout = cfg.parallel.layout(world, cfg.scaling.use_gpu)
-        try:
-            layout.configure_model(model_config)
-            if layout.pp > 1 and not g % layout.dp:
-                p = cfg.parallel
-                check_pipeline(
-                    model_config, layout.pp, p.virtual_stages, p.pp_schedule, g // layout.dp // micro
-                )
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if model_config.n_routed_experts % layout.ep:
-            raise ConfigError(f"parallel.ep={layout.ep}: must divide n_routed_experts")
-        # each rank takes g / dp sequences, in whole micro-batches of `micro`
-        if g % layout.dp or (g // layout.dp) % micro:
-            raise ConfigError(
-                f"data.global_batch_size={g}: must split into {layout.dp} data-parallel ranks x whole "
-                f"micro-batches of data.micro_batch_size={micro} (world size {world} is in scaling.num_workers)"
-            )
-    train_sequences = count_rows(cfg.data.path, "train")
+        run_layout(cfg, world, model_config)
+    train_sequences, g = count_rows(cfg.data.path, "train"), cfg.data.global_batch_size
     if train_sequences < g:
         raise ConfigError(f"data.global_batch_size={g}: more than the {train_sequences} training sequences")
     return Plan(model_config, manifest, train_sequences, count_rows(cfg.data.path, "val"))

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from moray.jobs.pretrain.callbacks import Callback
-from moray.jobs.pretrain.config import PretrainConfig, validate
+from moray.jobs.pretrain.config import PretrainConfig, run_layout, validate
 from moray.platform.config import ConfigError, apply_overrides, from_dict, load_yaml
 from moray.platform.storage import Storage
 from moray.platform.workdir import work_dir
@@ -96,9 +96,7 @@ def run(cfg: PretrainConfig, callbacks: list[Callback] | None = None) -> dict:
     storage = Storage(storage_uri)
     run_dir = storage.path(cfg.run.name)
     mlflow = setup_mlflow(cfg.run.experiment)
-    layouts = {
-        w: cfg.parallel.layout(w, cfg.scaling.use_gpu).describe() for w in set(cfg.scaling.worker_range)
-    }
+    layouts = {w: run_layout(cfg, w, model_config).describe() for w in set(cfg.scaling.worker_range)}
     params = {"config": dataclasses.asdict(cfg), "model": model_config.to_dict(), "layout": layouts}
     run_id = _mlflow_run(mlflow, cfg, params)
     connect()
@@ -121,7 +119,7 @@ def run(cfg: PretrainConfig, callbacks: list[Callback] | None = None) -> dict:
     trainer = TorchTrainer(
         train_func,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend=cfg.parallel.layout(hi, cfg.scaling.use_gpu).backend),
+        torch_config=TorchConfig(backend=run_layout(cfg, hi, model_config).backend),
         scaling_config=ray.train.ScalingConfig(
             num_workers=(lo, hi) if lo != hi else lo,
             use_gpu=cfg.scaling.use_gpu,

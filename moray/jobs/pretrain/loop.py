@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from moray.jobs.pretrain import checkpoint as ckpt
-from moray.jobs.pretrain.config import PretrainConfig
+from moray.jobs.pretrain.config import PretrainConfig, run_layout
 from moray.jobs.pretrain.data import iterate_split, step_batches
 from moray.jobs.pretrain.optim import Schedule, build_optimizer
 from moray.jobs.pretrain.parallel import parallelize
@@ -50,12 +50,21 @@ class Worker:
     def dp_group(self):
         return self.mesh["dp"].get_group() if self.mesh is not None else None
 
+    @property
+    def group(self):
+        """The layout's ranks (None: every rank): what checkpoints and exports synchronize."""
+        return self.mesh.active_group if self.mesh is not None else None
 
-def _setup_worker(cfg: PretrainConfig, threads: int) -> Worker:
+    @property
+    def spare(self) -> bool:
+        return self.mesh is not None and self.mesh.spare
+
+
+def _setup_worker(cfg: PretrainConfig, threads: int, model_config: ModelConfig) -> Worker:
     import ray.train
 
     ctx = ray.train.get_context()
-    layout = cfg.parallel.layout(ctx.get_world_size(), cfg.scaling.use_gpu)
+    layout = run_layout(cfg, ctx.get_world_size(), model_config)
     torch.manual_seed(cfg.train.seed)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -75,10 +84,14 @@ def train_func(loop_config: dict) -> None:
 
     cfg: PretrainConfig = from_dict(PretrainConfig, loop_config["config"])
     tc = cfg.train
-    w = _setup_worker(cfg, loop_config.get("threads_per_worker", 1))
-    model_config = w.layout.configure_model(from_dict(ModelConfig, loop_config["model_config"]))
+    model_config = from_dict(ModelConfig, loop_config["model_config"])
+    w = _setup_worker(cfg, loop_config.get("threads_per_worker", 1), model_config)
+    model_config = w.layout.configure_model(model_config)
     storage = Storage(loop_config["storage"])
     run_dir = storage.path(cfg.run.name)
+    if w.spare:
+        _wait_as_spare(cfg, storage, run_dir, w)
+        return
     global_batch, seq_len = cfg.data.global_batch_size, loop_config["seq_len"]
 
     micro = cfg.data.micro_batch_size
@@ -111,6 +124,7 @@ def train_func(loop_config: dict) -> None:
     # whole global batches only: a validation split smaller than one (curation allows it) is skipped
     val_batches = min(tc.val_batches, loop_config["val_sequences"] // global_batch)
 
+    checkpoint_steps = set(_checkpoint_steps(cfg, position.step))
     for batch in batches:
         for cb in callbacks:
             cb.on_step_start(batch.step, w.rank)
@@ -150,17 +164,41 @@ def train_func(loop_config: dict) -> None:
             # expert dispatch on this rank (rank 0's figures; 0 without expert parallelism)
             "all_to_all_mb": ALL_TO_ALL.bytes_sent / 1e6,
             "all_to_all_s": ALL_TO_ALL.seconds,
+            # an elastic run's workers beyond its layout (they wait for a restart that can use them)
+            "spare_workers": float(ray.train.get_context().get_world_size() - w.layout.world_size),
             **reduced.load_metrics(),
         }
         if val_batches and (done % tc.val_every == 0 or done == tc.max_steps):
             metrics["val_loss"] = _validate(model, val_shard, global_batch, micro, val_batches, w)
         tracker.step(batch.step, metrics, {i: load.tolist() for i, load in reduced.tokens_per_expert.items()})
-        if done % tc.checkpoint_every == 0 or done == tc.max_steps:
+        if done in checkpoint_steps:
             tracker.flush()
             _save(model, optimizer, state, w, done, reduced.losses["loss"], tracker.run_id)
 
     tracker.flush()
-    _export(model, model_config, loop_config, storage, run_dir, w.rank)
+    _export(model, model_config, loop_config, storage, run_dir, w)
+
+
+def _checkpoint_steps(cfg: PretrainConfig, start: int) -> list[int]:
+    """The steps after which the run checkpoints, from `start` on."""
+    tc = cfg.train
+    return [
+        s for s in range(start + 1, tc.max_steps + 1) if s % tc.checkpoint_every == 0 or s == tc.max_steps
+    ]
+
+
+def _wait_as_spare(cfg: PretrainConfig, storage: Storage, run_dir: str, w: Worker) -> None:
+    """A worker beyond the layout (an elastic run started more than its layout takes) trains
+    nothing; it joins the report at every checkpoint, which Ray Train holds as a barrier on all
+    workers, so the run goes on and a restart can use it."""
+    import ray.train
+
+    found = ckpt.latest_valid(storage, run_dir)
+    start = found[1]["state"]["data"]["step"] if found else 0
+    log.warning("worker %d is spare: the layout %s takes %d workers", w.rank, w.layout.describe(),
+                w.layout.world_size)  # fmt: skip
+    for step in _checkpoint_steps(cfg, start):
+        ray.train.report({"step": step, "spare": 1.0})
 
 
 def _resume(storage: Storage, run_dir: str, model, optimizer, state: TrainState, w: Worker) -> None:
@@ -169,7 +207,7 @@ def _resume(storage: Storage, run_dir: str, model, optimizer, state: TrainState,
     if found is None:
         return
     path, m0 = found
-    ckpt.load(storage, path, model, optimizer)
+    ckpt.load(storage, path, model, optimizer, w.group)
     state.load_state_dict(m0["state"])
     if w.rank == 0:
         log.warning("resuming from %s at step %d (saved by %d ranks, now %d)", path, state.parts["data"].step,
@@ -181,7 +219,7 @@ def _save(model, optimizer, state: TrainState, w: Worker, step: int, loss: float
 
     with tempfile.TemporaryDirectory() as staging:
         extra = {**state.state_dict(), "mlflow_run_id": mlflow_run_id}
-        ckpt.save(Path(staging), model, optimizer, extra, w.rank, w.layout.world_size)
+        ckpt.save(Path(staging), model, optimizer, extra, w.rank, w.layout.world_size, w.group)
         ray.train.report(
             {"step": step, "loss": loss},
             checkpoint=ray.train.Checkpoint.from_directory(staging),
@@ -213,12 +251,12 @@ def _validate(model, val_shard, global_batch: int, micro: int, max_batches: int,
 
 
 def _export(
-    model, model_config: ModelConfig, loop_config: dict, storage: Storage, run_dir: str, rank: int
+    model, model_config: ModelConfig, loop_config: dict, storage: Storage, run_dir: str, w: Worker
 ) -> None:
     """Gather the full weights; rank 0 exports the HF directory (with the curated tokenizer) and
     the plots into run storage."""
-    state = ckpt.full_model_state(model, pipeline_group(model))
-    if rank != 0:
+    state = ckpt.full_model_state(model, pipeline_group(model), w.group)
+    if w.rank != 0:
         return
     from moray.jobs.pretrain.report import write_plots
     from moray.model import save_pretrained

@@ -81,7 +81,8 @@ class LambAdam(torch.optim.Optimizer):
 
     def _adaptive_decay(self, group: dict, wd: float) -> float:
         squares = torch.tensor([sum(self._norm(p.grad) ** 2 for p in group["params"] if p.grad is not None),
-                                sum(self._norm(p) ** 2 for p in group["params"])], dtype=torch.float64)  # fmt: skip
+                                sum(self._norm(p) ** 2 for p in group["params"])], dtype=torch.float64,
+                               device=group["params"][0].device)  # fmt: skip
         if self.norm_group is not None:
             dist.all_reduce(squares, group=self.norm_group)
         g_norm, w_norm = squares.sqrt().tolist()
@@ -122,8 +123,9 @@ def total_norm(grads: list[torch.Tensor], group=None) -> float:
     for gs in kinds.values():
         n = torch.nn.utils.get_total_norm(gs, 2.0)
         squares += float(n.full_tensor() if hasattr(n, "full_tensor") else n) ** 2
-    if group is not None:
-        total = torch.tensor(squares, dtype=torch.float64)
+    if group is not None:  # on the gradients' device: NCCL reduces GPU tensors only
+        device = grads[0].device if grads else ("cuda" if torch.cuda.is_available() else "cpu")
+        total = torch.tensor(squares, dtype=torch.float64, device=device)
         dist.all_reduce(total, group=group)
         squares = float(total)
     return math.sqrt(squares)

@@ -139,7 +139,8 @@ def test_corrupt_checkpoint_falls_back_to_the_previous(baseline, tmp_path, caplo
     [
         ("scaling.num_workers=3", "global_batch_size=8"),
         ("train.max_steps=0", "max_steps=0"),
-        ("parallel.pp=2", "pp=2: pipeline parallelism is not implemented"),
+        ("parallel.pp_schedule=zero_bubble", "pp_schedule='zero_bubble': use one of"),
+        ("parallel.virtual_stages=2", "virtual_stages=2: virtual stages split pipeline ranks; set pp > 1"),
         ("parallel.tp=4", r"scaling.num_workers=2: world size 2 is not divisible by pp\*tp=4"),
         ("model.preset=huge", "unknown model preset"),
         ("data.path=/nonexistent", "no manifest.json"),
@@ -242,14 +243,54 @@ def test_tensor_and_expert_parallel_under_ray_train(ray_local, packed_data):
     assert model.layers[0].self_attn.kv_b_proj.weight.shape[0] == model.config.num_attention_heads * 32
 
 
+def test_pipeline_parallel_resizes_under_ray_train(baseline, packed_data, tmp_path):
+    """parallel.pp=2 on 4 workers (2 stages x 2 data-parallel ranks), stopped after the checkpoint of
+    step 6, then restarted elastic on [2, 3] workers of 1 CPU: 3 fit the 4-CPU test cluster, the
+    layout takes 2 (pp2 x dp1) and the third waits as a spare; the 4-rank checkpoint reshards onto
+    the 2 ranks and the run finishes (the layouts' numbers against one process: test_parallel.py)."""
+    import ray.train
+
+    _, want = baseline
+    run_dir = tmp_path / "runs" / "pp-elastic"
+    pp = (
+        "parallel.pp=2",
+        "data.micro_batch_size=2",
+        "run.register_model=null",
+        f"run.storage_path={run_dir.parent}",
+    )
+    fault = KillWorkerOnce(rank=0, step=7, marker=str(tmp_path / "stop"))
+    with pytest.raises(ray.train.TrainingFailedError):
+        run(
+            _cfg(packed_data, "pp-elastic", *pp, "scaling.num_workers=4", "scaling.max_failures=0"),
+            callbacks=[fault],
+        )
+    _, stopped = ckpt.latest_valid(Storage(str(run_dir)), str(run_dir))
+    assert stopped["world_size"] == 4 and stopped["state"]["data"]["step"] == 6
+
+    run(_cfg(packed_data, "pp-elastic", *pp, "scaling.num_workers=[2,3]", "scaling.cpus_per_worker=1.0"))
+    got = read_metrics(run_dir)
+    assert [r["step"] for r in got] == list(range(STEPS))
+    assert [r["batch_token_sum"] for r in got] == [r["batch_token_sum"] for r in want]  # the same data, once
+    assert all(math.isfinite(r["loss"]) for r in got) and math.isfinite(got[-1]["val_loss"])
+    assert got[-1]["lm_loss"] < got[0]["lm_loss"]
+    assert [r["spare_workers"] for r in got] == [0.0] * 6 + [1.0] * 6  # 4 ranks, then 2 of 3 workers
+    final = run_dir / "checkpoint-0000012"
+    assert ckpt.verify(Storage(str(final)), str(final))["world_size"] == 2
+
+
 @pytest.mark.parametrize(
     "overrides,match",
     [
         # elastic resizing changes only dp: every world size in the range must take the layout
         (["parallel.ep=2", "scaling.num_workers=[1,2]"], r"scaling.num_workers=1: parallel.ep=2: expert-parallel "
          r"ranks are borrowed from the 1 data-parallel ranks, so ep must divide dp"),
-        (["parallel.tp=2", "scaling.num_workers=[2,3]"], r"scaling.num_workers=3: world size 3 is not divisible "
+        (["parallel.tp=2", "scaling.num_workers=3"], r"scaling.num_workers=3: world size 3 is not divisible "
          r"by pp\*tp=2"),
+        (["parallel.pp=2", "scaling.num_workers=[1,2]"], r"scaling.num_workers=1: fewer workers than pp x tp = 2"),
+        # 2 ranks x 1 micro-batch of 4 cannot fill 2 pipeline stages under 1F1B
+        (["parallel.pp=2", "scaling.num_workers=4"], r"parallel.pp=2 with 1f1b needs at least 2 micro-batches"),
+        (["parallel.pp=4", "scaling.num_workers=4"], r"parallel.pp=4 x virtual_stages=1 stages: more than the "
+         r"model's 3 layers"),
         (["parallel.tp=2", "model.overrides={rope_per_head_base: true}"], r"parallel.tp=2: the model extra "
          r"rope_per_head_base is not supported with tensor parallelism"),
         (["parallel.tp=2", "model.overrides={num_attention_heads: 3}"], r"parallel.tp=2: must divide the "

@@ -36,6 +36,7 @@ from moray.platform.storage import Storage
 # takes its slice of each (capacity and balance are decided over the whole global micro-batch).
 STEPS, BATCH, MICRO, SEQ = 5, 8, 2, 16
 OPTIMIZERS = ("adamw", "lamb_adam")
+CLIP = ClipSettings(per_layer=0.5, per_expert=0.02, global_norm=1.0)
 LAYOUTS = {
     "one": ParallelLayout(),
     "dp2": ParallelLayout(dp=2),
@@ -86,18 +87,28 @@ class Rank:
         first = [m * size + self.dp_rank * per_rank for m in range(MICRO)]
         return [tuple(t[i : i + per_rank] for t in _batch(step)) for i in first]
 
-    def next_loss(self) -> float:
-        """The training loss (capacity on, no update) of the batch after the last step, over all ranks."""
+    def loss(self, step: int) -> float:
+        """The training loss (capacity on, no update) of step `step`'s batch, over all ranks."""
         stats = forward_backward(
-            self.model, self.micro_batches(STEPS), 1.0, loss_parallel=self.layout.loss_parallel
+            self.model, self.micro_batches(step), 1.0, loss_parallel=self.layout.loss_parallel
         )
         self.opt.zero_grad(set_to_none=True)
         return reduce_stats(stats, self.layout.dp, self.group).losses["loss"]
 
-    def load(self, checkpoint: str, factor: float) -> float:
+    def resumed(self, sched) -> dict:
+        """After the last step: the next batch's loss, then, one more step taken (the optimizer
+        state and learning rate at work), the loss of the batch after it."""
+        next_loss = self.loss(STEPS)
+        train_step(self.model, self.opt, sched, self.micro_batches(STEPS), 1.0, CLIP,
+                   loss_parallel=self.layout.loss_parallel)  # fmt: skip
+        return {"next_loss": next_loss, "after_step": self.loss(STEPS + 1)}
+
+    def restore(self, checkpoint: str, factor: float):
+        """Load a checkpoint (the learning rate it was saved with too); returns a scheduler."""
+        sched = torch.optim.lr_scheduler.LambdaLR(self.opt, Schedule(STEPS, 2, "cosine", 0.1))
         ckpt.load(Storage(checkpoint), checkpoint, self.model, self.opt)
         self.model.set_capacity_factor(factor)
-        return self.next_loss()
+        return sched
 
 
 def train(layout: ParallelLayout, optimizer: str, save_to: str | None = None) -> dict:
@@ -106,10 +117,9 @@ def train(layout: ParallelLayout, optimizer: str, save_to: str | None = None) ->
     sched = torch.optim.lr_scheduler.LambdaLR(r.opt, Schedule(STEPS, 2, "cosine", 0.1))
     controller = CapacityController(0.5, 0.02, 0.25, 2.0)
     controller.apply(r.model)
-    clip = ClipSettings(per_layer=0.5, per_expert=0.02, global_norm=1.0)
     history = []
     for step in range(STEPS):
-        stats = train_step(r.model, r.opt, sched, r.micro_batches(step), aux_loss_weight=1.0, clip=clip,
+        stats = train_step(r.model, r.opt, sched, r.micro_batches(step), aux_loss_weight=1.0, clip=CLIP,
                            loss_parallel=layout.loss_parallel)  # fmt: skip
         reduced = reduce_stats(stats, layout.dp, r.group)
         moe_feedback(r.model, reduced, controller)
@@ -119,7 +129,7 @@ def train(layout: ParallelLayout, optimizer: str, save_to: str | None = None) ->
         rank = dist.get_rank() if dist.is_initialized() else 0
         ckpt.save(Path(save_to), r.model, r.opt, {"factor": controller.factor}, rank, layout.world_size)
     weights = ckpt.full_model_state(r.model, pipeline_group(r.model))
-    return {"history": history, "next_loss": r.next_loss(), "weights": weights}
+    return {"history": history, "weights": weights, **r.resumed(sched)}
 
 
 def run_jobs(layout: ParallelLayout, jobs: list[tuple], root: Path):
@@ -136,7 +146,8 @@ def run_jobs(layout: ParallelLayout, jobs: list[tuple], root: Path):
 def _run(layout: ParallelLayout, job: tuple):
     if job[0] == "train":
         return train(layout, job[1], job[2])
-    return Rank(layout, job[1]).load(job[2], job[3])
+    r = Rank(layout, job[1])
+    return r.resumed(r.restore(job[2], job[3]))
 
 
 def _worker(rank: int, world: int, init_file: str, layout, jobs, out_file: str) -> None:
@@ -187,27 +198,31 @@ def test_layout_equals_one_process(runs, name):
         for key, w in want["weights"].items():
             torch.testing.assert_close(got["weights"][key], w, rtol=1e-5, atol=1e-5, msg=f"{optimizer} {key}")
         assert got["next_loss"] == pytest.approx(want["next_loss"], rel=1e-5)
+        assert got["after_step"] == pytest.approx(want["after_step"], rel=1e-5)
 
-        # the layout's checkpoint restores into one process: the same weights, the same next loss
+        # the layout's checkpoint restores into one process: the same weights, the same losses
         r = Rank(LAYOUTS["one"], optimizer)
-        assert r.load(got["checkpoint"], got["history"][-1]["factor"]) == pytest.approx(
-            got["next_loss"], rel=1e-5
-        )
+        sched = r.restore(got["checkpoint"], got["history"][-1]["factor"])
         assert (
             ckpt.verify(Storage(got["checkpoint"]), got["checkpoint"])["world_size"]
             == LAYOUTS[name].world_size
         )
         for key, w in r.model.state_dict().items():
             torch.testing.assert_close(w, got["weights"][key], rtol=0, atol=0, msg=key)
+        resumed = r.resumed(sched)
+        for key in ("next_loss", "after_step"):
+            assert resumed[key] == pytest.approx(got[key], rel=1e-5), key
 
 
 def _loads(runs, reader: str, writers: list[tuple[str, str]]) -> None:
-    """`reader` loads each (writer layout, optimizer) checkpoint: the writer's next-step loss."""
+    """`reader` loads each (writer layout, optimizer) checkpoint: the writer's next-step loss, and
+    after one more step (optimizer state and learning rate restored), the writer's loss after it."""
     jobs = [
         ("load", opt, runs(w)[opt]["checkpoint"], runs(w)[opt]["history"][-1]["factor"]) for w, opt in writers
     ]
-    for (w, opt), loss in zip(writers, run_jobs(LAYOUTS[reader], jobs, runs.root)):
-        assert loss == pytest.approx(runs(w)[opt]["next_loss"], rel=1e-5), f"{w} -> {reader} ({opt})"
+    for (w, opt), got in zip(writers, run_jobs(LAYOUTS[reader], jobs, runs.root)):
+        for key in ("next_loss", "after_step"):
+            assert got[key] == pytest.approx(runs(w)[opt][key], rel=1e-5), f"{w} -> {reader} ({opt}): {key}"
 
 
 def test_checkpoints_move_between_layouts(runs):
