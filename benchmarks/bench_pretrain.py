@@ -2,15 +2,21 @@
 
 1. Ray's overhead: the training step in one plain PyTorch process against Ray Train with 1 worker.
 2. Parallel layouts on the same 2 cores: one process, dp2, ep2 (dp2 with the experts split),
-   tp2 and tp2 x ep2 (4 ranks), each running the real step (`parallelize`, `train_step`) in
-   spawned gloo processes. Per layout: tokens/s, MFU (against the declared peak of 140 GFLOP/s
-   fp32 per 2 cores), the expert all-to-all's bytes and time per step, the share of the step spent
-   in collectives (gloo's own threads, measured with the profiler on one step), and parameter and
-   optimizer bytes per rank.
+   tp2, tp2 x ep2 (4 ranks) and pp2 (1F1B), each running the real step (`parallelize`,
+   `train_step`) in spawned gloo processes. Per layout: tokens/s, MFU (against the declared peak
+   of 140 GFLOP/s fp32 per 2 cores), the expert all-to-all's bytes and time per step, the share of
+   the step spent in collectives (gloo's own threads, measured with the profiler on one step), and
+   parameter and optimizer bytes per rank.
+3. The pipeline bubble: pp2 (one rank per core) under GPipe, 1F1B and interleaved 1F1B (2 virtual
+   stages each) at m = 2, 4 and 8 micro-batches. Measured: the share of a rank's step
+   (forward + backward through the schedule) in which it computes nothing, i.e. 1 - (time in the
+   stages' forward and backward) / (step time), averaged over the ranks; against the textbook
+   (p-1)/(m+p-1), and (p-1)/(v m+p-1) interleaved.
 
 On this 2-core machine the ranks share the cores one process uses, so the ratios say how much of
-the machine each layout keeps busy and what it moves, not a multi-node speedup. Targets (the expert
-and tensor parallelism issue): ep2 at least 2x dp2's tokens/s and at least 0.7x one process.
+the machine each layout keeps busy and what it moves, not a multi-node speedup. Targets: ep2 at
+least 2x dp2's tokens/s and at least 0.7x one process (the expert and tensor parallelism issue);
+the measured 1F1B bubble at m = 8 within 25% of the formula (the pipeline issue).
 """
 
 from __future__ import annotations
@@ -79,7 +85,7 @@ def ray_train(data: Path, steps: int, workers: int) -> float:
 
 # ---- parallel layouts, in spawned gloo processes ---------------------------------------------------
 LAYOUTS = {"1 process": {}, "dp2": {"dp": 2}, "ep2": {"dp": 2, "ep": 2}, "tp2": {"tp": 2},
-           "tp2 x ep2": {"dp": 2, "tp": 2, "ep": 2}}  # fmt: skip
+           "tp2 x ep2": {"dp": 2, "tp": 2, "ep": 2}, "pp2": {"pp": 2}}  # fmt: skip
 
 
 def _local_bytes(tensors) -> int:
@@ -96,6 +102,7 @@ def _layout_worker(rank: int, world: int, init_file: str, degrees: dict, steps: 
     from moray.model import Transformer, preset
     from moray.platform.expert_parallel import ALL_TO_ALL
     from moray.platform.parallel import ParallelLayout
+    from moray.platform.pipeline_parallel import PipelineOptions, pipeline_group
 
     torch.set_num_threads(max(1, 2 // world))
     if world > 1:
@@ -104,11 +111,12 @@ def _layout_worker(rank: int, world: int, init_file: str, degrees: dict, steps: 
     mesh = layout.build_mesh()
     torch.manual_seed(0)
     config = layout.configure_model(preset("small", vocab_size=512, capacity_factor=1.25))
-    model = parallelize(Transformer(config), layout, mesh)
-    opt = build_optimizer(model, "adamw", 3e-4, 0.1)
+    per_rank = GLOBAL_BATCH // layout.dp
+    pipeline = PipelineOptions("1f1b", 1, per_rank // MICRO, SEQ_LEN)
+    model = parallelize(Transformer(config), layout, mesh, pipeline)
+    opt = build_optimizer(model, "adamw", 3e-4, 0.1, pipeline_group=pipeline_group(model))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
-    per_rank = GLOBAL_BATCH // layout.dp
     g = torch.Generator().manual_seed(0)
     seqs = torch.randint(3, 512, (GLOBAL_BATCH, SEQ_LEN + 1), generator=g)[dp_rank * per_rank :][:per_rank]
     micro = [(seqs[m : m + MICRO, :-1], seqs[m : m + MICRO, 1:]) for m in range(0, per_rank, MICRO)]
@@ -147,14 +155,110 @@ def _layout_worker(rank: int, world: int, init_file: str, degrees: dict, steps: 
 
 
 def run_layout(name: str, steps: int, root: Path) -> dict:
-    import torch.multiprocessing as mp
 
     degrees = LAYOUTS[name]
-    world = degrees.get("dp", 1) * degrees.get("tp", 1)
-    out = root / f"layout-{len(list(root.glob('layout-*')))}.pt"
-    mp.start_processes(_layout_worker, args=(world, str(out) + ".init", degrees, steps, str(out)),
-                       nprocs=world, start_method="spawn")  # fmt: skip
+    world = degrees.get("dp", 1) * degrees.get("tp", 1) * degrees.get("pp", 1)
+    return _spawn(_layout_worker, world, root, degrees, steps)
+
+
+def _spawn(worker, world: int, root: Path, *args):
+    """Run worker(rank, world, init_file, *args, out_file) on `world` processes; rank 0's result."""
+    import torch.multiprocessing as mp
+
+    out = root / f"result-{len(list(root.glob('result-*')))}.pt"
+    mp.start_processes(worker, args=(world, str(out) + ".init", *args, str(out)), nprocs=world,
+                       start_method="spawn")  # fmt: skip
     return torch.load(out, weights_only=True)
+
+
+# ---- the pipeline bubble ----------------------------------------------------------------------------
+BUBBLE_SCHEDULES = {"GPipe": ("gpipe", 1), "1F1B": ("1f1b", 1), "interleaved 1F1B": ("interleaved_1f1b", 2)}
+BUBBLE_MICRO_BATCHES = (2, 4, 8)
+BUBBLE_SEQ = 128  # tokens per micro-batch (one sequence)
+
+
+def bubble_formula(p: int, m: int, v: int = 1) -> float:
+    return (p - 1) / (v * m + p - 1)
+
+
+def _bubble_worker(rank: int, world: int, init_file: str, schedule: str, virtual: int, steps: int,
+                   out_file: str) -> None:  # fmt: skip
+    """pp2, one thread per rank: per m, each rank's idle share of the schedule's step (median
+    over steps)."""
+    import torch.distributed as dist
+
+    from moray.jobs.pretrain.parallel import parallelize
+    from moray.model import Transformer, preset
+    from moray.platform.parallel import ParallelLayout
+    from moray.platform.pipeline_parallel import PipelineOptions
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    layout = ParallelLayout(pp=world)
+    # 4 layers of equal cost (all MoE, the head small): the formula assumes balanced stages
+    config = preset("small", vocab_size=512, first_k_dense_replace=0)
+    result = {}
+    for m in BUBBLE_MICRO_BATCHES:
+        torch.manual_seed(0)
+        model = parallelize(
+            Transformer(config),
+            layout,
+            layout.build_mesh(),
+            PipelineOptions(schedule, virtual, m, BUBBLE_SEQ),
+        )
+        busy = [0.0]
+        for stage in model.pipeline_stages:
+            for name in ("forward_one_chunk", "backward_one_chunk"):
+                _time_into(stage, name, busy)
+        g = torch.Generator().manual_seed(0)
+        seqs = torch.randint(3, 512, (m, BUBBLE_SEQ + 1), generator=g)
+        micro = [(seqs[i : i + 1, :-1], seqs[i : i + 1, 1:]) for i in range(m)]
+        idle = []
+        for step in range(steps + 1):  # the first step also infers the stages' shapes: not timed
+            busy[0] = 0.0
+            t0 = time.perf_counter()
+            model.forward_backward(micro, 0.001, _nullcontext, _nullcontext)
+            wall = time.perf_counter() - t0
+            model.zero_grad(set_to_none=True)
+            if step:
+                idle.append(1 - busy[0] / wall)
+        shares = [torch.zeros((), dtype=torch.float64) for _ in range(world)]
+        dist.all_gather(shares, torch.tensor(statistics.median(idle), dtype=torch.float64))
+        result[m] = [float(x) for x in shares]
+    if rank == 0:
+        torch.save(result, out_file)
+    dist.destroy_process_group()
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _time_into(obj, method: str, total: list) -> None:
+    """Wrap obj.method so that its wall time adds into total[0]."""
+    inner = getattr(obj, method)
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            total[0] += time.perf_counter() - t0
+
+    setattr(obj, method, timed)
+
+
+def measure_bubbles(steps: int, root: Path) -> dict:
+    """schedule -> m -> measured bubble (pp2, 2 processes): the idle share of the busiest rank. The
+    formula is the idle share of every stage of a balanced pipeline; with real stages not quite
+    equal, the busiest one sets the step time and idles only for the schedule's bubble, the others
+    also wait for it."""
+    per_rank = {
+        name: _spawn(_bubble_worker, 2, root, kind, v, steps) for name, (kind, v) in BUBBLE_SCHEDULES.items()
+    }
+    return {name: {m: min(shares) for m, shares in r.items()} for name, r in per_rank.items()}
 
 
 def main(argv: list[str] | None = None) -> list:
@@ -179,6 +283,7 @@ def main(argv: list[str] | None = None) -> list:
         return tps * flops / PEAK
 
     layouts = {name: run_layout(name, args.steps, home) for name in LAYOUTS}
+    bubbles = measure_bubbles(args.steps, home)
     plain = plain_pytorch(data, args.steps, threads=2)
     import ray
 
@@ -202,6 +307,17 @@ def main(argv: list[str] | None = None) -> list:
         print(f"{name:<26}{tps[name]:>9.0f}{100 * mfu(tps[name]):>6.1f}%{r['a2a_bytes'] / 1e6:>12.2f}"
               f"{1e3 * r['a2a_s']:>8.1f}{100 * r['comm_share']:>10.0f}%{r['param_bytes'] / 1e6:>15.1f}"
               f"{r['optim_bytes'] / 1e6:>14.1f}")  # fmt: skip
+    print(
+        f"\npipeline bubble, pp2 (one core per stage), small preset with 4 MoE layers, micro-batches of 1 x {BUBBLE_SEQ}:"
+        " the busiest rank's idle share of the step"
+    )
+    print(
+        f"{'schedule':<18}" + "".join(f"{f'm={m} measured':>14}{'formula':>9}" for m in BUBBLE_MICRO_BATCHES)
+    )
+    for name, per_m in bubbles.items():
+        v = BUBBLE_SCHEDULES[name][1]
+        print(f"{name:<18}" + "".join(f"{100 * per_m[m]:>13.1f}%{100 * bubble_formula(2, m, v):>8.1f}%"
+                                      for m in BUBBLE_MICRO_BATCHES))  # fmt: skip
     one, dp2, ep2 = tps["1 process"], tps["dp2"], tps["ep2"]
     return [
         Result(
@@ -220,6 +336,14 @@ def main(argv: list[str] | None = None) -> list:
             None,
             f"{tps['tp2 x ep2']:.0f} tok/s",
         ),  # fmt: skip
+        Result("pretrain: pp2 (1F1B) vs 1 process", tps["pp2"] / one, None, f"{tps['pp2']:.0f} tok/s"),
+        # closeness to the formula: 1 at equality, below 0.75 when 25% or more apart (either side)
+        Result(
+            "pretrain: 1F1B bubble at m=8, measured vs formula",
+            1 - abs(bubbles["1F1B"][8] / bubble_formula(2, 8) - 1),
+            0.75,
+            f"{100 * bubbles['1F1B'][8]:.1f}% vs {100 * bubble_formula(2, 8):.1f}%",
+        ),
     ]
 
 

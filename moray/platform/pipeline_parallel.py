@@ -184,8 +184,10 @@ class PipelinedModel(HoldsMoE, nn.Module):
             ScheduleInterleaved1F1B,
         )
 
-        stages = [PipelineStage(m, s, self.n_stages, device, group=self.pp_group)
-                  for m, s in zip(self.stages, self.stage_ids)]  # fmt: skip
+        # torch's PipelineStage objects, one per stage module (what the schedule drives)
+        self.pipeline_stages = [PipelineStage(m, s, self.n_stages, device, group=self.pp_group)
+                                for m, s in zip(self.stages, self.stage_ids)]  # fmt: skip
+        stages = self.pipeline_stages
         n = self.options.n_microbatches
         if self.options.schedule == "interleaved_1f1b":
             self.schedule = ScheduleInterleaved1F1B(stages, n, loss_fn=self._loss)
