@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from moray.platform.workdir import work_dir
 
@@ -14,9 +15,17 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{work_dir() / 'mlflow.db'}"
 
 
+def _artifact_location(uri: str) -> str | None:
+    """Beside a SQLite store, `mlartifacts/` (MLflow would use ./mlruns of whatever directory the
+    job runs in); a tracking server keeps its own."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+
+
 def setup_mlflow(experiment: str):
-    """Point mlflow at the tracking URI and select (creating if needed) the experiment. With the
-    embedded default, artifacts go under the work directory too (not ./mlruns)."""
+    """Point mlflow at the tracking URI and select (creating if needed) the experiment. With a
+    SQLite store (the embedded default's, under the work directory), artifacts go beside it."""
     import mlflow
 
     embedded = not os.environ.get("MLFLOW_TRACKING_URI")  # read first: set_tracking_uri exports it
@@ -24,7 +33,7 @@ def setup_mlflow(experiment: str):
     if embedded:  # don't leak the embedded URI into this process's environment (and children's)
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     if mlflow.get_experiment_by_name(experiment) is None:
-        location = (work_dir() / "mlartifacts").as_uri() if embedded else None
+        location = _artifact_location(tracking_uri())
         try:
             mlflow.create_experiment(experiment, artifact_location=location)
         except mlflow.exceptions.MlflowException:  # created concurrently by another process: fine

@@ -67,3 +67,16 @@ def test_register_hf_model_round_trip(tmp_path, monkeypatch):
     local = mlflow.artifacts.download_artifacts("models:/unit-model/2")
     assert (tmp_path / "home").as_posix() in mlflow.get_experiment_by_name("unit").artifact_location
     assert sorted(p.name for p in __import__("pathlib").Path(local).iterdir()) == ["config.json"]
+
+
+def test_a_sqlite_store_keeps_artifacts_beside_it(tmp_path, monkeypatch):
+    """Not in ./mlruns of whatever directory the job (or a test) runs in."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
+    (tmp_path / "store").mkdir()
+    from moray.platform.tracking import setup_mlflow
+
+    mlflow = setup_mlflow("beside")
+    assert (
+        mlflow.get_experiment_by_name("beside").artifact_location
+        == (tmp_path / "store" / "mlartifacts").as_uri()
+    )
