@@ -1,0 +1,100 @@
+"""Answers evaluation requests with moray's own model: one per process, a Ray actor in the job.
+
+Requests arrive as tokens (the job tokenizes by lm-eval's rules, `requests.py`):
+- log-likelihoods: inputs padded into batches of about `max_batch_tokens`, longest first, and
+  inputs that are the same (MMLU's four answers to one question) run once;
+- generations: the continuous-batching engine over the latent cache, stopping at the stop strings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moray.actors.engine.block_cache import BlockPool
+from moray.actors.engine.engine import Engine, EngineConfig
+from moray.actors.engine.scheduler import RequestParams
+from moray.actors.engine.tokenizer import Tokenizer
+from moray.model import load_pretrained
+
+
+class Scorer:
+    def __init__(self, model_dir: str | Path, threads: int | None = None, max_batch_tokens: int = 8192):
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = load_pretrained(Path(model_dir), dtype=torch.float32).eval()
+        self.tokenizer = Tokenizer.from_dir(model_dir, eos_token_id=self.model.config.eos_token_id)
+        self.max_length = self.model.config.max_position_embeddings
+        self.max_batch_tokens = max_batch_tokens
+
+    @torch.inference_mode()
+    def loglikelihood(self, items: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """For each (context, continuation) tokens: (sum of the continuation's log-probabilities,
+        whether each of its tokens is the argmax). Inputs longer than the context keep their last
+        max_length tokens, as lm-eval does."""
+        inputs = [tuple((ctx + cont)[-(self.max_length + 1) :][:-1]) for ctx, cont in items]
+        users: dict[tuple, list[int]] = {}  # one forward per distinct input
+        for i, inp in enumerate(inputs):
+            users.setdefault(inp, []).append(i)
+        out: list[tuple[float, bool]] = [(0.0, True)] * len(items)
+        batch: list[tuple] = []
+        for inp in sorted(users, key=len, reverse=True):  # longest first: padding stays small
+            if batch and (len(batch) + 1) * len(batch[0]) > self.max_batch_tokens:
+                self._score_batch(batch, users, items, out)
+                batch = []
+            batch.append(inp)
+        if batch:
+            self._score_batch(batch, users, items, out)
+        return out
+
+    def _score_batch(self, batch, users, items, out) -> None:
+        B, T = len(batch), len(batch[0])
+        ids = torch.zeros(B, T, dtype=torch.long)
+        for r, inp in enumerate(batch):
+            ids[r, : len(inp)] = torch.tensor(inp)
+        # logits only for positions some continuation needs: the last `keep` of the padded rows
+        need = [T - len(inp) + max(len(items[i][1]) for i in users[inp]) for inp in batch]
+        keep = max(need)
+        # No padding mask: the pads sit after each row's tokens, which causal attention never lets see
+        # them, and inference routing is dropless, so a pad changes no real token's result.
+        logits = self.model(ids, num_logits_to_keep=keep).logits  # (B, keep, V)
+        for r, inp in enumerate(batch):
+            end = keep - (T - len(inp))  # one past the row's last real position, in logits' index
+            for i in users[inp]:
+                cont = torch.tensor(items[i][1])
+                logp = logits[r, end - len(cont) : end].float().log_softmax(-1)  # (c, V)
+                ll = logp.gather(-1, cont[:, None]).sum().item()
+                out[i] = (ll, bool((logp.argmax(-1) == cont).all()))
+
+    def generate(self, items: list[tuple[list[int], dict]], max_num_seqs: int = 32) -> list[list[str]]:
+        """For each (prompt tokens, {until, max_tokens, n, temperature, seed}): its n completions,
+        each cut before the first stop string. All run together in one engine (continuous batching)."""
+        n_rows = sum(kw.get("n", 1) for _, kw in items)
+        tokens = max(self.max_length, min(n_rows, max_num_seqs) * self.max_length)  # all running at once
+        block = 16
+        engine = Engine(
+            self.model,
+            self.tokenizer,
+            EngineConfig(
+                kv_cache_bytes=(tokens // block + 1) * BlockPool.bytes_per_block(self.model.config, block),
+                block_size=block,
+                max_num_seqs=max_num_seqs,
+                max_waiting=n_rows,
+            ),
+        )
+        reqs = []
+        for prompt, kw in items:
+            for j in range(kw.get("n", 1)):
+                seed = None if kw.get("seed") is None else kw["seed"] + j
+                params = RequestParams(
+                    max_tokens=kw["max_tokens"],
+                    temperature=kw.get("temperature", 0.0),
+                    seed=seed,
+                    stop=tuple(kw.get("until", ())),
+                )
+                reqs.append(engine.add_request(prompt, params))
+        while engine.has_work():
+            engine.step()
+        texts = iter(r.detok.text for r in reqs)
+        return [[next(texts) for _ in range(kw.get("n", 1))] for _, kw in items]
