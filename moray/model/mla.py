@@ -131,9 +131,17 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, v = kv.split([self.dn, self.dv], dim=-1)
         k = torch.cat([k_nope, k_pe.expand(-1, H, -1, -1)], dim=-1)  # (B, H, S, dn + r)
         q = torch.cat([q_nope, q_pe], dim=-1)  # (B, H, T, dn + r)
+        # SDPA's fused (flash) kernels need values as wide as queries and keys; MLA's are narrower
+        # (dv < dn + r), which sends SDPA to its unfused path that materializes (B, H, T, S) scores:
+        # 2.5-5x slower at 1-2k tokens on CPU. Zero columns make v as wide; the output drops them.
+        pad = q.shape[-1] - self.dv
+        if pad > 0:
+            v = F.pad(v, (0, pad))  # (B, H, S, dn + r)
         if mask is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return out[..., : self.dv] if pad > 0 else out
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask, keys=None):
         B, H, T, _ = q_nope.shape

@@ -17,6 +17,39 @@ from moray.actors.engine.engine import Engine, EngineConfig
 from moray.actors.engine.scheduler import RequestParams
 from moray.actors.engine.tokenizer import Tokenizer
 from moray.model import load_pretrained
+from moray.model.cache import LatentCache
+
+MIN_SHARED_PREFIX = 128  # tokens; a shorter shared start is not worth a separate prefill
+
+
+def shared_prefixes(inputs: list[tuple], needed_from: dict[tuple, int], min_len: int):
+    """(prefix, inputs) groups: inputs (sorted, so those with a common start are neighbours) whose
+    common first tokens, at least min_len of them, are computed once. A prefix ends before the first
+    position whose logits an input needs, and leaves each input at least one token of its own.
+    Inputs that share no such prefix come last, in one group with the empty prefix."""
+    groups, alone = [], []
+    run: list[tuple] = []
+    common = 0
+    for inp in [*inputs, None]:  # None: the end, closes the last run
+        n = common_length(run[-1], inp) if run and inp is not None else 0
+        if run and n >= min_len:
+            run.append(inp)
+            common = min(common, n)
+            continue
+        if run:
+            cut = min([common] + [min(needed_from[i], len(i) - 1) for i in run])
+            if len(run) > 1 and cut >= min_len:
+                groups.append((run[0][:cut], run))
+            else:
+                alone += run
+        run, common = ([inp], len(inp)) if inp is not None else ([], 0)
+    return groups + ([((), alone)] if alone else [])
+
+
+def common_length(a: tuple, b: tuple) -> int:
+    """How many first tokens a and b share."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
 
 
 class Scorer:
@@ -37,30 +70,48 @@ class Scorer:
         users: dict[tuple, list[int]] = {}  # one forward per distinct input
         for i, inp in enumerate(inputs):
             users.setdefault(inp, []).append(i)
+        # the first position of an input whose logits a continuation needs
+        needed_from = {inp: len(inp) - max(len(items[i][1]) for i in idx) for inp, idx in users.items()}
         out: list[tuple[float, bool]] = [(0.0, True)] * len(items)
-        batch: list[tuple] = []
-        for inp in sorted(users, key=len, reverse=True):  # longest first: padding stays small
-            if batch and (len(batch) + 1) * len(batch[0]) > self.max_batch_tokens:
-                self._score_batch(batch, users, items, out)
-                batch = []
-            batch.append(inp)
-        if batch:
-            self._score_batch(batch, users, items, out)
+        for prefix, group in shared_prefixes(sorted(users), needed_from, MIN_SHARED_PREFIX):
+            latents = self._prefill(prefix) if prefix else None
+            batch: list[tuple] = []
+            for inp in sorted(group, key=len, reverse=True):  # longest first: padding stays small
+                if batch and (len(batch) + 1) * (len(batch[0]) - len(prefix)) > self.max_batch_tokens:
+                    self._score_batch(batch, len(prefix), latents, users, items, out)
+                    batch = []
+                batch.append(inp)
+            self._score_batch(batch, len(prefix), latents, users, items, out)
         return out
 
-    def _score_batch(self, batch, users, items, out) -> None:
-        B, T = len(batch), len(batch[0])
+    def _prefill(self, prefix: tuple) -> list[torch.Tensor]:
+        """The latents (one (P, c + r) per layer) of a prefix that several inputs share (MMLU's
+        description and shots), computed once for all of them."""
+        cache = LatentCache(self.model.config, 1, len(prefix))
+        self.model(torch.tensor([prefix]), cache=cache, absorb=False, num_logits_to_keep=1)
+        return [layer[0] for layer in cache.layers]
+
+    def _score_batch(self, batch, P: int, latents, users, items, out) -> None:
+        """One forward over the inputs' tokens after their shared first P (whose latents are given),
+        right-padded to the longest."""
+        B, T = len(batch), len(batch[0]) - P
         ids = torch.zeros(B, T, dtype=torch.long)
         for r, inp in enumerate(batch):
-            ids[r, : len(inp)] = torch.tensor(inp)
+            ids[r, : len(inp) - P] = torch.tensor(inp[P:])
+        cache = None
+        if latents is not None:
+            cache = LatentCache(self.model.config, B, P + T)
+            for mine, shared in zip(cache.layers, latents):
+                mine[:, :P] = shared
+            cache.lengths.fill_(P)
         # logits only for positions some continuation needs: the last `keep` of the padded rows
-        need = [T - len(inp) + max(len(items[i][1]) for i in users[inp]) for inp in batch]
-        keep = max(need)
+        keep = max(len(batch[0]) - len(inp) + max(len(items[i][1]) for i in users[inp]) for inp in batch)
         # No padding mask: the pads sit after each row's tokens, which causal attention never lets see
-        # them, and inference routing is dropless, so a pad changes no real token's result.
-        logits = self.model(ids, num_logits_to_keep=keep).logits  # (B, keep, V)
+        # them, and inference routing is dropless, so a pad changes no real token's result. The
+        # expanded attention form: the absorbed one (for decoding) is slower at prompt lengths.
+        logits = self.model(ids, cache=cache, absorb=False, num_logits_to_keep=keep).logits  # (B, keep, V)
         for r, inp in enumerate(batch):
-            end = keep - (T - len(inp))  # one past the row's last real position, in logits' index
+            end = keep - (len(batch[0]) - len(inp))  # one past the row's last real position, in logits' index
             for i in users[inp]:
                 cont = torch.tensor(items[i][1])
                 logp = logits[r, end - len(cont) : end].float().log_softmax(-1)  # (c, V)
