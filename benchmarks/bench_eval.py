@@ -4,7 +4,7 @@ exported model and machine.
 
 The model: the `small` preset's shapes (hidden 512, 4 layers, 64 routed experts, top-6) with random
 weights, a 4,096-token BPE trained on a corpus text, a 2,048-token context, exported as an HF
-directory. The tasks: MMLU 5-shot (8 questions of every 4th subject: 120 questions of 15 subjects; the
+directory. The tasks: MMLU 5-shot (16 questions of every 4th subject: 240 questions of 15 subjects; the
 full set averages 246 questions a subject, each subject's questions sharing one 5-shot prefix), WikiText-2 perplexity
 (the first 4 articles) and GSM8K chain of thought (8 questions, 64 new tokens). HumanEval runs on
 moray's side only: lm-eval's HumanEval loads its metric from the Hugging Face Hub, which this
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.fixtures.lm_eval_reference, tests.actors.engine_fixtures
 
 DATA = ROOT.parent / "shared" / "data" / "eval"
-MMLU_PER_SUBJECT = 8
+MMLU_PER_SUBJECT = 16
 MMLU_SUBJECT_STEP = 4  # every 4th subject: 15 of the 57
 WIKITEXT_DOCS = 4
 GSM8K_DOCS = 8

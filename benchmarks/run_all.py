@@ -13,6 +13,7 @@ import traceback
 
 import bench_curate
 import bench_decode
+import bench_eval
 import bench_kv_cache
 import bench_moe
 import bench_pretrain
@@ -26,6 +27,7 @@ BENCHMARKS = {
     "curate": bench_curate,
     "pretrain": bench_pretrain,
     "serve": bench_serve,
+    "eval": bench_eval,
 }
 
 

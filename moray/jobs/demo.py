@@ -5,7 +5,8 @@
 3. pre-training of the tiny model on 2 Ray Train workers, tracked in MLflow, registered as a model;
 4. the registered model, downloaded from MLflow, generating text through the latent cache;
 5. the same registered model served on Ray Serve, answering a chat request from the `openai` client;
-6. where to look next.
+6. an evaluation of that model (WikiText-2, MMLU, GSM8K, HumanEval), logged to its training run;
+7. where to look next.
 
 Everything lands under the work directory (MORAY_HOME, default .moray/). The terminal shows the
 demo's own banners and results; everything else written to stdout and stderr (Ray's log lines, its
@@ -155,7 +156,25 @@ def demo(home: Path) -> None:
     finally:
         serve.shutdown()
 
-    banner("6. where to look")
+    banner("6. evaluating it: moray eval (WikiText-2, MMLU 5-shot, GSM8K, HumanEval; small slices)")
+    from moray.jobs.eval.__main__ import format_results
+    from moray.jobs.eval.config import EvalConfig
+    from moray.jobs.eval.job import run as evaluate
+
+    t0 = time.time()
+    results = evaluate(
+        EvalConfig(
+            model=summary["registered_model"], limit=2, tracking_uri=summary["tracking_uri"],
+            max_gen_tokens={"gsm8k": 32, "humaneval": 32}, output=home / "eval" / "demo.json",
+        )
+    )  # fmt: skip
+    say(format_results(results))
+    say(
+        f"evaluated in {time.time() - t0:.0f}s (MMLU: 2 questions of each of the 57 subjects); the figures are on "
+        f"MLflow run {results['mlflow']['run_id']} and tags of {results['mlflow']['model_version']}"
+    )
+
+    banner("7. where to look")
     say(f"work directory:    {home}")
     say(f"curation report:   {ccfg.output}/report.md (ledger.parquet says why each record was dropped)")
     say(f"checkpoints:       {summary['run_dir']}")
@@ -165,6 +184,7 @@ def demo(home: Path) -> None:
         + summary["registered_model"]
         + " (http://127.0.0.1:8000/v1)"
     )
+    say(f"evaluation:        {home / 'eval' / 'demo.json'} (every sample); moray eval --help")
     say("tests, benchmarks: `make test`, `make bench`")
 
 

@@ -15,7 +15,10 @@ COMMANDS = {
     "curate": ("moray.jobs.curate.__main__", "curate a corpus into packed token shards on Ray Data"),
     "pretrain": ("moray.jobs.pretrain.job", "pre-train a model on Ray Train from a curated dataset"),
     "serve": ("moray.jobs.serve.__main__", "serve a model with an OpenAI-compatible API on Ray Serve"),
-    "eval": ("moray.jobs.eval.__main__", "evaluate a model or a deployment: perplexity, MMLU, GSM8K, HumanEval"),
+    "eval": (
+        "moray.jobs.eval.__main__",
+        "evaluate a model or a deployment: perplexity, MMLU, GSM8K, HumanEval",
+    ),
     "model": ("moray.platform.model_command", "inspect a model (parameters, FLOPs, KV cache) and generate"),
     "plan": ("moray.platform.plan", "plan a training layout: memory per device, communication, step time"),
 }

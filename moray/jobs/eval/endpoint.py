@@ -16,7 +16,11 @@ from moray.jobs.eval.requests import Generate
 
 
 class EndpointError(RuntimeError):
-    """The endpoint cannot be reached, or answered with an error."""
+    """The endpoint cannot be reached, or answered with an error (`status`: its HTTP status)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 def cut(text: str, until: tuple[str, ...]) -> str:
@@ -45,7 +49,7 @@ class Endpoint:
                 return json.loads(r.read())
         except urllib.error.HTTPError as e:
             raise EndpointError(
-                f"{self.base_url}{path}: HTTP {e.code}: {e.read()[:300].decode(errors='replace')}"
+                f"{self.base_url}{path}: HTTP {e.code}: {e.read()[:300].decode(errors='replace')}", e.code
             ) from None
         except (urllib.error.URLError, OSError) as e:
             raise EndpointError(f"{self.base_url} cannot be reached ({getattr(e, 'reason', e)})") from None
@@ -76,12 +80,25 @@ class Endpoint:
         return cut(out["choices"][0]["text"], req.until)
 
     def generate(self, items: list[Generate], concurrency: int = 8) -> list[list[str]]:
-        """Each request's n completions (n calls with seeds seed, seed + 1, ...), `concurrency` at a time."""
+        """Each request's n completions (n calls with seeds seed, seed + 1, ...), `concurrency` at a
+        time. A request the deployment refuses (a 4xx: a prompt longer than its context) scores as an
+        empty completion and is counted in `self.refused`; anything else wrong stops the evaluation."""
         calls = [
             (i, r, None if r.seed is None else r.seed + j) for i, r in enumerate(items) for j in range(r.n)
         ]
+        self.refused: list[str] = []
+
+        def call(c) -> str:
+            try:
+                return self.complete(c[1].prompt, c[1], c[2])
+            except EndpointError as e:
+                if e.status is None or not 400 <= e.status < 500 or e.status in (401, 403, 404):
+                    raise
+                self.refused.append(str(e))
+                return ""
+
         with ThreadPoolExecutor(concurrency) as pool:
-            texts = list(pool.map(lambda c: self.complete(c[1].prompt, c[1], c[2]), calls))
+            texts = list(pool.map(call, calls))
         out: list[list[str]] = [[] for _ in items]
         for (i, _, _), t in zip(calls, texts):
             out[i].append(t)

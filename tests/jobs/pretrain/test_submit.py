@@ -66,6 +66,24 @@ def test_ray_job_submit_runs_pretraining(head_node, packed_data, tmp_path):
     assert "succeeded" in out and "registered model:      models:/moray-submitted/1" in out
     assert (tmp_path / "home" / "runs" / "submitted" / "checkpoint-0000004").is_dir()
 
+    # The evaluation job, submitted the same way, scores the registered model and logs to its run.
+    data = REPO.parent / "shared" / "data" / "eval"
+    cmd = [str(BIN / "ray"), "job", "submit", f"--address={address}", f"--working-dir={REPO}",
+           f"--runtime-env-json={json.dumps(runtime_env)}", "--",
+           sys.executable, "-m", "moray.jobs.eval", "--model", "models:/moray-submitted/1",
+           "--tasks", "wikitext,humaneval", "--limit", "1", "--max-gen-tokens", "humaneval=8",
+           "--data-dir", str(data)]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0 and "succeeded" in out, out[-4000:]
+    assert "wikitext   word_perplexity" in out and "model version moray-submitted/1" in out
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
+    version = client.get_model_version("moray-submitted", "1")
+    assert "eval/wikitext/word_perplexity" in client.get_run(version.run_id).data.metrics
+    assert "eval.humaneval.pass_at_1" in version.tags
+
     # Without the token the job API refuses the client.
     no_token = {**env, "RAY_AUTH_TOKEN": "wrong-token"}
     listing = subprocess.run([str(BIN / "ray"), "job", "list", f"--address={address}"], env=no_token,

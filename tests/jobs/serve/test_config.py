@@ -86,16 +86,20 @@ def test_rayservice_manifest_validates():
 
 
 def test_grafana_dashboard_queries_only_metrics_the_engine_exports():
-    """infra/grafana/moray-serving.json: every query names a metric EngineMetrics defines (with the
-    ray_ prefix and the suffix Prometheus gives its type), and every defined metric has a panel."""
+    """infra/grafana/moray-serving.json: every query names a metric EngineMetrics defines, or the
+    scheduled evaluation's score (with the ray_ prefix and the suffix Prometheus gives its type),
+    and every such metric has a panel."""
     import json
     import re
 
     from moray.actors.engine import metrics
+    from moray.jobs.eval import job
 
     root = Path(__file__).parents[3]
     dash = json.loads((root / "infra" / "grafana" / "moray-serving.json").read_text())
     defined = set(re.findall(r'"(moray_[a-z_]+)"', Path(metrics.__file__).read_text()))
+    defined |= set(re.findall(r'Gauge\(\s*"(moray_[a-z_]+)"', Path(job.__file__).read_text()))
+    assert "moray_eval_score" in defined
     queried = set()
     for panel in dash["panels"]:
         for target in panel["targets"]:

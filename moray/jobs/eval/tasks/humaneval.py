@@ -53,6 +53,7 @@ class HumanEval:
     def requests(self, doc: dict) -> list:
         return [Generate(doc["prompt"], UNTIL, self.max_tokens, self.samples, self.temperature, seed=0)]
 
+    # pass@k is named pass_at_k: MLflow refuses "@" in metric names
     def score(self, docs: list[dict], answers: list[list]) -> TaskResult:
         from moray.jobs.eval.sandbox import SandboxLimits, run_programs
 
@@ -72,7 +73,7 @@ class HumanEval:
             )
         n = max(len(samples), 1)
         metrics = {
-            f"pass@{k}": sum(pass_at_k(len(s["completions"]), s["passed"], k) for s in samples) / n
+            f"pass_at_{k}": sum(pass_at_k(len(s["completions"]), s["passed"], k) for s in samples) / n
             for k in self.k
         }
         metrics["problems"] = len(samples)
