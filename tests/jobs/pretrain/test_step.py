@@ -35,7 +35,10 @@ def test_micro_batches_accumulate_to_the_same_step_as_one_batch():
         assert stats.losses["lm_loss"] == pytest.approx(one.losses["lm_loss"], rel=1e-6)
         assert stats.grad_norm == pytest.approx(one.grad_norm, rel=1e-5)
         for got, ref in zip(params, want):
-            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)  # Adam divides by tiny grads
+            # Adam's first step moves a weight by lr * g / (|g| + eps): where |g| is within rounding of
+            # eps, summation order (SDPA's fused kernel at 1 vs 4 rows) shows up at ~1e-5; the
+            # gradient norm above is the tight check of the accumulation itself.
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=5e-5)
     # every (token, expert) pair routed somewhere: loads add up to tokens x top-k per MoE layer
     for load in one.tokens_per_expert.values():
         assert float(load.sum()) == 4 * 16 * 2
