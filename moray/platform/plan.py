@@ -262,9 +262,10 @@ def block_activation_bytes(c: ModelConfig, i: int, layout: Layout) -> float:
                         and its output, the input of the projections after it: a*d
       MLA               q_lora norm (4r_q + 4 + a*r_q) and q_b's input (a*r_q); kv_a norm (4c + 4 + a*c,
                         4r more in fp32: the input is a view of [c_kv | k_pe]); the latent (a(c + r));
-                        attention per head: fused kernel q, k (a*dq each), v (a(dn + dv): a view of kv_b's
-                        output), out (a*dv), log-sum-exp (4); the math path (CPU, dq != dv) scaled q and k,
-                        the T probabilities and v: a(2dq + T + dv) (v: a(dn + dv) with one sequence per
+                        attention per head: fused kernel q, k (a*dq each), v and out zero-padded to the
+                        query width when dv < dq (a*dq each; else v is a view of kv_b's output, a(dn + dv),
+                        and out a*dv), log-sum-exp (4); the math path (an explicit mask on a backend without a fused
+                        masked kernel) scaled q and k, the T probabilities and v: a(2dq + T + dv) (v: a(dn + dv) with one sequence per
                         micro-batch, whose (1, h, T, dv) view of kv_b's output needs no copy to be
                         batched, so the whole output stays saved); o_proj's input a*dv
       MLP               gate, silu(gate), up, their product: 4a*I (dense I, shared experts I_s), split by tp
@@ -288,6 +289,8 @@ def block_activation_bytes(c: ModelConfig, i: int, layout: Layout) -> float:
     total += 4 * kv + (4 * r if a == 4 else 0) + 4 + a * kv + a * (kv + r)  # kv_a norm, latent
     if layout.attention == "math":
         total += a * h * (2 * dq + layout.seq_len + dv + (dn if layout.micro_batch_size == 1 else 0))
+    elif dv < dq:  # v zero-padded to the query width (mla.py): q, k, the padded v and the padded out
+        total += a * h * 4 * dq + 4 * h
     else:
         total += a * h * (2 * dq + dn + dv + dv) + 4 * h
     total += a * h * dv  # o_proj input
@@ -713,7 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: fp32 with ZeRO-3 or fp32 compute (moray's FSDP2), else bf16 + fp32 master")  # fmt: skip
     g.add_argument("--compute", choices=["bf16", "fp32"], help="default: bf16 on GPUs, fp32 on the CPU")
     g.add_argument("--grad-dtype", default="fp32", choices=["bf16", "fp32"])
-    g.add_argument("--attention", choices=["fused", "math"], help="default: fused on GPUs, math on the CPU")
+    g.add_argument("--attention", choices=["fused", "math"], help="fused (default: moray pads MLA's values so SDPA takes its fused kernel) or math (T x T probabilities kept)")
     d = parser.add_argument_group("device")
     d.add_argument("--device", default="h100-80g", choices=sorted(DEVICES))
     d.add_argument("--memory-gb", type=float, help="GiB per device")
@@ -745,7 +748,7 @@ def main(argv: list[str] | None = None) -> int:
             zero=args.zero, schedule=args.schedule, activation_checkpointing=args.activation_checkpointing,
             param_dtype=args.param_dtype or ("fp32" if args.zero == 3 or compute == "fp32" else "bf16"),
             compute_dtype=compute, grad_dtype=args.grad_dtype, optimizer=args.optimizer,
-            attention=args.attention or ("math" if cpu else "fused"),
+            attention=args.attention or "fused",
         )  # fmt: skip
         p = plan(config, layout, device, name=args.model, efficiency=args.efficiency)
     except ValueError as e:  # a limit the layout breaks: one clear line, no traceback
