@@ -29,7 +29,7 @@ demo: setup
 	$(BIN)/python -m moray.jobs.demo
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 bench: setup $(BENCH_STAMP)
 	$(BIN)/python benchmarks/run_all.py
