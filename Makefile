@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: setup demo test bench lint mlflow-ui clean
+.PHONY: setup demo test bench lint mlflow-ui infra clean
 
 MORAY_HOME ?= .moray
 
@@ -40,6 +40,16 @@ mlflow-ui: setup
 lint: setup
 	$(BIN)/ruff check moray tests benchmarks
 	$(BIN)/ruff format --check moray tests benchmarks
+
+# infra/*.yaml are `moray deploy --dry-run` renderings (tests/platform/test_deploy.py checks they match)
+DEPLOY := $(BIN)/python -m moray.platform.deploy
+INFRA := --dry-run --no-auth-secret --data-pvc moray-shared
+infra: setup
+	$(DEPLOY) cluster $(INFRA) > infra/raycluster.yaml
+	$(DEPLOY) curate $(INFRA) --set output=/shared/curated/default > infra/rayjob-curate.yaml
+	$(DEPLOY) pretrain $(INFRA) --storage /shared/runs --set data.path=/shared/curated/default > infra/rayjob-pretrain.yaml
+	$(DEPLOY) eval $(INFRA) -- --model models:/moray-tiny@champion --tasks wikitext,mmlu,gsm8k,humaneval --limit 200 > infra/rayjob-eval.yaml
+	$(DEPLOY) serve $(INFRA) --model models:/moray-tiny@champion > infra/rayservice-serve.yaml
 
 clean:
 	rm -rf $(VENV) .moray .pytest_cache

@@ -19,6 +19,14 @@ COMMANDS = {
         "moray.jobs.eval.__main__",
         "evaluate a model or a deployment: perplexity, MMLU, GSM8K, HumanEval",
     ),
+    "deploy": (
+        "moray.platform.deploy",
+        "render KubeRay manifests (RayCluster, RayJobs, RayService) and apply them",
+    ),
+    "models": (
+        "moray.platform.registry",
+        "list registered model versions (lineage, evaluations) and promote aliases",
+    ),
     "model": ("moray.platform.model_command", "inspect a model (parameters, FLOPs, KV cache) and generate"),
     "plan": ("moray.platform.plan", "plan a training layout: memory per device, communication, step time"),
 }

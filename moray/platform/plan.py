@@ -716,7 +716,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: fp32 with ZeRO-3 or fp32 compute (moray's FSDP2), else bf16 + fp32 master")  # fmt: skip
     g.add_argument("--compute", choices=["bf16", "fp32"], help="default: bf16 on GPUs, fp32 on the CPU")
     g.add_argument("--grad-dtype", default="fp32", choices=["bf16", "fp32"])
-    g.add_argument("--attention", choices=["fused", "math"], help="fused (default: moray pads MLA's values so SDPA takes its fused kernel) or math (T x T probabilities kept)")
+    g.add_argument("--attention", default="fused", choices=["fused", "math"],
+                   help="fused (flash; moray pads MLA's values to take it) or math (T x T probabilities kept)")  # fmt: skip
     d = parser.add_argument_group("device")
     d.add_argument("--device", default="h100-80g", choices=sorted(DEVICES))
     d.add_argument("--memory-gb", type=float, help="GiB per device")
@@ -748,7 +749,7 @@ def main(argv: list[str] | None = None) -> int:
             zero=args.zero, schedule=args.schedule, activation_checkpointing=args.activation_checkpointing,
             param_dtype=args.param_dtype or ("fp32" if args.zero == 3 or compute == "fp32" else "bf16"),
             compute_dtype=compute, grad_dtype=args.grad_dtype, optimizer=args.optimizer,
-            attention=args.attention or "fused",
+            attention=args.attention,
         )  # fmt: skip
         p = plan(config, layout, device, name=args.model, efficiency=args.efficiency)
     except ValueError as e:  # a limit the layout breaks: one clear line, no traceback

@@ -12,7 +12,7 @@ def test_help_lists_every_command_with_its_help(capsys):
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for name in ("curate", "pretrain", "serve", "model"):
+    for name in ("curate", "pretrain", "serve", "eval", "models", "model", "plan"):
         assert name in COMMANDS
         assert any(line.split()[:1] == [name] and len(line.split()) > 1 for line in out.splitlines()), out
 
@@ -31,6 +31,8 @@ def test_the_cli_imports_no_job():
         (["model", "generate", "tiny", "--max-new", "2"], "--max-new"),  # not --max-new-tokens
         (["curate", "--out", "somewhere"], "--out"),  # not --output
         (["pretrain", "--conf", "configs/pretrain/tiny.yaml"], "--conf"),  # not --config
+        (["pretrain", "--resume", "r"], "--resume"),  # not --resume-from
+        (["models", "list", "--js"], "--js"),  # not --json
     ],
 )
 def test_abbreviated_flags_are_refused(argv, flag, capsys):

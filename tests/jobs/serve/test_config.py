@@ -67,26 +67,8 @@ def test_cli_flags():
     assert s.api_keys == ["k"] and s.engine.quantize_int8 and s.engine.kv_cache_bytes == 64 << 20
 
 
-def test_rayservice_manifest_validates():
-    import jsonschema
-    from ray.serve.schema import ServeDeploySchema
-
-    root = Path(__file__).parents[3]
-    crd_file = root.parent / "shared" / "kuberay-crds" / "ray.io_rayservices.yaml"
-    if not crd_file.is_file():
-        pytest.skip("KubeRay CRDs not available")
-    crd = yaml.safe_load(crd_file.read_text())
-    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
-    manifest = yaml.safe_load((root / "infra" / "rayservice-serve.yaml").read_text())
-    jsonschema.validate(manifest, schema)
-    serve_config = ServeDeploySchema.model_validate(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
-    (app,) = serve_config.applications
-    assert app.import_path == "moray.jobs.serve.app:build_app"
-    assert from_dict(ServeSettings, app.args).engine.kv_cache_bytes == 256 << 20
-
-
 def test_grafana_dashboard_queries_only_metrics_the_engine_exports():
-    """infra/grafana/moray-serving.json: every query names a metric EngineMetrics defines, or the
+    """dashboards/moray-serving.json: every query names a metric EngineMetrics defines, or the
     scheduled evaluation's score (with the ray_ prefix and the suffix Prometheus gives its type),
     and every such metric has a panel."""
     import json
@@ -96,7 +78,7 @@ def test_grafana_dashboard_queries_only_metrics_the_engine_exports():
     from moray.jobs.eval import job
 
     root = Path(__file__).parents[3]
-    dash = json.loads((root / "infra" / "grafana" / "moray-serving.json").read_text())
+    dash = json.loads((root / "dashboards" / "moray-serving.json").read_text())
     defined = set(re.findall(r'"(moray_[a-z_]+)"', Path(metrics.__file__).read_text()))
     defined |= set(re.findall(r'Gauge\(\s*"(moray_[a-z_]+)"', Path(job.__file__).read_text()))
     assert "moray_eval_score" in defined
