@@ -16,9 +16,12 @@ The manifest's `vocab_size` and `special_tokens` are the ones the model config, 
 from __future__ import annotations
 
 import json
+import posixpath
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from moray.platform.storage import Storage
 
 FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
@@ -119,25 +122,25 @@ def write_manifest(out: str | Path, manifest: Manifest) -> Path:
 
 
 def read_manifest(data_path: str | Path, check_files: bool = True) -> Manifest:
-    """The manifest of a curation output, checked against its tokenizer.json (vocabulary size
-    and special-token ids) and, with check_files, against its shards on disk."""
-    root = Path(data_path)
-    path = root / MANIFEST_FILE
-    if not path.is_file():
+    """The manifest of a curation output (a local directory or any pyarrow filesystem URI: s3://,
+    gs://, file://...), checked against its tokenizer.json (vocabulary size and special-token ids)
+    and, with check_files, against its shards."""
+    storage = Storage(str(data_path))
+    root, path = data_path, storage.path(MANIFEST_FILE)
+    if not storage.exists(path):
         raise ContractError(f"{root}: no {MANIFEST_FILE} (run `moray curate` first?)")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(storage.read_bytes(path))
     except json.JSONDecodeError as e:
         raise ContractError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise ContractError(f"{path}: must hold a JSON object")
     manifest = Manifest.from_json(data, str(path))
-    tok_file = root / TOKENIZER_FILE
-    if not tok_file.is_file():
+    if not storage.exists(storage.path(TOKENIZER_FILE)):
         raise ContractError(f"{root}: no {TOKENIZER_FILE}")
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(tok_file))
+    tok = Tokenizer.from_str(storage.read_bytes(storage.path(TOKENIZER_FILE)).decode())
     if tok.get_vocab_size() != manifest.vocab_size:
         raise ContractError(
             f"{path}: vocab_size={manifest.vocab_size} but {TOKENIZER_FILE} has {tok.get_vocab_size()}"
@@ -156,14 +159,25 @@ def read_manifest(data_path: str | Path, check_files: bool = True) -> Manifest:
 
 
 def shard_files(data_path: str | Path, split: str) -> list[str]:
-    """One split's Parquet shards in file order (the order the data position counts in)."""
-    return sorted(str(p) for p in (Path(data_path) / split).glob("*.parquet"))
+    """One split's Parquet shards in file order (the order the data position counts in): paths
+    under a local directory, URIs under a URI."""
+    storage = Storage(str(data_path))
+    folder = storage.path(split)
+    if not storage.exists(folder):
+        return []
+    names = [n for n in storage.list_files(folder) if n.endswith(".parquet")]
+    return [storage.uri_of(posixpath.join(folder, n)) for n in names]
 
 
 def count_rows(data_path: str | Path, split: str) -> int:
     import pyarrow.parquet as pq
 
-    return sum(pq.read_metadata(p).num_rows for p in shard_files(data_path, split))
+    storage = Storage(str(data_path))
+    total = 0
+    for name in shard_files(data_path, split):
+        with storage.open(name) as f:
+            total += pq.read_metadata(f).num_rows
+    return total
 
 
 def packed_table(sequences, domains):

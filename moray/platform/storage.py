@@ -30,6 +30,14 @@ class Storage:
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
+    def uri_of(self, path: str) -> str:
+        """`path` (under the root, in the filesystem's terms) as a URI another process can open: the
+        root's scheme and the filesystem path; a local root's plain path stays a path."""
+        if "://" not in self.uri:
+            return path
+        scheme = self.uri.split("://", 1)[0]
+        return Path(path).as_uri() if scheme == "file" else f"{scheme}://{path}"
+
     def exists(self, path: str) -> bool:
         return self.fs.get_file_info(path).type != pafs.FileType.NotFound
 
@@ -42,6 +50,13 @@ class Storage:
     def list_files(self, path: str) -> list[str]:
         infos = self.fs.get_file_info(pafs.FileSelector(path))
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+
+    def open(self, path_or_uri: str):
+        """A seekable input file: a path under this storage, or a URI of its filesystem."""
+        path = path_or_uri
+        if "://" in path_or_uri:
+            path = pafs.FileSystem.from_uri(path_or_uri)[1]
+        return self.fs.open_input_file(path)
 
     def read_bytes(self, path: str) -> bytes:
         with self.fs.open_input_stream(path) as f:

@@ -10,6 +10,11 @@ from pathlib import Path
 
 from moray.platform.workdir import work_dir
 
+# MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, "Evaluations");
+# moray's experiments are model training: the UI then opens on runs, metrics and charts.
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+EXPERIMENT_TAGS = {EXPERIMENT_KIND: MODEL_TRAINING}
+
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{work_dir() / 'mlflow.db'}"
@@ -32,12 +37,15 @@ def setup_mlflow(experiment: str):
     mlflow.set_tracking_uri(tracking_uri())
     if embedded:  # don't leak the embedded URI into this process's environment (and children's)
         os.environ.pop("MLFLOW_TRACKING_URI", None)
-    if mlflow.get_experiment_by_name(experiment) is None:
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
         location = _artifact_location(tracking_uri())
         try:
-            mlflow.create_experiment(experiment, artifact_location=location)
+            mlflow.create_experiment(experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
         except mlflow.exceptions.MlflowException:  # created concurrently by another process: fine
             pass
+    elif found.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:  # made before moray tagged its experiments
+        mlflow.MlflowClient().set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
     mlflow.set_experiment(experiment)
     return mlflow
 
@@ -68,3 +76,22 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
         else:
             out[key] = str(v)
     return out
+
+
+def find_run(client, ref: str, where: str):
+    """The MLflow run `ref` names: a run id, else the newest run of that name (moray's run name or
+    MLflow's) in any experiment. Raises LookupError naming the store searched (`where`)."""
+    from mlflow.exceptions import MlflowException
+
+    if len(ref) == 32 and all(ch in "0123456789abcdef" for ch in ref):
+        try:
+            return client.get_run(ref)
+        except MlflowException:
+            pass
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    for key in ("tags.`moray.run_name`", "attributes.run_name"):
+        runs = client.search_runs(experiments, f"{key} = '{ref}'", order_by=["attributes.start_time DESC"],
+                                  max_results=1)  # fmt: skip
+        if runs:
+            return runs[0]
+    raise LookupError(f"no MLflow run with id or name {ref!r} in {where}")

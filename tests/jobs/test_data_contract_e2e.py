@@ -7,27 +7,39 @@ serving engine's stop set) and generation ends where eos is produced, in moray a
 import json
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from moray.platform.data_contract import SPECIAL_TOKENS, read_manifest
 
 
-@pytest.fixture(scope="module")
-def trained(curated_slice):
-    """Pre-train 3 steps on the session's curation output (tests/jobs/conftest.py) and export."""
-    from moray.jobs.pretrain.job import load_config as pretrain_config
-    from moray.jobs.pretrain.job import run as pretrain
+def test_the_registered_version_carries_its_lineage(trained):
+    """Curation -> pre-training -> registry: the version names the curation run (found by the
+    manifest's checksum), the pre-training run and the resolved config; the curation run names the
+    output the pre-training read."""
+    import mlflow
 
-    out = curated_slice.out
-    cfg = pretrain_config(None, [
-        f"data.path={out}", "run.name=contract", "run.register_model=null", "train.max_steps=3",
-        "train.warmup_steps=1", "train.checkpoint_every=3", "train.val_every=3", "scaling.num_workers=1",
-        "data.global_batch_size=4", "data.micro_batch_size=2",
-    ])  # fmt: skip
-    summary = pretrain(cfg)
-    return out, Path(summary["hf_export"])
+    from moray.platform.files import sha256_file
+    from moray.platform.registry import model_version
+
+    data, _, summary = trained
+    client = mlflow.MlflowClient(summary["tracking_uri"])
+    version = model_version(client, summary["registered_model"])
+    tags = version.tags
+    assert tags["moray.lineage.pretrain_run"] == summary["mlflow_run_id"] == version.run_id
+    assert tags["moray.data.manifest_sha256"] == sha256_file(data / "manifest.json")
+    curation = client.get_run(tags["moray.lineage.curation_run"])
+    assert curation.data.tags["moray.job"] == "curate" and curation.data.tags["moray.data.path"] == str(data)
+    config = json.loads(tags["moray.lineage.config"])
+    assert (config["data"]["path"], config["train"]["max_steps"], config["run"]["name"]) == (
+        str(data),
+        3,
+        "contract",
+    )
+    assert (
+        client.get_run(summary["mlflow_run_id"]).data.tags["moray.lineage.curation_run"]
+        == curation.info.run_id
+    )
 
 
 def test_special_token_ids_agree_everywhere(trained):
@@ -37,7 +49,7 @@ def test_special_token_ids_agree_everywhere(trained):
     from moray.actors.engine import Engine
     from moray.jobs.serve.loading import load_for_serving
 
-    data, export = trained
+    data, export, _ = trained
     manifest = read_manifest(data)
     ids = manifest.special_tokens.as_dict()  # {"bos": 0, "eos": 1, "pad": 2} for a curated tokenizer
     # the curated tokenizer reserves the contract's tokens, and its ids differ from the tiny preset's
@@ -94,7 +106,7 @@ def test_generation_ends_where_eos_is_produced(trained, tmp_path):
     from moray.jobs.serve.loading import load_for_serving
     from moray.model import SamplingParams, generate, load_pretrained
 
-    data, export = trained
+    data, export, _ = trained
     eos = read_manifest(data).special_tokens.eos
     hf_tok = AutoTokenizer.from_pretrained(export)
     # The prompt as the pipeline will tokenize its text, so every path sees the same ids; the

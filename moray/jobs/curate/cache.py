@@ -51,6 +51,7 @@ class StageCache:
         self.extras: dict[str, dict] = {}
         self.timings: dict[str, float] = {}
         self.skipped: list[str] = []
+        self.on_done: Callable[[str, float], None] | None = None  # (stage, seconds) after each stage run
 
     def dataset(self, name: str, config: Any, build: Callable[[], tuple[Any, dict]]):
         """build() -> (Ray Dataset, extra). Returns the stage's rows read back from Parquet. With
@@ -99,6 +100,8 @@ class StageCache:
         record.write_text(json.dumps({"fingerprint": self.fingerprint, "outputs": sizes, "extra": extra},
                                      default=str))  # fmt: skip
         print(f"[curate] {name}: done in {self.timings[name]:.1f}s")
+        if self.on_done is not None:
+            self.on_done(name, self.timings[name])
         return extra
 
     def _intact(self, outputs: dict[str, int]) -> bool:

@@ -47,6 +47,7 @@ from moray.jobs.curate import (
 from moray.jobs.curate import ledger as ledger_mod
 from moray.jobs.curate import tokenizer as tok_mod
 from moray.jobs.curate.cache import StageCache
+from moray.jobs.curate.metrics import CurationGauges
 from moray.jobs.curate.normalize import NormalizeConfig
 from moray.jobs.curate.readers import SourceConfig
 from moray.jobs.curate.rows import ROW_SCHEMA, columns
@@ -125,6 +126,16 @@ class Curation:
         self.out = Path(cfg.output)
         self.out.mkdir(parents=True, exist_ok=True)
         self.cache = StageCache(self.out, ROW_SCHEMA, cfg.resume)
+        self.gauges = CurationGauges(self.out.name)
+        self.cache.on_done = self._stage_done
+        self.documents_in: int | None = None  # what the file stages read: every record, then the mix
+
+    def _stage_done(self, name: str, seconds: float) -> None:
+        """A dataset stage carries every record (filtered ones keep their reason), counted from its
+        Parquet footers; a file stage reads `documents_in`."""
+        parts = list((self.cache.root / name).glob("*.parquet"))
+        records = sum(pq.ParquetFile(f).metadata.num_rows for f in parts) if parts else self.documents_in
+        self.gauges.stage(name, seconds, records)
 
     @property
     def timings(self) -> dict[str, float]:
@@ -188,7 +199,7 @@ class Curation:
         # the manifest marks a finished output: a run that fails must not leave an older one behind
         (self.out / MANIFEST_FILE).unlink(missing_ok=True)
         ds = self.prepare()
-        records_read = ds.count()
+        records_read = self.documents_in = ds.count()
         self.quarantine(ds)
         ds = self.mix(self.semdedup(self.dedup(self.perplexity(ds))))
 
@@ -200,7 +211,8 @@ class Curation:
         pq.write_table(ledger, self.out / "ledger.parquet")
         extra = self._report_data(ledger, counts, rows, records_read)
 
-        in_mix = sum(c > 0 for c in ledger.column("copies").to_pylist())
+        in_mix = self.documents_in = sum(c > 0 for c in ledger.column("copies").to_pylist())
+        self.gauges.result(extra["funnel"], counts)
         if not in_mix:
             self._fail(extra, rows, self._nothing_kept(records_read, counts, extra["reasons"]))
         self.tokenizer(ds)
@@ -298,7 +310,12 @@ class Curation:
         from moray.platform.tracking import flatten, setup_mlflow
 
         mlflow = setup_mlflow(self.cfg.experiment)
+        from moray.platform.files import sha256_file
+
         with mlflow.start_run(run_name=f"curate-{Path(self.cfg.output).name}"):
+            # pre-training finds this run (its lineage) by the checksum of the manifest it reads
+            mlflow.set_tags({"moray.job": "curate", "moray.data.path": str(self.out.resolve()),
+                             "moray.data.manifest_sha256": sha256_file(self.out / MANIFEST_FILE)})  # fmt: skip
             params = flatten(manifest["config"])
             mlflow.log_params({k[:250]: v[:500] for k, v in list(params.items())[:400]})
             metrics = {f"count.{d}.{k}": v for d, row in manifest["counts"].items() for k, v in row.items()}

@@ -213,17 +213,6 @@ def metrics_of(results: dict) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------ MLflow
-def registered_version(client, uri: str):
-    """The ModelVersion a models:/NAME/VERSION or models:/NAME@ALIAS URI names (newest for models:/NAME)."""
-    name, _, version = uri[len("models:/") :].strip("/").partition("/")
-    name, _, alias = name.partition("@")
-    if alias:
-        return client.get_model_version_by_alias(name, alias)
-    if version.isdigit():
-        return client.get_model_version(name, version)
-    return max(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
-
-
 def log_results(config: EvalConfig, results: dict, run_id: str | None = None, step: int = 0) -> dict:
     """Log the figures (and the results file) to MLflow. A registered model's figures go to the run
     that produced it and onto its version as tags; anything else (an HF directory, an endpoint) to
@@ -232,6 +221,7 @@ def log_results(config: EvalConfig, results: dict, run_id: str | None = None, st
 
     from mlflow import MlflowClient
 
+    from moray.platform.registry import model_version
     from moray.platform.tracking import setup_mlflow, tracking_uri
 
     mlflow = setup_mlflow(EXPERIMENT)
@@ -241,7 +231,7 @@ def log_results(config: EvalConfig, results: dict, run_id: str | None = None, st
     metrics = metrics_of(results)
     version = None
     if run_id is None and config.model and config.model.startswith("models:/"):
-        version = registered_version(client, config.model)
+        version = model_version(client, config.model)
         run_id = version.run_id
     if run_id is None:
         target = config.model or config.endpoint

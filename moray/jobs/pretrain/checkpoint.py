@@ -43,9 +43,9 @@ def checkpoint_name(step: int) -> str:
     return f"checkpoint-{step:07d}"
 
 
-def save(directory: Path, model, optimizer, extra: dict, rank: int, world_size: int, group=None) -> None:
+def save(directory: Path, model, optimizer, extra: dict, rank: int, world_size: int, group=None) -> dict:
     """Collective over `group` (default: every rank): each rank calls it with its own (empty)
-    staging directory."""
+    staging directory. Returns this rank's manifest."""
     directory.mkdir(parents=True, exist_ok=True)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_FLAT)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory), process_group=group)
@@ -54,6 +54,7 @@ def save(directory: Path, model, optimizer, extra: dict, rank: int, world_size: 
     if rank == 0:
         manifest["state"] = extra
     (directory / f"manifest-rank{rank}.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
 
 
 def verify(storage: Storage, directory: str) -> dict:

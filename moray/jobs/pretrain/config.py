@@ -119,8 +119,16 @@ class ScalingSection:
     cpus_per_worker: float = 0.5  # fractional: Ray Data must keep CPUs for reading (DESIGN.md)
     use_gpu: bool = False
     max_failures: int = 2
+    # how Ray places the workers: PACK (fewest nodes), SPREAD (across nodes, so losing one node loses
+    # fewest workers), STRICT_PACK / STRICT_SPREAD (refuse to start otherwise)
+    placement_strategy: str = "PACK"
 
     def __post_init__(self) -> None:
+        strategies = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+        if self.placement_strategy not in strategies:
+            raise ConfigError(
+                f"placement_strategy={self.placement_strategy!r}: use one of {', '.join(strategies)}"
+            )
         w = self.num_workers
         if isinstance(w, list):
             if len(w) != 2 or not all(isinstance(x, int) for x in w) or not 1 <= w[0] <= w[1]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from moray.jobs.pretrain import checkpoint as ckpt
 from moray.jobs.pretrain.config import PretrainConfig, run_layout
@@ -25,6 +26,7 @@ from moray.jobs.pretrain.tracker import Tracker, read_metrics
 from moray.model import CapacityController, ModelConfig, Transformer
 from moray.model.accounting import account
 from moray.platform.config import from_dict
+from moray.platform.data_contract import TOKENIZER_FILE
 from moray.platform.expert_parallel import ALL_TO_ALL
 from moray.platform.parallel import ParallelLayout
 from moray.platform.pipeline_parallel import PipelinedModel, PipelineOptions, pipeline_group
@@ -113,7 +115,8 @@ def train_func(loop_config: dict) -> None:
                        capacity=CapacityState(controller, model) if controller else None)  # fmt: skip
     _resume(storage, run_dir, model, optimizer, state, w)
 
-    tracker = Tracker(w.rank, loop_config["tracking_uri"], loop_config.get("mlflow_run_id"), storage, run_dir)
+    tracker = Tracker(w.rank, loop_config["tracking_uri"], loop_config.get("mlflow_run_id"), storage, run_dir,
+                      cfg.run.name)  # fmt: skip
     flops_per_token = account(model_config, seq_len=seq_len).train_flops_per_token
     val_shard = ray.train.get_dataset_shard("val")
     steps_per_epoch = loop_config["train_sequences"] // global_batch
@@ -125,11 +128,13 @@ def train_func(loop_config: dict) -> None:
     val_batches = min(tc.val_batches, loop_config["val_sequences"] // global_batch)
 
     checkpoint_steps = set(_checkpoint_steps(cfg, position.step))
+    checkpoint_s, t_done = 0.0, time.perf_counter()  # the last checkpoint's time; the last step's end
     for batch in batches:
         for cb in callbacks:
             cb.on_step_start(batch.step, w.rank)
         ALL_TO_ALL.reset()
         t0 = time.perf_counter()
+        data_s = t0 - t_done  # waiting for Ray Data (and the callbacks)
         inputs, targets = batch.inputs.to(w.device), batch.targets.to(w.device)
         micro_batches = [
             (inputs[m : m + micro], targets[m : m + micro]) for m in range(0, len(inputs), micro)
@@ -144,10 +149,12 @@ def train_func(loop_config: dict) -> None:
             w.layout.autocast,
             w.layout.loss_parallel,
         )
+        t_compute = time.perf_counter()
         reduced = reduce_stats(stats, w.layout.dp, w.dp_group, w.device)
         moe_feedback(model, reduced, controller, tc.router_bias_update)
         position.step = done = batch.step + 1
-        step_time = time.perf_counter() - t0
+        t_sync = time.perf_counter()
+        step_time = t_sync - t0
         tokens = global_batch * seq_len
         metrics = {
             **reduced.losses,
@@ -166,14 +173,24 @@ def train_func(loop_config: dict) -> None:
             "all_to_all_s": ALL_TO_ALL.seconds,
             # an elastic run's workers beyond its layout (they wait for a restart that can use them)
             "spare_workers": float(ray.train.get_context().get_world_size() - w.layout.world_size),
+            # where the step's time went (rank 0's clock): the dashboard's step-time breakdown
+            "time/data_s": data_s,
+            "time/compute_s": t_compute - t0,  # forward, backward, optimizer (dispatch included)
+            "time/dispatch_s": ALL_TO_ALL.seconds,
+            "time/sync_s": t_sync - t_compute,  # statistics over dp, capacity and bias feedback
+            "time/checkpoint_s": checkpoint_s,  # the last checkpoint's
             **reduced.load_metrics(),
         }
         if val_batches and (done % tc.val_every == 0 or done == tc.max_steps):
             metrics["val_loss"] = _validate(model, val_shard, global_batch, micro, val_batches, w)
+        metrics["time/validation_s"] = time.perf_counter() - t_sync
         tracker.step(batch.step, metrics, {i: load.tolist() for i, load in reduced.tokens_per_expert.items()})
         if done in checkpoint_steps:
+            t_checkpoint = time.perf_counter()
             tracker.flush()
-            _save(model, optimizer, state, w, done, reduced.losses["loss"], tracker.run_id)
+            _save(model, optimizer, state, w, done, reduced.losses["loss"], tracker, storage.uri_of(run_dir))
+            checkpoint_s = time.perf_counter() - t_checkpoint
+        t_done = time.perf_counter()
 
     tracker.flush()
     _export(model, model_config, loop_config, storage, run_dir, w)
@@ -214,17 +231,26 @@ def _resume(storage: Storage, run_dir: str, model, optimizer, state: TrainState,
                     m0["world_size"], w.layout.world_size)  # fmt: skip
 
 
-def _save(model, optimizer, state: TrainState, w: Worker, step: int, loss: float, mlflow_run_id) -> None:
+def _save(model, optimizer, state: TrainState, w: Worker, step: int, loss: float, tracker: Tracker,
+          run_uri: str) -> None:  # fmt: skip
+    """Every rank writes its shard; Ray Train persists them as one checkpoint in run storage; rank 0
+    records it (its URI and every rank's checksums) in the MLflow run."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as staging:
-        extra = {**state.state_dict(), "mlflow_run_id": mlflow_run_id}
-        ckpt.save(Path(staging), model, optimizer, extra, w.rank, w.layout.world_size, w.group)
+        extra = {**state.state_dict(), "mlflow_run_id": tracker.run_id}
+        manifest = ckpt.save(Path(staging), model, optimizer, extra, w.rank, w.layout.world_size, w.group)
+        manifests = [manifest]
+        if dist.is_initialized():
+            manifests = [None] * dist.get_world_size(w.group)
+            dist.all_gather_object(manifests, manifest, group=w.group)
+        name = ckpt.checkpoint_name(step)
         ray.train.report(
             {"step": step, "loss": loss},
             checkpoint=ray.train.Checkpoint.from_directory(staging),
-            checkpoint_dir_name=ckpt.checkpoint_name(step),
+            checkpoint_dir_name=name,
         )
+    tracker.checkpoint(step, f"{run_uri.rstrip('/')}/{name}", loss, manifests)
 
 
 @torch.no_grad()
@@ -265,8 +291,10 @@ def _export(
     export.load_state_dict(state)
     with tempfile.TemporaryDirectory() as staging:
         out = Path(staging)
-        save_pretrained(
-            export.eval(), out / "model", tokenizer=Path(loop_config["data_path"]) / "tokenizer.json"
-        )
+        data = Storage(loop_config["data_path"])  # the curated tokenizer, wherever the data lives
+        tokenizer = out / TOKENIZER_FILE
+        tokenizer.write_bytes(data.read_bytes(data.path(TOKENIZER_FILE)))
+        save_pretrained(export.eval(), out / "model", tokenizer=tokenizer)
+        tokenizer.unlink()
         write_plots(read_metrics(run_dir, storage), out / "plots")
         storage.upload_dir(out, posixpath.join(run_dir, "export"))

@@ -59,22 +59,14 @@ def check_model_source(uri: str, tracking: str | None = None) -> None:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    ref = uri[len("models:/") :].strip("/")
-    name, _, version = ref.partition("/")
-    name, _, alias = name.partition("@")
+    from moray.platform.registry import model_version
+
     where = tracking or tracking_uri()
-    client = mlflow.MlflowClient(where)
     try:
-        if alias:
-            client.get_model_version_by_alias(name, alias)
-        elif version.isdigit():
-            client.get_model_version(name, version)
-        else:
-            client.get_registered_model(name)
-    except MlflowException as e:
-        raise FileNotFoundError(
-            f"model {uri!r}: not in the registry at {where} ({e.message.splitlines()[0]})"
-        ) from None
+        model_version(mlflow.MlflowClient(where), uri)
+    except (MlflowException, LookupError) as e:
+        why = e.message.splitlines()[0] if isinstance(e, MlflowException) else str(e)
+        raise FileNotFoundError(f"model {uri!r}: not in the registry at {where} ({why})") from None
 
 
 def load_for_serving(

@@ -10,7 +10,7 @@ import torch
 
 from moray.jobs.pretrain import checkpoint as ckpt
 from moray.jobs.pretrain.callbacks import KillWorkerOnce
-from moray.jobs.pretrain.job import load_config, run
+from moray.jobs.pretrain.job import load_config, main, resume_config, run
 from moray.jobs.pretrain.tracker import read_metrics
 from moray.platform.config import ConfigError
 from moray.platform.storage import Storage
@@ -81,6 +81,30 @@ def test_run_trains_tracks_checkpoints_and_registers(baseline, ray_local):
     local = mlflow.artifacts.download_artifacts(summary["registered_model"])
     assert (Path(local) / "config.json").is_file()
 
+    # every checkpoint is recorded in the run: step, URI, loss and each rank's checksums, which are
+    # the manifests the checkpoint holds in storage
+    names = [f"checkpoint-{s:07d}" for s in (3, 6, 9, 12)]
+    records = [a.path for a in client.list_artifacts(r.info.run_id, "checkpoints")]
+    assert records == [f"checkpoints/{n}.json" for n in names]
+    for name in kept:
+        record = mlflow.artifacts.load_dict(f"{r.info.artifact_uri}/checkpoints/{name}.json")
+        assert (
+            record["uri"] == str(run_dir / name)
+            and record["step"] == int(name[-7:])
+            and record["world_size"] == 2
+        )
+        for rank in (0, 1):
+            on_disk = json.loads((run_dir / name / f"manifest-rank{rank}.json").read_text())["files"]
+            assert record["files"][f"rank{rank}"] == on_disk
+    loss_at = {row["step"] + 1: row["loss"] for row in rows}
+    assert record["loss"] == pytest.approx(loss_at[12], abs=1e-6)
+    assert r.data.tags["moray.checkpoint.latest"] == str(run_dir / "checkpoint-0000012")
+    assert r.data.tags["moray.checkpoint.step"] == "12" and r.data.tags["moray.run_dir"] == str(run_dir)
+    assert (
+        mlflow.get_experiment(r.info.experiment_id).tags["mlflow.experimentKind"]
+        == "custom_model_development"
+    )
+
 
 def test_killed_worker_resumes_exactly(baseline, packed_data, tmp_path):
     _, want = baseline
@@ -104,9 +128,13 @@ def test_resumes_onto_another_data_parallel_size(baseline, packed_data, tmp_path
         ray.train.TrainingFailedError
     ):  # no retries: the 2-worker run stops after checkpoint 6
         run(_cfg(packed_data, "elastic", "scaling.max_failures=0"), callbacks=[fault])
-    # Elastic restart: num_workers=(1, 2), but at 3 CPUs a worker only one fits in the 4-CPU test
-    # cluster, so Ray Train starts 1 worker and it reshards the 2-rank checkpoint.
-    summary = run(_cfg(packed_data, "elastic", "scaling.num_workers=[1,2]", "scaling.cpus_per_worker=3"))
+    # Elastic restart, as `moray pretrain --resume-from elastic --set ...` does it: the failed MLflow
+    # run's own config, with num_workers=(1, 2), but at 3 CPUs a worker only one fits in the 4-CPU
+    # test cluster, so Ray Train starts 1 worker and it reshards the 2-rank checkpoint.
+    cfg, run_id = resume_config("elastic", ["scaling.num_workers=[1,2]", "scaling.cpus_per_worker=3"])
+    assert (cfg.scaling.cpus_per_worker, cfg.train.checkpoint_every, cfg.run.name) == (3, 3, "elastic")
+    summary = run(cfg, resume_run_id=run_id)
+    assert summary["mlflow_run_id"] == run_id  # the same MLflow run goes on
     got = read_metrics(Path(summary["run_dir"]))
     assert [r["step"] for r in got] == list(range(STEPS))
     final = Path(summary["run_dir"]) / "checkpoint-0000012"
@@ -163,6 +191,19 @@ def test_bad_configs_are_refused_before_cluster_work(packed_data, override, matc
         run(_cfg(packed_data, "bad", override))
 
 
+def test_resume_from_refusals(baseline, capsys):
+    """Before Ray: an unknown run, a change of the resumed run's name, --config beside --resume-from."""
+    with pytest.raises(ConfigError, match="--resume-from: no MLflow run with id or name 'nope'"):
+        resume_config("nope", [])
+    with pytest.raises(ConfigError, match="run.name is the resumed run's"):
+        resume_config("baseline", ["run.name=other"])
+    assert main(["--resume-from", "nope"]) == 2
+    assert "no MLflow run with id or name 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--resume-from", "baseline", "--config", "configs/pretrain/tiny.yaml"])
+    assert "change it with --set, not --config" in capsys.readouterr().err
+
+
 def test_manifest_and_tokenizer_are_required(packed_data, tmp_path):
     import shutil
 
@@ -175,21 +216,20 @@ def test_manifest_and_tokenizer_are_required(packed_data, tmp_path):
 
 
 def test_storage_uri_runs_and_resumes(ray_local, packed_data, tmp_path):
-    """Run storage named by a pyarrow filesystem URI (here file://; s3:// and gs:// go the same way)."""
+    """Data and run storage named by pyarrow filesystem URIs (here file://; s3:// and gs:// go the
+    same way)."""
     uri = (tmp_path / "store").as_uri()
-    first = run(
-        _cfg(
-            packed_data, "remote", f"run.storage_path={uri}", "train.max_steps=4", "train.checkpoint_every=2"
-        )
-    )
+    first = run(_cfg(packed_data.as_uri(), "remote", f"run.storage_path={uri}", "train.max_steps=4",
+                     "train.checkpoint_every=2"))  # fmt: skip
+    assert first["final"]["loss"] > 0
     assert first["run_dir"] == str(tmp_path / "store" / "remote")  # file:// resolves to the local filesystem
     storage = Storage(uri)
     assert "checkpoint-0000004" in storage.list_dirs(storage.path("remote"))
-    again = run(
-        _cfg(
-            packed_data, "remote", f"run.storage_path={uri}", "train.max_steps=6", "train.checkpoint_every=2"
-        )
-    )
+    # a finished run continues by its MLflow run id, with a later max_steps
+    assert first["mlflow_run_id"] and Storage(uri).uri_of(storage.path("remote")) == f"{uri}/remote"
+    cfg, run_id = resume_config(first["mlflow_run_id"], ["train.max_steps=6"])
+    assert (cfg.run.storage_path, cfg.train.max_steps, run_id) == (uri, 6, first["mlflow_run_id"])
+    again = run(cfg, resume_run_id=run_id)
     rows = read_metrics(storage.path("remote"), storage)
     assert [r["step"] for r in rows] == list(range(6))  # resumed at 4: steps 4 and 5 added
     from moray.model import load_pretrained
