@@ -41,6 +41,29 @@ def _plain(x: Any) -> Any:
     return x
 
 
+# A stage whose node (or worker) dies under it runs again, whole: its inputs are the previous stage's
+# files, and it rewrites its own outputs. Ray retries lost tasks itself, but not every Ray Data path
+# survives a lost actor (the Parquet footer readers, for one).
+STAGE_ATTEMPTS = 3
+LOST = ("ActorDiedError", "NodeDiedError", "WorkerCrashedError", "ObjectLostError", "OwnerDiedError",
+        "ActorUnavailableError", "node has died", "node was terminated")  # fmt: skip
+
+
+def lost_to_the_cluster(error: BaseException) -> bool:
+    """True when `error` comes from a node or worker that died, not from the stage's own code (Ray
+    Data may hand it on wrapped, or as an exception it could not deserialize: its text names it)."""
+    import ray.exceptions as rex
+
+    lost = (
+        rex.ActorDiedError,
+        rex.NodeDiedError,
+        rex.WorkerCrashedError,
+        rex.ObjectLostError,
+        rex.OwnerDiedError,
+    )
+    return isinstance(error, lost) or any(marker in str(error) for marker in LOST)
+
+
 class StageCache:
     def __init__(self, out: Path, row_schema, resume: bool = True):
         self.row_schema = row_schema  # of the dataset stages' rows: what an empty stage output holds
@@ -92,7 +115,14 @@ class StageCache:
         self.root.mkdir(parents=True, exist_ok=True)
         record.unlink(missing_ok=True)
         t0 = time.perf_counter()
-        extra, outputs = produce()
+        for attempt in range(STAGE_ATTEMPTS):
+            try:
+                extra, outputs = produce()
+                break
+            except Exception as e:
+                if attempt + 1 == STAGE_ATTEMPTS or not lost_to_the_cluster(e):
+                    raise
+                print(f"[curate] {name}: lost a node or worker ({type(e).__name__}); running the stage again")
         self.timings[name] = time.perf_counter() - t0
         extra = json.loads(json.dumps(extra, default=str))  # as a skip would give it back
         self.extras[name] = extra
