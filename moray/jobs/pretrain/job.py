@@ -99,7 +99,9 @@ def resume_config(ref: str, overrides: list[str]) -> tuple[PretrainConfig, str]:
     try:
         data = mlflow.artifacts.load_dict(f"{found.info.artifact_uri}/{CONFIG_ARTIFACT}")
     except Exception as e:  # MlflowException, OSError: a run logged before moray recorded its config
-        raise ConfigError(f"--resume-from {ref}: run {run_id} has no readable {CONFIG_ARTIFACT} ({e})") from None
+        raise ConfigError(
+            f"--resume-from {ref}: run {run_id} has no readable {CONFIG_ARTIFACT} ({e})"
+        ) from None
     cfg = from_dict(PretrainConfig, apply_overrides(copy.deepcopy(data), overrides))
     for key in ("name", "storage_path"):
         if getattr(cfg.run, key) != data["run"][key]:
