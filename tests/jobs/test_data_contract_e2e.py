@@ -28,17 +28,23 @@ def test_the_registered_version_carries_its_lineage(trained):
     tags = version.tags
     assert tags["moray.lineage.pretrain_run"] == summary["mlflow_run_id"] == version.run_id
     assert tags["moray.data.manifest_sha256"] == sha256_file(data / "manifest.json")
-    curation = client.get_run(tags["moray.lineage.curation_run"])
-    assert curation.data.tags["moray.job"] == "curate" and curation.data.tags["moray.data.path"] == str(data)
+    # the curation run that wrote this manifest, found by its checksum (other tests of the session
+    # may rewrite the shared output's manifest after it was curated: then no run matches, none is named)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    writers = client.search_runs(experiments, f"tags.`moray.data.manifest_sha256` = '{sha256_file(data / 'manifest.json')}' "
+                                 "and tags.`moray.job` = 'curate'")  # fmt: skip
+    assert tags.get("moray.lineage.curation_run") == (writers[0].info.run_id if writers else None)
+    if writers:
+        assert writers[0].data.tags["moray.data.path"] == str(data)
+        assert (
+            client.get_run(summary["mlflow_run_id"]).data.tags["moray.lineage.curation_run"]
+            == writers[0].info.run_id
+        )
     config = json.loads(tags["moray.lineage.config"])
     assert (config["data"]["path"], config["train"]["max_steps"], config["run"]["name"]) == (
         str(data),
         3,
         "contract",
-    )
-    assert (
-        client.get_run(summary["mlflow_run_id"]).data.tags["moray.lineage.curation_run"]
-        == curation.info.run_id
     )
 
 
