@@ -44,17 +44,14 @@ def load_pretrained(
     path: str | Path,
     dtype: torch.dtype | None = torch.float32,
     device: str | torch.device = "cpu",
+    routed_experts: bool = True,
 ) -> Transformer:
     """Load a HF DeepSeek-V2 directory (the original release or transformers 5 format).
-    dtype None keeps the checkpoint's dtype; the default float32 suits CPUs."""
+    dtype None keeps the checkpoint's dtype; the default float32 suits CPUs. routed_experts=False
+    leaves the routed experts' weights unread (on the meta device): a serving replica whose experts
+    live in expert shards (`load_routed_experts`) replaces them."""
     path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{path} is not a model directory: no config.json")
-    config = ModelConfig.from_hf_dict(json.loads(config_file.read_text()))
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path} has no *.safetensors weights (pickle checkpoints are not loaded)")
+    config, files = _config_and_files(path)
 
     with torch.device("meta"):
         model = Transformer(config)
@@ -78,6 +75,8 @@ def load_pretrained(
                 if _SKIP_KEY.search(name):
                     continue
                 m = _EXPERT_KEY.match(name)
+                if m and not routed_experts:
+                    continue
                 if m:  # per-expert tensor: stack when the layer's set is complete
                     layer, e, proj = int(m[1]), int(m[2]), m[3]
                     experts[(layer, proj)][e] = f.get_tensor(hf_name)
@@ -97,7 +96,8 @@ def load_pretrained(
         state.pop("lm_head.weight", None)
     missing = [
         k for k in expected if k not in state and not (config.tie_word_embeddings and k == "lm_head.weight")
-    ]
+        and (routed_experts or ".mlp.experts." not in k)
+    ]  # fmt: skip
     if missing:
         raise ValueError(f"{path} lacks weights {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     model.load_state_dict(state, strict=False, assign=True)
@@ -105,6 +105,43 @@ def load_pretrained(
         model.lm_head.weight = model.embed_tokens.weight
     _materialize_buffers(model, device)
     return model.eval()
+
+
+def _config_and_files(path: Path) -> tuple[ModelConfig, list[Path]]:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} is not a model directory: no config.json")
+    config = ModelConfig.from_hf_dict(json.loads(config_file.read_text()))
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} has no *.safetensors weights (pickle checkpoints are not loaded)")
+    return config, files
+
+
+def load_routed_experts(
+    path: str | Path, held: dict[int, tuple[int, ...]], dtype: torch.dtype = torch.float32
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Only the routed experts `held` ({layer: expert ids}) of a HF directory, stacked in that
+    order: {layer: (gate_up (n, 2I, H), down (n, H, I))}. What an expert shard holds."""
+    _, files = _config_and_files(Path(path))
+    found: dict[tuple[int, int, str], torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for hf_name in f.keys():
+                m = _EXPERT_KEY.match(_our_name(hf_name))
+                if m and int(m[2]) in held.get(int(m[1]), ()):
+                    found[(int(m[1]), int(m[2]), m[3])] = f.get_tensor(hf_name).to(dtype)
+    out = {}
+    for layer, experts in held.items():
+        lost = [e for e in experts for p in ("gate", "up", "down") if (layer, e, p) not in found]
+        if lost:
+            raise ValueError(f"{path}: layer {layer} lacks weights of experts {sorted(set(lost))}")
+        gate_up = torch.stack(
+            [torch.cat([found[(layer, e, "gate")], found[(layer, e, "up")]]) for e in experts]
+        )
+        down = torch.stack([found[(layer, e, "down")] for e in experts])
+        out[layer] = (gate_up, down)
+    return out
 
 
 def _materialize_buffers(model: Transformer, device) -> None:

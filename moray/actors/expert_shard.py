@@ -1,0 +1,205 @@
+"""Routed experts in Ray actors: data-parallel attention + expert parallelism for serving.
+
+A serving replica keeps attention, the routers, the shared experts and its own latent cache; the
+routed experts of every MoE layer live in `ExpertShard` actors, each holding the subset an
+`ExpertPlacement` gives it (hot experts on several shards). At each MoE layer the replica's
+`RemoteExperts` (a drop-in for `RoutedExperts`, installed from outside the model by
+`use_expert_shards`) sends each token-expert pair to one copy of its expert and adds up the
+weighted answers:
+
+    replica                                   shard s (for each layer's held experts)
+    sort pairs by expert, pick a copy  ---->  rows (n_s, H), local expert, weight
+    out.index_add_(token, answer)      <----  weight * expert(row)   (n_s, H)
+
+The traffic goes over a gloo `Link` per (replica, shard); Ray starts, places and restarts the
+shards. Several replicas can attach to the same shards: each attachment is served by a thread.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import torch
+from torch import nn
+
+from moray.actors.link import Link, LinkBroken, Rendezvous
+from moray.actors.placement import ExpertPlacement, PlacementError, RouteTable
+from moray.model.config import ModelConfig
+from moray.model.experts import RoutedExperts, sort_pairs
+
+RUN, STOP = 1, 0
+
+
+def check_shardable(config: ModelConfig, placement: ExpertPlacement) -> None:
+    """Refuse, before anything starts, a model the shards cannot serve with this placement."""
+    if config.swiglu_learned_beta or config.expert_activation_scale:
+        raise PlacementError("expert shards serve plain SwiGLU experts: this model has learned per-expert "
+                             "beta or activation scales (swiglu_learned_beta / expert_activation_scale)")  # fmt: skip
+    if placement.n_experts != config.n_routed_experts:
+        raise PlacementError(f"the placement is for {placement.n_experts} experts, the model has "
+                             f"{config.n_routed_experts}")  # fmt: skip
+    moe_layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+    if placement.layers != moe_layers:
+        raise PlacementError(
+            f"the placement covers layers {placement.layers}, the model's MoE layers are {moe_layers}"
+        )
+
+
+@ray.remote
+class ExpertShard:
+    """Holds its share of every MoE layer's routed experts and answers the replicas attached to it."""
+
+    def __init__(self, model: str, shard: int, placement_json: str, threads: int = 1, dtype: str = "float32"):
+        from moray.jobs.serve.loading import resolve_model
+        from moray.model.hf import load_routed_experts
+
+        torch.set_num_threads(max(1, threads))
+        path = resolve_model(model)
+        self.config = ModelConfig.from_hf_dict(json.loads((Path(path) / "config.json").read_text()))
+        placement = ExpertPlacement.from_json(placement_json)
+        check_shardable(self.config, placement)
+        self.shard, self.held = shard, {layer: placement.shards[layer][shard] for layer in placement.layers}
+        self.experts: dict[int, RoutedExperts] = {}
+        for layer, (gate_up, down) in load_routed_experts(path, self.held, getattr(torch, dtype)).items():
+            module = RoutedExperts(len(self.held[layer]), self.config.hidden_size,
+                                   self.config.moe_intermediate_size, False, False)  # fmt: skip
+            module.gate_up_proj, module.down_proj = nn.Parameter(gate_up, False), nn.Parameter(down, False)
+            self.experts[layer] = module.eval()
+        self.threads: list[threading.Thread] = []
+
+    def held_experts(self) -> dict[int, tuple[int, ...]]:
+        return self.held
+
+    def attach(self, address: tuple[str, int], name: str) -> bool:
+        """Join a replica's rendezvous and serve it from a thread of this actor."""
+        link = Link.connect(address, name)
+        thread = threading.Thread(target=self._serve, args=(link,), name=f"serve-{name}", daemon=True)
+        thread.start()
+        self.threads.append(thread)
+        return True
+
+    def _serve(self, link: Link) -> None:
+        H = self.config.hidden_size
+        try:
+            with torch.inference_mode():
+                while True:
+                    op, layer, rows = link.recv_header()
+                    if op == STOP:
+                        break
+                    payload = link.recv((rows, H + 2))  # rows, local expert, weight
+                    module = self.experts[layer]
+                    x = payload[:, :H].to(module.down_proj.dtype)
+                    local, weight = payload[:, H : H + 1].long(), payload[:, H + 1 :].to(x.dtype)
+                    link.send(module(x, local, weight).float())  # (rows, H) weight * expert(row)
+        except LinkBroken:  # the replica went away: this attachment ends, the others go on
+            pass
+        finally:
+            link.close()
+
+    def ping(self) -> int:
+        return self.shard
+
+
+@dataclass
+class ShardSet:
+    """The replica's side: its links to every shard, in shard order."""
+
+    placement: ExpertPlacement
+    shards: list  # ExpertShard handles
+    links: list[Link]
+
+    @classmethod
+    def attach(cls, placement: ExpertPlacement, shards: list, name: str) -> ShardSet:
+        links = []
+        for s, shard in enumerate(shards):
+            rendezvous = Rendezvous()
+            joined = shard.attach.remote(rendezvous.address, f"{name}/{s}")
+            links.append(Link(rendezvous.store, 0, f"{name}/{s}"))
+            ray.get(joined)
+        return cls(placement, shards, links)
+
+    def close(self) -> None:
+        for link in self.links:
+            try:
+                link.send_header(STOP)
+            except LinkBroken:
+                pass
+            link.close()
+
+
+def start_expert_shards(
+    model: str,
+    placement: ExpertPlacement,
+    cpus_per_shard: float = 1.0,
+    threads_per_shard: int = 1,
+    dtype: str = "float32",
+    strategy: str = "PACK",
+) -> list:
+    """One ExpertShard actor per shard of the placement, restarted by Ray if its process dies, in a
+    placement group (SPREAD puts them on different nodes where there are several)."""
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    group = placement_group([{"CPU": cpus_per_shard}] * placement.num_shards, strategy=strategy)
+    ray.get(group.ready())
+    text = placement.to_json()
+    shards = [
+        ExpertShard.options(
+            num_cpus=cpus_per_shard,
+            max_restarts=-1,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=s),
+        ).remote(model, s, text, threads_per_shard, dtype)
+        for s in range(placement.num_shards)
+    ]
+    ray.get([s.ping.remote() for s in shards])
+    return shards
+
+
+class RemoteExperts(nn.Module):
+    """Drop-in for one layer's RoutedExperts whose experts live in the shards."""
+
+    def __init__(self, layer: int, n_experts: int, route: RouteTable, shard_set: ShardSet):
+        super().__init__()
+        self.layer, self.n_experts, self.route, self.shard_set = layer, n_experts, route, shard_set
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (N, H)
+        experts: torch.Tensor,  # (N, k)
+        weights: torch.Tensor,  # (N, k)
+        keep: torch.Tensor | None = None,  # (N, k) bool
+    ) -> torch.Tensor:
+        pairs = sort_pairs(experts, weights, keep, self.n_experts)
+        shard_of_row, local = self.route.assign(pairs.expert_of_row, pairs.counts)  # (P,) each
+        payload = torch.cat([x.index_select(0, pairs.token_of_row).float(), local[:, None].float(),
+                             pairs.weights[:, None].float()], dim=1)  # (P, H + 2)  # fmt: skip
+        sent, pending = [], []
+        for s, link in enumerate(self.shard_set.links):
+            rows = (shard_of_row == s).nonzero().squeeze(1)
+            if len(rows) == 0:
+                continue
+            header = torch.tensor([RUN, self.layer, len(rows), 0], dtype=torch.int64)
+            part = payload.index_select(0, rows)
+            sent.append((link, link.send_async(header, part), header, part))
+            answer, work = link.recv_async((len(rows), x.shape[1]))
+            pending.append((link, work, rows, answer))
+        for link, works, *_ in sent:
+            link.wait(works)
+        out = torch.zeros_like(x)
+        for link, work, rows, answer in pending:
+            link.wait([work])
+            out.index_add_(0, pairs.token_of_row.index_select(0, rows), answer.to(x.dtype))
+        return out
+
+
+def use_expert_shards(model, shard_set: ShardSet) -> None:
+    """Replace every MoE layer's routed experts with RemoteExperts over `shard_set` (from outside
+    the model, which stays single-device code)."""
+    for layer, moe in model.moe_layers():
+        moe.experts = RemoteExperts(
+            layer, model.config.n_routed_experts, shard_set.placement.route(layer), shard_set
+        )

@@ -1,0 +1,72 @@
+"""Serving with the routed experts in ExpertShard actors: the same greedy tokens and logprobs as
+the single-process engine, with and without hot-expert replication."""
+
+import pytest
+import torch
+
+from moray.actors.engine import Engine
+from moray.actors.engine.scheduler import RequestParams
+from moray.actors.placement import PlacementError, plan_placement
+from moray.model import load_pretrained
+
+PROMPTS = [[5, 17, 42, 9, 100], [7] * 12, list(range(3, 40)), [250, 3]]
+
+
+def _greedy(engine: Engine) -> list[tuple[list[int], list[float]]]:
+    params = RequestParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=0)
+    reqs = [engine.add_request(p, params) for p in PROMPTS]
+    logprobs = {r.request_id: [] for r in reqs}
+    while engine.has_work():
+        for out in engine.step():
+            logprobs[out.request_id] += [lp.logprob for lp in out.logprobs]
+    return [(r.output_ids, logprobs[r.request_id]) for r in reqs]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    return _greedy(Engine(load_pretrained(tiny_model_dir)))
+
+
+@pytest.mark.parametrize("redundant", [0, 4], ids=["plain", "hot-experts-replicated"])
+def test_sharded_experts_give_the_single_engines_tokens_and_logprobs(
+    ray_local, tiny_model_dir, reference, redundant
+):
+    from moray.actors.expert_shard import ShardSet, start_expert_shards, use_expert_shards
+
+    model = load_pretrained(tiny_model_dir, routed_experts=False)
+    layers = [i for i, _ in model.moe_layers()]
+    E = model.config.n_routed_experts
+    loads = {layer: torch.arange(E, 0, -1.0) ** 3 for layer in layers}  # expert 0 hottest
+    placement = plan_placement(loads, E, num_shards=2, layers=layers, redundant_experts=redundant)
+    if redundant:
+        assert all(len(placement.replicas(layer)[0]) == 2 for layer in layers)
+    shards = start_expert_shards(str(tiny_model_dir), placement, cpus_per_shard=0.25)
+    shard_set = ShardSet.attach(placement, shards, f"test-{redundant}")
+    try:
+        use_expert_shards(model, shard_set)
+        got = _greedy(Engine(model))
+    finally:
+        shard_set.close()
+        for s in shards:
+            ray_local.kill(s)
+    for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(got, reference):
+        assert tokens == ref_tokens and len(logprobs) == len(tokens) == 12
+        assert logprobs == pytest.approx(ref_logprobs, abs=1e-5)
+    # the model never held the routed experts' weights itself
+    assert all(p.device.type != "meta" for p in model.parameters())
+
+
+def test_a_model_with_per_expert_extras_is_refused(tiny_model_dir):
+    import json
+
+    from moray.actors.expert_shard import check_shardable
+    from moray.model.config import ModelConfig
+
+    config = ModelConfig.from_hf_dict(json.loads((tiny_model_dir / "config.json").read_text()))
+    layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+    placement = plan_placement(None, config.n_routed_experts, 2, layers)
+    check_shardable(config, placement)
+    with pytest.raises(PlacementError, match="learned per-expert"):
+        check_shardable(config.replace(swiglu_learned_beta=True), placement)
+    with pytest.raises(PlacementError, match="covers layers"):
+        check_shardable(config, plan_placement(None, config.n_routed_experts, 2, layers[:1]))
