@@ -14,6 +14,7 @@ import traceback
 import bench_curate
 import bench_decode
 import bench_eval
+import bench_expert_dispatch
 import bench_kv_cache
 import bench_moe
 import bench_pretrain
@@ -28,6 +29,7 @@ BENCHMARKS = {
     "pretrain": bench_pretrain,
     "serve": bench_serve,
     "eval": bench_eval,
+    "expert_dispatch": bench_expert_dispatch,
 }
 
 
