@@ -53,12 +53,15 @@ def check_shardable(config: ModelConfig, placement: ExpertPlacement) -> None:
 class ExpertShard:
     """Holds its share of every MoE layer's routed experts and answers the replicas attached to it."""
 
-    def __init__(self, model: str, shard: int, placement_json: str, threads: int = 1, dtype: str = "float32"):
+    def __init__(
+        self, model: str, shard: int, placement_json: str, threads: int = 1, dtype: str = "float32",
+        tracking: str | None = None,
+    ):  # fmt: skip
         from moray.jobs.serve.loading import resolve_model
         from moray.model.hf import load_routed_experts
 
         torch.set_num_threads(max(1, threads))
-        path = resolve_model(model)
+        path = resolve_model(model, tracking)  # a registered model: downloaded on this node
         self.config = ModelConfig.from_hf_dict(json.loads((Path(path) / "config.json").read_text()))
         placement = ExpertPlacement.from_json(placement_json)
         check_shardable(self.config, placement)
@@ -138,6 +141,7 @@ def start_expert_shards(
     threads_per_shard: int = 1,
     dtype: str = "float32",
     strategy: str = "PACK",
+    tracking: str | None = None,
 ) -> list:
     """One ExpertShard actor per shard of the placement, restarted by Ray if its process dies, in a
     placement group (SPREAD puts them on different nodes where there are several)."""
@@ -152,7 +156,7 @@ def start_expert_shards(
             num_cpus=cpus_per_shard,
             max_restarts=-1,
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=s),
-        ).remote(model, s, text, threads_per_shard, dtype)
+        ).remote(model, s, text, threads_per_shard, dtype, tracking)
         for s in range(placement.num_shards)
     ]
     ray.get([s.ping.remote() for s in shards])

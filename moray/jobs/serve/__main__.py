@@ -27,6 +27,13 @@ def _int_in(low: int, high: int | None = None):
     return parse
 
 
+def _replicas(text: str) -> tuple[int, int]:
+    low, _, high = text.partition(":")
+    lo = _int_in(1)(low)
+    hi = _int_in(lo)(high) if high else lo
+    return lo, hi
+
+
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument(
         "--model", required=True, help="an HF directory or models:/NAME/VERSION | models:/NAME@ALIAS"
@@ -46,7 +53,25 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="require this bearer key (repeatable; shows in `ps`: prefer --api-key-file or $MORAY_API_KEYS)",
     )  # fmt: skip
     p.add_argument("--api-key-file", default=None, help="a file of keys, one per line (# starts a comment)")
-    p.add_argument("--replicas", type=_int_in(1), default=1)
+    p.add_argument(
+        "--replicas", type=_replicas, default=(1, 1),
+        help="N replicas, or MIN:MAX to autoscale between them on ongoing requests",
+    )  # fmt: skip
+    p.add_argument(
+        "--mode", default="vertical", choices=["vertical", "horizontal"],
+        help="vertical: each replica holds the whole model on --cpus; horizontal: the routed experts live in "
+        "--expert-shards actors that every replica sends its tokens to",
+    )  # fmt: skip
+    p.add_argument("--cpus", type=float, default=1.0, help="each replica's CPUs (its torch threads follow)")
+    p.add_argument("--expert-shards", type=_int_in(1), default=2, help="horizontal: expert shard actors")
+    p.add_argument(
+        "--redundant-experts", type=_int_in(0), default=0,
+        help="horizontal: extra copies of the hottest experts per MoE layer (planned from --expert-loads)",
+    )  # fmt: skip
+    p.add_argument(
+        "--expert-loads", default=None, help="horizontal: JSON {layer: [tokens per expert]} to plan from"
+    )
+    p.add_argument("--shard-cpus", type=float, default=1.0, help="horizontal: each expert shard's CPUs")
     p.add_argument("--kv-cache-mb", type=_int_in(1), default=64, help="paged latent cache per replica, MiB")
     p.add_argument("--max-request-mb", type=_int_in(1), default=8, help="larger request bodies get a 413")
     p.add_argument("--int8", action="store_true", help="int8 weight-only quantization")
@@ -66,6 +91,15 @@ def settings_from_args(args: argparse.Namespace):
         "api_key_file": args.api_key_file,
         "max_request_bytes": args.max_request_mb << 20,
         "device": args.device,
+        "mode": args.mode,
+        "cpus": args.cpus,
+        "torch_threads": max(1, int(args.cpus)),
+        "expert_shards": {
+            "num_shards": args.expert_shards,
+            "redundant_experts": args.redundant_experts,
+            "loads": args.expert_loads,
+            "cpus": args.shard_cpus,
+        },  # fmt: skip
         "engine": {"kv_cache_bytes": args.kv_cache_mb << 20, "quantize_int8": args.int8},
     }
     if args.name:
@@ -82,6 +116,10 @@ def prepare(args: argparse.Namespace):
 
     check_model_source(args.model, args.tracking_uri)  # first: it needs neither torch nor Ray imported
     settings = settings_from_args(args)
+    if settings.mode != "vertical":  # the expert placement depends on the model
+        from moray.jobs.serve.loading import model_config
+
+        settings.check_model(model_config(args.model, args.tracking_uri))
     settings.api_keys, settings.api_key_file = settings.all_api_keys(), None
     return settings
 
@@ -91,7 +129,7 @@ def run(args: argparse.Namespace, blocking: bool = True, settings=None):
     from ray import serve
     from ray.serve.config import gRPCOptions
 
-    from moray.jobs.serve.app import GRPC_SERVICER, MorayServer
+    from moray.jobs.serve.app import GRPC_SERVICER, application
     from moray.platform.cluster import connect
 
     connect()
@@ -99,9 +137,12 @@ def run(args: argparse.Namespace, blocking: bool = True, settings=None):
         gRPCOptions(port=args.grpc_port, grpc_servicer_functions=[GRPC_SERVICER]) if args.grpc_port else None
     )
     serve.start(http_options={"host": args.host, "port": args.port}, grpc_options=grpc)
-    app = MorayServer.options(num_replicas=args.replicas, ray_actor_options=settings.actor_options()).bind(
-        settings
-    )
+    low, high = args.replicas
+    scaling = (
+        {"num_replicas": low} if low == high
+        else {"autoscaling_config": {"min_replicas": low, "max_replicas": high, "target_ongoing_requests": 8}}
+    )  # fmt: skip
+    app = application(settings, **scaling)
     print(f"moray: serving {settings.name()!r} at http://{args.host}:{args.port}/v1", flush=True)
     keys = len(settings.api_keys)
     print(

@@ -22,6 +22,55 @@ GRPC_SERVICER = "moray.jobs.serve.proto.moray_pb2_grpc.add_MorayGenerateServicer
 API_KEYS_ENV = "MORAY_API_KEYS"  # comma-separated keys, read where the server runs
 
 
+MODES = ("vertical", "horizontal")
+
+
+@dataclass
+class ExpertShardSettings:
+    """Horizontal mode: the routed experts in ExpertShard actors (moray/actors/expert_shard.py)."""
+
+    num_shards: int = 2
+    redundant_experts: int = 0  # extra copies for the hottest experts (EPLB), per MoE layer
+    loads: str | None = None  # a JSON file {layer: [tokens per expert]} to plan from; None: uniform
+    cpus: float = 1.0  # each shard's Ray CPUs
+    threads: int = 1  # each shard's torch threads
+    placement_strategy: str = "SPREAD"  # Ray placement group strategy: SPREAD puts shards on different nodes
+
+    def __post_init__(self) -> None:
+        if self.num_shards < 1:
+            raise ValueError(f"expert_shards.num_shards={self.num_shards}: must be >= 1")
+        if self.cpus < 0 or self.threads < 1:
+            raise ValueError("expert_shards.cpus must be >= 0 and expert_shards.threads >= 1")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError(f"expert_shards.placement_strategy={self.placement_strategy!r}: PACK, SPREAD, "
+                             "STRICT_PACK or STRICT_SPREAD")  # fmt: skip
+
+    def placement(self, config):
+        """The plan for a model config: refused (PlacementError) when it cannot serve the model."""
+        import json
+
+        import torch
+
+        from moray.actors.expert_shard import check_shardable
+        from moray.actors.placement import PlacementError, plan_placement
+
+        layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+        loads = None
+        if self.loads:
+            try:
+                raw = json.loads(Path(self.loads).read_text())
+            except (OSError, ValueError) as e:
+                raise PlacementError(f"expert_shards.loads {self.loads!r}: {e}") from None
+            loads = {int(layer): torch.tensor(v, dtype=torch.float64) for layer, v in raw.items()}
+            bad = [layer for layer, v in loads.items() if v.shape != (config.n_routed_experts,)]
+            if bad:
+                raise PlacementError(f"expert_shards.loads: layers {bad} do not give one count per expert "
+                                     f"({config.n_routed_experts})")  # fmt: skip
+        plan = plan_placement(loads, config.n_routed_experts, self.num_shards, layers, self.redundant_experts)
+        check_shardable(config, plan)
+        return plan
+
+
 @dataclass
 class ServeSettings:
     """All a replica needs: parsed once by the platform's `from_dict` (a bad field is a ConfigError
@@ -37,6 +86,12 @@ class ServeSettings:
     torch_threads: int = 0  # 0: torch's default
     max_request_bytes: int = 8 << 20  # a larger body is refused (413) before it is read
     device: str = "cpu"  # "cuda": the replica takes a GPU, bf16 weights (see ParallelLayout)
+    # vertical: each replica holds the whole model, on `cpus` CPUs (threads follow);
+    # horizontal: replicas hold attention, routers and shared experts, the routed experts live in
+    # `expert_shards` that every replica attaches to
+    mode: str = "vertical"
+    cpus: float = 1.0  # each replica's Ray CPUs
+    expert_shards: ExpertShardSettings = field(default_factory=ExpertShardSettings)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -51,6 +106,19 @@ class ServeSettings:
         if self.max_request_bytes < 1:
             raise ValueError(f"max_request_bytes={self.max_request_bytes}: must be positive")
         ParallelLayout(device_type=self.device)  # refuses an unknown device, naming it
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r}: one of {', '.join(MODES)}")
+        if self.cpus <= 0:
+            raise ValueError(f"cpus={self.cpus}: must be positive")
+        if self.mode == "horizontal" and self.engine.quantize_int8:
+            raise ValueError("mode=horizontal: the expert shards serve fp32/bf16 weights, not quantize_int8")
+        if self.mode == "horizontal" and self.device != "cpu":
+            raise ValueError("mode=horizontal: expert shards run on CPUs for now (device=cpu)")
+
+    def check_model(self, config) -> None:
+        """What depends on the model: the expert placement of horizontal mode."""
+        if self.mode == "horizontal":
+            self.expert_shards.placement(config)
 
     @property
     def layout(self) -> ParallelLayout:
@@ -59,7 +127,7 @@ class ServeSettings:
 
     def actor_options(self) -> dict:
         """What a replica asks Ray for: a CPU, and a GPU when it serves on one."""
-        return {"num_cpus": 1, **({"num_gpus": 1} if self.device == "cuda" else {})}
+        return {"num_cpus": self.cpus, **({"num_gpus": 1} if self.device == "cuda" else {})}
 
     def all_api_keys(self) -> list[str]:
         """api_keys, the lines of api_key_file and the comma-separated $MORAY_API_KEYS, in that order.
@@ -83,10 +151,28 @@ class ServeSettings:
         return os.path.basename(m) or "moray"
 
 
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+class ExpertPool:
+    """Horizontal mode: plans the expert placement and owns the ExpertShard actors (they end with
+    the application); replicas ask it for the plan and the shards, and attach to them."""
+
+    def __init__(self, settings: ServeSettings):
+        from moray.actors.expert_shard import start_expert_shards
+        from moray.jobs.serve.loading import model_config
+
+        e = settings.expert_shards
+        self.placement = e.placement(model_config(settings.model, settings.tracking_uri))
+        self.shards = start_expert_shards(settings.model, self.placement, e.cpus, e.threads,
+                                          tracking=settings.tracking_uri, strategy=e.placement_strategy)  # fmt: skip
+
+    def get(self) -> tuple[str, list]:
+        return self.placement.to_json(), self.shards
+
+
 @serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 1})
 @serve.ingress()
 class MorayServer:
-    def __init__(self, settings: ServeSettings):
+    def __init__(self, settings: ServeSettings, expert_pool=None):
         import torch
 
         from moray.actors.engine import AsyncEngine, Engine
@@ -99,11 +185,16 @@ class MorayServer:
             torch.set_num_threads(s.torch_threads)
         self.metrics = EngineMetrics(s.name())
 
+        self.shard_set = None
+
         def build_engine() -> Engine:
             layout = s.layout
             model, tok, _ = load_for_serving(
-                s.model, s.tracking_uri, dtype=layout.compute_dtype, device=layout.device_type
-            )
+                s.model, s.tracking_uri, dtype=layout.compute_dtype, device=layout.device_type,
+                routed_experts=expert_pool is None,
+            )  # fmt: skip
+            if expert_pool is not None:
+                self.shard_set = attach_expert_pool(model, expert_pool)
             return Engine(model, tok, s.engine, metrics=self.metrics)
 
         self.engine = AsyncEngine(build_engine)  # loads the model on the engine's thread (see there)
@@ -190,8 +281,30 @@ class MorayServer:
             engine.shutdown()
 
 
+def attach_expert_pool(model, expert_pool):
+    """This replica's links to the pool's shards, installed in `model`'s MoE layers."""
+    import uuid
+
+    from moray.actors.expert_shard import ShardSet, use_expert_shards
+    from moray.actors.placement import ExpertPlacement
+
+    placement_json, shards = expert_pool.get.remote().result()
+    shard_set = ShardSet.attach(ExpertPlacement.from_json(placement_json), shards, uuid.uuid4().hex[:12])
+    use_expert_shards(model, shard_set)
+    return shard_set
+
+
+def application(settings: ServeSettings, **options) -> serve.Application:
+    """The deployment graph of `settings.mode`; `options` go to the replicas' deployment (num_replicas,
+    autoscaling_config, ...)."""
+    server = MorayServer.options(ray_actor_options=settings.actor_options(), **options)
+    if settings.mode == "horizontal":
+        return server.bind(settings, ExpertPool.bind(settings))
+    return server.bind(settings)
+
+
 def build_app(args: dict) -> serve.Application:
     """The application builder (`import_path: moray.jobs.serve.app:build_app` with `args`).
-    Deployment options (replicas, resources) come from the config file's `deployments` section."""
-    settings = from_dict(ServeSettings, dict(args))
-    return MorayServer.options(ray_actor_options=settings.actor_options()).bind(settings)
+    Deployment options (replicas, autoscaling, resources) come from the config file's `deployments`
+    section."""
+    return application(from_dict(ServeSettings, dict(args)))

@@ -69,21 +69,34 @@ def check_model_source(uri: str, tracking: str | None = None) -> None:
         raise FileNotFoundError(f"model {uri!r}: not in the registry at {where} ({why})") from None
 
 
+def model_config(uri: str, tracking: str | None = None):
+    """The ModelConfig of a model directory or registered model (downloaded once, like serving)."""
+    import json
+
+    from moray.model.config import ModelConfig
+
+    path = resolve_model(uri, tracking)
+    return ModelConfig.from_hf_dict(json.loads((path / "config.json").read_text()))
+
+
 def load_for_serving(
     uri: str,
     tracking: str | None = None,
     dtype=None,
     cache_dir: str | Path | None = None,
     device: str = "cpu",
+    routed_experts: bool = True,
 ):
-    """(model, tokenizer or None, local dir)."""
+    """(model, tokenizer or None, local dir). routed_experts=False: the routed experts stay unread
+    (expert shards hold them)."""
     import torch
 
     from moray.actors.engine.tokenizer import Tokenizer
     from moray.model import load_pretrained
 
     path = resolve_model(uri, tracking, cache_dir)
-    model = load_pretrained(path, dtype=dtype or torch.float32, device=device).eval()
+    model = load_pretrained(path, dtype=dtype or torch.float32, device=device, routed_experts=routed_experts)
+    model.eval()
     tok = None
     if (path / "tokenizer.json").is_file():
         tok = Tokenizer.from_dir(path, eos_token_id=model.config.eos_token_id)

@@ -32,7 +32,7 @@ def test_a_directory_without_weights_is_refused(tmp_path, capsys):
 
 
 def test_no_abbreviated_flags(tiny_model_dir, capsys):
-    for argv in (["--mode", str(tiny_model_dir)], ["--model", str(tiny_model_dir), "--replica", "2"]):
+    for argv in (["--mod", str(tiny_model_dir)], ["--model", str(tiny_model_dir), "--replica", "2"]):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2
@@ -59,3 +59,24 @@ def test_an_unreadable_key_file_is_one_line(tiny_model_dir, tmp_path, capsys):
     assert main(["--model", str(tiny_model_dir), "--api-key-file", str(missing)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"moray serve: error: api_key_file {str(missing)!r}: No such file or directory"
+
+
+def test_a_horizontal_layout_the_model_cannot_use_is_refused_before_ray(tiny_model_dir, tmp_path, capsys):
+    """More shards than experts, spare copies that do not divide over the shards, a loads file that
+    does not match the model or is missing, int8 weights in shards: each refused with exit 2, naming
+    what is wrong."""
+    horizontal = ["--model", str(tiny_model_dir), "--mode", "horizontal"]
+    loads = tmp_path / "loads.json"
+    loads.write_text('{"1": [1, 2, 3]}')
+    for extra, message in (
+        (["--expert-shards", "9"], "9 shards for 8 routed experts"),
+        (["--expert-shards", "3"], "must divide evenly over 3 shards"),
+        (["--expert-loads", str(loads)], "do not give one count per expert (8)"),
+        (["--expert-loads", str(tmp_path / "none.json")], "expert_shards.loads"),
+        (["--int8"], "not quantize_int8"),
+    ):
+        assert main(horizontal + extra) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    with pytest.raises(SystemExit):
+        main(horizontal + ["--replicas", "3:2"])
+    assert "2 is not in [3, ...]" in capsys.readouterr().err

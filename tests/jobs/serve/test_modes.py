@@ -1,0 +1,88 @@
+"""Serving modes behind one API: the horizontal application (routed experts in ExpertShard actors,
+the hottest ones replicated) answers HTTP, streaming and gRPC exactly as the package's vertical one
+(greedy tokens identical, logprobs within 1e-5)."""
+
+import json
+
+import grpc
+import openai
+import pytest
+
+from moray.jobs.serve.proto import moray_pb2, moray_pb2_grpc
+
+PROMPTS = ["My lord, the king", "To be, or not", "O Romeo, Romeo! wherefore art thou"]
+
+
+@pytest.fixture(scope="module")
+def horizontal(serve_app, tiny_model_dir, tmp_path_factory):
+    """The same model as `serve_app`, in horizontal mode under /h: 2 shards, expert 0 hot and copied."""
+    from ray import serve
+
+    from moray.jobs.serve.app import build_app
+    from moray.jobs.serve.loading import model_config
+
+    config = model_config(str(tiny_model_dir))
+    layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+    loads = tmp_path_factory.mktemp("loads") / "loads.json"
+    loads.write_text(
+        json.dumps({str(layer): [800] + [100] * (config.n_routed_experts - 1) for layer in layers})
+    )
+    settings = {
+        "model": str(tiny_model_dir), "served_model_name": "tiny", "api_keys": [serve_app.api_key],
+        "engine": {"max_num_seqs": 4, "max_waiting": 4}, "torch_threads": 1, "mode": "horizontal",
+        "expert_shards": {"num_shards": 2, "redundant_experts": 2, "loads": str(loads), "cpus": 0.25},
+    }  # fmt: skip
+    serve.run(build_app(settings), name="moray-h", route_prefix="/h")
+    try:
+        yield serve_app.root.rsplit("/", 1)[0] + "/h"
+    finally:
+        serve.delete("moray-h")
+
+
+def _client(root: str, serve_app) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{root}/v1", api_key=serve_app.api_key, max_retries=0, timeout=120)
+
+
+def test_the_expert_pool_replicated_the_hot_expert(horizontal):
+    from ray import serve
+
+    from moray.actors.placement import ExpertPlacement
+
+    pool = serve.get_deployment_handle("ExpertPool", app_name="moray-h")
+    placement_json, shards = pool.get.remote().result()
+    placement = ExpertPlacement.from_json(placement_json)
+    assert len(shards) == 2 and all(placement.replicas(layer)[0] == [0, 1] for layer in placement.layers)
+
+
+def test_completions_and_logprobs_equal_the_vertical_apps(horizontal, serve_app):
+    vertical, sharded = _client(serve_app.root, serve_app), _client(horizontal, serve_app)
+    for prompt in PROMPTS:
+        kw = dict(model="tiny", prompt=prompt, max_tokens=10, temperature=0, logprobs=0,
+                  extra_body={"ignore_eos": True})  # fmt: skip
+        want, got = vertical.completions.create(**kw), sharded.completions.create(**kw)
+        assert got.choices[0].text == want.choices[0].text
+        assert got.choices[0].logprobs.token_logprobs == pytest.approx(
+            want.choices[0].logprobs.token_logprobs, abs=1e-5
+        )
+
+
+def test_streaming_equals_the_vertical_apps(horizontal, serve_app):
+    vertical, sharded = _client(serve_app.root, serve_app), _client(horizontal, serve_app)
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "Speak"}], max_tokens=12, temperature=0,
+              stream=True, extra_body={"ignore_eos": True})  # fmt: skip
+    texts = ["".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw) if c.choices)
+             for client in (vertical, sharded)]  # fmt: skip
+    assert texts[0] and texts[0] == texts[1]
+
+
+def test_grpc_token_ids_equal_the_vertical_apps(horizontal, serve_app):
+    channel = grpc.insecure_channel(serve_app.grpc_target)
+    stub = moray_pb2_grpc.MorayGenerateStub(channel)
+    auth = ("authorization", f"Bearer {serve_app.api_key}")
+    req = moray_pb2.GenerateRequest(prompt="My lord", max_tokens=8, temperature=0.0, ignore_eos=True)
+    want = stub.Generate(req, metadata=(("application", "moray"), auth), timeout=120)
+    got = stub.Generate(req, metadata=(("application", "moray-h"), auth), timeout=120)
+    chunks = list(stub.GenerateStream(req, metadata=(("application", "moray-h"), auth), timeout=120))
+    channel.close()
+    assert list(got.token_ids) == list(want.token_ids) and len(want.token_ids) == 8
+    assert [t for c in chunks for t in c.token_ids] == list(want.token_ids)
