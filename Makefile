@@ -50,6 +50,7 @@ infra: setup
 	$(DEPLOY) pretrain $(INFRA) --storage /shared/runs --set data.path=/shared/curated/default > infra/rayjob-pretrain.yaml
 	$(DEPLOY) eval $(INFRA) -- --model models:/moray-tiny@champion --tasks wikitext,mmlu,gsm8k,humaneval --limit 200 > infra/rayjob-eval.yaml
 	$(DEPLOY) serve $(INFRA) --model models:/moray-tiny@champion > infra/rayservice-serve.yaml
+	$(DEPLOY) serve $(INFRA) --model models:/moray-tiny@champion --mode horizontal > infra/rayservice-horizontal.yaml
 
 clean:
 	rm -rf $(VENV) .moray .pytest_cache

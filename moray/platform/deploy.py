@@ -209,10 +209,42 @@ def render_service(target: Target, serve_config: dict) -> dict:
             "spec": {"serveConfigV2": body, "rayClusterConfig": cluster_spec(target, cpu, gpu)}}  # fmt: skip
 
 
+MORAY_APP = "moray.jobs.serve.app:build_app"
+
+
+def _set_mode(app: dict, mode: str) -> None:
+    """A moray application in `mode`: horizontal autoscales its replicas (1 to 4 on ongoing
+    requests) over the expert shards its args ask for (2 by default)."""
+    if app.get("import_path") != MORAY_APP:
+        return
+    app.setdefault("args", {})["mode"] = mode
+    if mode == "horizontal":
+        app["args"].setdefault("expert_shards", {"num_shards": 2, "cpus": 1.0})
+        for d in app.get("deployments", []):
+            if d.get("name") == "MorayServer":
+                d.pop("num_replicas", None)
+                d["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}
+
+
+def _check_serve_args(config: dict) -> None:
+    """Each moray application's args parse as ServeSettings (a bad mode or field is refused here)."""
+    from moray.jobs.serve.app import ServeSettings
+    from moray.platform.config import from_dict
+
+    for app in config.get("applications", []):
+        if app.get("import_path") == MORAY_APP:
+            from_dict(ServeSettings, dict(app.get("args", {})), f"applications[{app.get('name')}].args")
+
+
 def serve_demand(config: dict) -> Demand:
-    """CPUs and GPUs of every deployment at its largest replica count."""
+    """CPUs and GPUs of every deployment at its largest replica count, and of horizontal
+    applications' expert shards."""
     cpus, gpus = 0.0, 0
     for app in config.get("applications", []):
+        args = app.get("args") or {}
+        if app.get("import_path") == MORAY_APP and args.get("mode") == "horizontal":
+            shards = args.get("expert_shards") or {}
+            cpus += shards.get("num_shards", 2) * shards.get("cpus", 1.0)
         for d in app.get("deployments", []):
             options = d.get("ray_actor_options", {})
             replicas = d.get("autoscaling_config", {}).get("max_replicas") or d.get("num_replicas", 1)
@@ -385,13 +417,16 @@ def render(args) -> list[dict]:
             from moray.platform.config import apply_overrides, load_yaml
 
             config = load_yaml(args.config)
-            if args.model:
-                for app in config.get("applications", []):
+            for app in config.get("applications", []):
+                if args.model:
                     app.setdefault("args", {})["model"] = args.model
+                if args.mode:
+                    _set_mode(app, args.mode)
             config = apply_overrides(config, args.set)
             from ray.serve.schema import ServeDeploySchema
 
             ServeDeploySchema.model_validate(config)
+            _check_serve_args(config)
             return [render_service(target, config)]
         entry, demand = job_entrypoint(args)
         return [render_job(target, args.kind, entry, demand, args.cluster)]
@@ -477,6 +512,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = kinds.add_parser("serve", parents=[common], allow_abbrev=False, help="a RayService")
     serve.add_argument("--config", default="configs/serve/moray.yaml", help="a Serve config")
     serve.add_argument("--model", help="the model every application serves (models:/NAME@champion)")
+    serve.add_argument(
+        "--mode", choices=["vertical", "horizontal"], default=None,
+        help="every moray application's serving mode (default: the config's); horizontal adds expert shards "
+        "and autoscales the replicas",
+    )  # fmt: skip
     serve.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     return parser
 

@@ -35,7 +35,7 @@ def test_every_infra_manifest_is_its_rendering_and_validates(crds, capsys):
     """infra/*.yaml are `make infra`'s output (the first line names the command): rendering again
     gives the same file, and every object passes the CRD and Kubernetes checks."""
     assert {p.name for p in INFRA} == {"raycluster.yaml", "rayjob-curate.yaml", "rayjob-pretrain.yaml",
-                                       "rayjob-eval.yaml", "rayservice-serve.yaml"}  # fmt: skip
+                                       "rayjob-eval.yaml", "rayservice-serve.yaml", "rayservice-horizontal.yaml"}  # fmt: skip
     for path in INFRA:
         text = path.read_text()
         first = text.splitlines()[0]
@@ -125,6 +125,22 @@ def test_the_rayservice_serves_the_config_with_workers_for_its_replicas(capsys, 
     assert serve.http_options.host == "0.0.0.0" and serve.proxy_location == "EveryNode"
     (cpu,) = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     assert cpu["minReplicas"] == 3  # 6 replicas x 2 CPUs on 4-CPU pods
+
+
+def test_the_horizontal_rayservice_autoscales_replicas_and_counts_the_expert_shards(capsys):
+    from ray.serve.schema import ServeDeploySchema
+
+    (_, service) = _render(["serve", "--model", "models:/m/1", "--mode", "horizontal"], capsys)
+    serve = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    (app,) = serve.applications
+    assert app.args["mode"] == "horizontal" and app.args["expert_shards"] == {"num_shards": 2, "cpus": 1.0}
+    (server,) = app.deployments
+    assert server.autoscaling_config["max_replicas"] == 4 and "num_replicas" not in server.model_fields_set
+    (cpu,) = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert cpu["minReplicas"] == 2  # 4 replicas x 1 CPU + 2 shards x 1 CPU on 4-CPU pods
+    assert main(["serve", "--dry-run", "--set", "applications=[{name: m, import_path: moray.jobs.serve.app:build_app, "
+                 "route_prefix: /, args: {model: m, mode: diagonal}}]"]) == 2  # fmt: skip
+    assert "mode='diagonal': one of vertical, horizontal" in capsys.readouterr().err
 
 
 def test_bad_input_is_refused_before_anything_is_applied(crds, capsys):
