@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +61,9 @@ class ExpertShard:
         from moray.jobs.serve.loading import resolve_model
         from moray.model.hf import load_routed_experts
 
-        torch.set_num_threads(max(1, threads))
+        self.num_threads = max(1, threads)
+        torch.set_num_threads(self.num_threads)
+        self.busy_s, self.rows_served = 0.0, 0
         path = resolve_model(model, tracking)  # a registered model: downloaded on this node
         self.config = ModelConfig.from_hf_dict(json.loads((Path(path) / "config.json").read_text()))
         placement = ExpertPlacement.from_json(placement_json)
@@ -87,6 +90,7 @@ class ExpertShard:
 
     def _serve(self, link: Link) -> None:
         H = self.config.hidden_size
+        torch.set_num_threads(self.num_threads)  # a new thread starts with OpenMP's default team size
         try:
             with torch.inference_mode():
                 while True:
@@ -94,10 +98,14 @@ class ExpertShard:
                     if op == STOP:
                         break
                     payload = link.recv((rows, H + 2))  # rows, local expert, weight
+                    t = time.perf_counter()
                     module = self.experts[layer]
                     x = payload[:, :H].to(module.down_proj.dtype)
                     local, weight = payload[:, H : H + 1].long(), payload[:, H + 1 :].to(x.dtype)
-                    link.send(module(x, local, weight).float())  # (rows, H) weight * expert(row)
+                    answer = module(x, local, weight).float()  # (rows, H) weight * expert(row)
+                    self.busy_s += time.perf_counter() - t
+                    self.rows_served += rows
+                    link.send(answer)
         except LinkBroken:  # the replica went away: this attachment ends, the others go on
             pass
         finally:
@@ -105,6 +113,38 @@ class ExpertShard:
 
     def ping(self) -> int:
         return self.shard
+
+    def stats(self) -> dict:
+        """Seconds spent computing expert rows, and rows served, since the shard started."""
+        return {"busy_s": self.busy_s, "rows": self.rows_served}
+
+
+REPAIR_TIMEOUT_S = 120.0
+
+
+def _link_all(shards: list, name: str) -> list[Link]:
+    links = []
+    for s, shard in enumerate(shards):
+        rendezvous = Rendezvous()
+        joined = shard.attach.remote(rendezvous.address, f"{name}/{s}")
+        links.append(Link(rendezvous.store, 0, f"{name}/{s}"))
+        ray.get(joined)
+    return links
+
+
+def _wait_alive(shard, deadline: float) -> None:
+    """Until the shard answers (Ray restarts a dead one: its weights load again)."""
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise LinkBroken(f"an expert shard did not come back within {REPAIR_TIMEOUT_S:.0f} s")
+        try:
+            ray.get(shard.ping.remote(), timeout=left)
+            return
+        except (RayActorError, GetTimeoutError):
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
 
 
 @dataclass
@@ -114,16 +154,27 @@ class ShardSet:
     placement: ExpertPlacement
     shards: list  # ExpertShard handles
     links: list[Link]
+    name: str
+    generation: int = 0  # bumped by each repair
 
     @classmethod
     def attach(cls, placement: ExpertPlacement, shards: list, name: str) -> ShardSet:
-        links = []
-        for s, shard in enumerate(shards):
-            rendezvous = Rendezvous()
-            joined = shard.attach.remote(rendezvous.address, f"{name}/{s}")
-            links.append(Link(rendezvous.store, 0, f"{name}/{s}"))
-            ray.get(joined)
-        return cls(placement, shards, links)
+        return cls(placement, shards, _link_all(shards, f"{name}.0"), name)
+
+    def repair(self, error: BaseException) -> bool:
+        """The engine's repair hook: after a broken link, drop every link (the healthy shards' serving
+        threads end), wait for Ray to restart the lost shard, and link to all of them again. False
+        for any other error; raises when a shard does not come back."""
+        if not isinstance(error, LinkBroken):
+            return False
+        for link in self.links:
+            link.close()
+        deadline = time.monotonic() + REPAIR_TIMEOUT_S
+        for shard in self.shards:
+            _wait_alive(shard, deadline)
+        self.generation += 1
+        self.links = _link_all(self.shards, f"{self.name}.{self.generation}")
+        return True
 
     def close(self) -> None:
         for link in self.links:

@@ -75,27 +75,32 @@ class Link:
         except RuntimeError as e:  # gloo: "Connection closed by peer", "Timed out waiting ..."
             raise LinkBroken(str(e)) from None
 
-    def send(self, *tensors: torch.Tensor) -> None:
-        works = [self.group.send([t.contiguous()], self.peer, 0) for t in tensors]
-        for w in works:
-            self._wait(w)
-
     def send_async(self, *tensors: torch.Tensor) -> list:
         """Start the sends; the caller waits with `wait(works)` (keep the tensors alive till then)."""
-        return [self.group.send([t], self.peer, 0) for t in tensors]
-
-    def recv(self, shape, dtype=torch.float32) -> torch.Tensor:
-        out = torch.empty(shape, dtype=dtype)
-        self._wait(self.group.recv([out], self.peer, 0))
-        return out
+        try:
+            return [self.group.send([t], self.peer, 0) for t in tensors]
+        except RuntimeError as e:  # the pair is already closed
+            raise LinkBroken(str(e)) from None
 
     def recv_async(self, shape, dtype=torch.float32) -> tuple[torch.Tensor, object]:
         out = torch.empty(shape, dtype=dtype)
-        return out, self.group.recv([out], self.peer, 0)
+        try:
+            return out, self.group.recv([out], self.peer, 0)
+        except RuntimeError as e:
+            raise LinkBroken(str(e)) from None
 
     def wait(self, works) -> None:
         for w in works:
             self._wait(w)
+
+    def send(self, *tensors: torch.Tensor) -> None:
+        tensors = tuple(t.contiguous() for t in tensors)
+        self.wait(self.send_async(*tensors))
+
+    def recv(self, shape, dtype=torch.float32) -> torch.Tensor:
+        out, work = self.recv_async(shape, dtype)
+        self._wait(work)
+        return out
 
     def send_header(self, op: int, layer: int = 0, rows: int = 0) -> None:
         self.send(torch.tensor([op, layer, rows, 0], dtype=torch.int64))

@@ -70,3 +70,38 @@ def test_a_model_with_per_expert_extras_is_refused(tiny_model_dir):
         check_shardable(config.replace(swiglu_learned_beta=True), placement)
     with pytest.raises(PlacementError, match="covers layers"):
         check_shardable(config, plan_placement(None, config.n_routed_experts, 2, layers[:1]))
+
+
+def test_a_killed_shard_is_restarted_and_the_requests_finish_unchanged(ray_local, tiny_model_dir, reference):
+    """Mid-generation a shard's process dies: the step fails, Ray restarts the shard, the replica
+    re-links and the running requests recompute their caches; every request still ends with the
+    single engine's tokens."""
+    from moray.actors.expert_shard import ShardSet, start_expert_shards, use_expert_shards
+
+    model = load_pretrained(tiny_model_dir, routed_experts=False)
+    layers = [i for i, _ in model.moe_layers()]
+    placement = plan_placement(None, model.config.n_routed_experts, 2, layers)
+    shards = start_expert_shards(str(tiny_model_dir), placement, cpus_per_shard=0.25)
+    shard_set = ShardSet.attach(placement, shards, "kill")
+    use_expert_shards(model, shard_set)
+    engine = Engine(model)
+    engine.repair = shard_set.repair
+    params = RequestParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=0)
+    reqs = [engine.add_request(p, params) for p in PROMPTS]
+    logprobs = {r.request_id: [] for r in reqs}
+    steps = 0
+    try:
+        while engine.has_work():
+            if steps == 4:
+                ray_local.kill(shards[1], no_restart=False)
+            for out in engine.step():
+                logprobs[out.request_id] += [lp.logprob for lp in out.logprobs]
+            steps += 1
+    finally:
+        shard_set.close()
+        for s in shards:
+            ray_local.kill(s)
+    assert engine.num_repairs >= 1 and shard_set.generation >= 1
+    for r, (ref_tokens, ref_logprobs) in zip(reqs, reference):
+        assert r.output_ids == ref_tokens
+        assert logprobs[r.request_id] == pytest.approx(ref_logprobs, abs=1e-5)

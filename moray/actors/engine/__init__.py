@@ -13,6 +13,7 @@ from moray.actors.engine.engine import (
     Overloaded,
     RequestOutput,
     TokenLogprob,
+    Unavailable,
 )
 from moray.actors.engine.scheduler import Request, RequestParams, Scheduler
 from moray.actors.engine.tokenizer import Detokenizer, Tokenizer
@@ -20,5 +21,5 @@ from moray.actors.engine.tokenizer import Detokenizer, Tokenizer
 __all__ = [
     "AsyncEngine", "BlockPool", "CacheTooSmall", "ContextLengthExceeded", "Detokenizer", "Engine",
     "EngineConfig", "EngineError", "InvalidPrompt", "ModelRunner", "Overloaded", "PagedCacheView", "Request",
-    "RequestOutput", "RequestParams", "Scheduler", "TokenLogprob", "Tokenizer",
+    "RequestOutput", "RequestParams", "Scheduler", "TokenLogprob", "Tokenizer", "Unavailable",
 ]  # fmt: skip

@@ -45,6 +45,10 @@ class Overloaded(EngineError):
     """The waiting queue is full: retry later."""
 
 
+class Unavailable(EngineError):
+    """Something the engine depends on (an expert shard) failed and could not be repaired: retry later."""
+
+
 @dataclass
 class EngineConfig:
     """The engine's settings, with the one set of defaults (serving nests it as `engine:`)."""
@@ -146,6 +150,11 @@ class Engine:
         self._ids = itertools.count()
         self.requests: dict[str, Request] = {}
         self.last_batch_size = 0
+        # repair(error) -> bool: called when a step fails; True when it fixed the cause (re-attached
+        # a restarted expert shard). Then the running requests recompute their caches and go on.
+        self.repair: Callable[[BaseException], bool] | None = None
+        self.num_repairs = 0
+        self._failed_steps = 0  # in a row
 
     # ---------------------------------------------------------------- requests
     def check(self, num_prompt_tokens: int, max_tokens: int) -> None:
@@ -244,18 +253,45 @@ class Engine:
             return []
         outputs: list[RequestOutput] = []
         stats: list[dict] = []
-        if plan.decode:
-            logits, rs = self.runner.forward(self.pool, plan.decode)
-            stats.append(rs)
-            outputs += self._advance(plan.decode, logits)
-        if plan.prefill:  # every prefill chunk of this step in one right-padded forward
-            logits, rs = self.runner.forward(self.pool, plan.prefill)
-            stats.append(rs)
-            outputs += self._advance(plan.prefill, logits)
+        try:
+            if plan.decode:
+                logits, rs = self.runner.forward(self.pool, plan.decode)
+                stats.append(rs)
+                outputs += self._advance(plan.decode, logits)
+            if plan.prefill:  # every prefill chunk of this step in one right-padded forward
+                logits, rs = self.runner.forward(self.pool, plan.prefill)
+                stats.append(rs)
+                outputs += self._advance(plan.prefill, logits)
+        except Exception as e:
+            self._recover(e)
+            return outputs  # what the step finished before it failed
+        self._failed_steps = 0
         self.last_batch_size = len(plan.decode) + len(plan.prefill)
         if self.metrics:
             self.metrics.on_step(self, plan, stats)
         return outputs
+
+    MAX_FAILED_STEPS = 3
+
+    def _recover(self, error: Exception) -> None:
+        """A step failed: let `repair` fix the cause, then recompute every running request's cache
+        (the failed forward may have written part of this step's entries). Raises `error` when
+        nothing can repair it, Unavailable when the repair fails or steps keep failing."""
+        if self.repair is None:
+            raise error
+        self._failed_steps += 1
+        try:
+            repaired = self.repair(error)
+        except Exception as e:
+            raise Unavailable(f"{error}; the repair failed: {e}") from e
+        if not repaired:
+            raise error
+        if self._failed_steps >= self.MAX_FAILED_STEPS:
+            raise Unavailable(
+                f"{self._failed_steps} steps in a row failed, the last with: {error}"
+            ) from error
+        self.num_repairs += 1
+        self.scheduler.preempt_all()
 
     def _advance(self, works, logits: torch.Tensor) -> list[RequestOutput]:
         now = time.monotonic()
@@ -450,6 +486,8 @@ class AsyncEngine:
         try:
             while True:
                 o = await q.get()
+                if isinstance(o, EngineError):  # Unavailable: the front ends' 503 / UNAVAILABLE
+                    raise o
                 if isinstance(o, BaseException):
                     raise RuntimeError(f"engine failed: {o}") from o
                 yield o
@@ -476,6 +514,7 @@ class AsyncEngine:
             "waiting": e.num_waiting,
             "kv_cache_usage": e.pool.usage,
             "preemptions": e.scheduler.num_preemptions,
+            "repairs": e.num_repairs,  # steps that failed and were repaired (a lost expert shard)
         }
 
     def shutdown(self) -> None:

@@ -158,6 +158,14 @@ class Scheduler:
         self.waiting.appendleft(request)
         plan.preempted.append(request)
 
+    def preempt_all(self) -> list[Request]:
+        """Every running request back to the head of the queue, its cache freed (recomputed when it
+        is admitted again), in admission order."""
+        plan = StepPlan()
+        for r in reversed(list(self.running)):
+            self._preempt(r, plan)
+        return plan.preempted
+
     def schedule(self) -> StepPlan:
         plan = StepPlan()
         budget = self.max_num_batched_tokens

@@ -195,7 +195,10 @@ class MorayServer:
             )  # fmt: skip
             if expert_pool is not None:
                 self.shard_set = attach_expert_pool(model, expert_pool)
-            return Engine(model, tok, s.engine, metrics=self.metrics)
+            engine = Engine(model, tok, s.engine, metrics=self.metrics)
+            if self.shard_set is not None:
+                engine.repair = self.shard_set.repair  # a lost shard: re-attach once Ray restarted it
+            return engine
 
         self.engine = AsyncEngine(build_engine)  # loads the model on the engine's thread (see there)
         # keys read here, in the replica: a key file or variable on the cluster never passes through
@@ -245,11 +248,23 @@ class MorayServer:
             raise
         return len(ids), self.engine.stream(rid, q)
 
+    @staticmethod
+    def _grpc_unavailable(grpc_context, e) -> None:
+        import grpc
+
+        grpc_context.set_code(grpc.StatusCode.UNAVAILABLE)
+        grpc_context.set_details(f"the model is temporarily unavailable: {e}; retry later")
+
     async def Generate(self, request, grpc_context):  # noqa: N802 (the gRPC method name)
+        from moray.actors.engine import Unavailable
         from moray.jobs.serve.proto import moray_pb2
 
         n_prompt, stream = self._grpc_request(request, grpc_context)
-        outs = [o async for o in stream]
+        try:
+            outs = [o async for o in stream]
+        except Unavailable as e:
+            self._grpc_unavailable(grpc_context, e)
+            raise
         return moray_pb2.GenerateResponse(
             text="".join(o.new_text for o in outs),
             token_ids=[t for o in outs for t in o.new_token_ids],
@@ -259,17 +274,22 @@ class MorayServer:
         )
 
     async def GenerateStream(self, request, grpc_context):  # noqa: N802
+        from moray.actors.engine import Unavailable
         from moray.jobs.serve.proto import moray_pb2
 
         n_prompt, stream = self._grpc_request(request, grpc_context)
-        async for o in stream:
-            yield moray_pb2.GenerateChunk(
-                text=o.new_text,
-                token_ids=o.new_token_ids,
-                finish_reason=o.finish_reason or "",
-                prompt_tokens=n_prompt,
-                completion_tokens=o.num_output_tokens,
-            )
+        try:
+            async for o in stream:
+                yield moray_pb2.GenerateChunk(
+                    text=o.new_text,
+                    token_ids=o.new_token_ids,
+                    finish_reason=o.finish_reason or "",
+                    prompt_tokens=n_prompt,
+                    completion_tokens=o.num_output_tokens,
+                )
+        except Unavailable as e:
+            self._grpc_unavailable(grpc_context, e)
+            raise
 
     def check_health(self) -> None:
         if not self.engine._thread.is_alive():

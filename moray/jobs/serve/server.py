@@ -22,6 +22,7 @@ from moray.actors.engine import (
     Overloaded,
     RequestOutput,
     RequestParams,
+    Unavailable,
 )
 from moray.jobs.serve.protocol import (
     ChatCompletionRequest,
@@ -45,7 +46,7 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
     def response(self) -> Response:
-        headers = {"Retry-After": "1"} if self.status == 429 else None
+        headers = {"Retry-After": "1"} if self.status in (429, 503) else None
         # ASCII JSON: a message quoting the client's text stays encodable even with lone surrogates
         body = json.dumps(error_body(self.message, self.type, self.param, self.code))
         return Response(body, self.status, headers=headers, media_type="application/json")
@@ -56,6 +57,7 @@ REFUSALS: dict[type[EngineError], tuple[int, str, str | None]] = {
     Overloaded: (429, "rate_limit_error", "overloaded"),
     ContextLengthExceeded: (400, "invalid_request_error", "context_length_exceeded"),
     CacheTooSmall: (400, "invalid_request_error", "context_length_exceeded"),
+    Unavailable: (503, "service_unavailable_error", "unavailable"),
 }
 
 
@@ -63,6 +65,8 @@ def refusal(e: EngineError, param: str | None) -> APIError:
     status, type_, code = REFUSALS.get(type(e), (400, "invalid_request_error", None))
     if isinstance(e, Overloaded):
         return APIError(status, f"The server is overloaded: {e}. Retry later.", type_, None, code)
+    if isinstance(e, Unavailable):
+        return APIError(status, f"The model is temporarily unavailable: {e}. Retry later.", type_, None, code)
     return APIError(status, str(e), type_, param, code)
 
 
@@ -190,11 +194,18 @@ class OpenAIServer:
             if first_chunk is not None:
                 yield _sse({**head, "choices": [first_chunk]})
             last = None
-            async for o in stream:
-                last = o
-                if not (o.new_text or o.finished or o.logprobs or self.tokenizer is None):
-                    continue  # text held back (a possible stop string or a partial character)
-                yield _sse({**head, "choices": [choice([o], True)]})
+            try:
+                async for o in stream:
+                    last = o
+                    if not (o.new_text or o.finished or o.logprobs or self.tokenizer is None):
+                        continue  # text held back (a possible stop string or a partial character)
+                    yield _sse({**head, "choices": [choice([o], True)]})
+            except (
+                EngineError
+            ) as e:  # the status line is sent: the error goes in the stream, as OpenAI's does
+                error = refusal(e, None)
+                yield _sse(error_body(error.message, error.type, error.param, error.code))
+                return
             if req.stream_options and req.stream_options.include_usage and last is not None:
                 yield _sse({**head, "choices": [], "usage": usage(n_prompt, last.num_output_tokens)})
             yield "data: [DONE]\n\n"
@@ -301,6 +312,10 @@ class OpenAIServer:
         async def _http(request, exc: StarletteHTTPException):
             type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
             return APIError(exc.status_code, str(exc.detail), type_).response()
+
+        @app.exception_handler(EngineError)
+        async def _engine_error(request, exc: EngineError):  # raised mid-request (Unavailable)
+            return refusal(exc, None).response()
 
         @app.exception_handler(Exception)
         async def _internal(request, exc: Exception):
