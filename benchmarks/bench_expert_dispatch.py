@@ -146,7 +146,7 @@ def engine_steps() -> tuple[float, float, int]:
         model = load_pretrained(tmp, routed_experts=False)
         layers = [i for i, _ in model.moe_layers()]
         placement = plan_placement(None, model.config.n_routed_experts, 2, layers)
-        shards = start_expert_shards(tmp, placement, cpus_per_shard=0.5, threads_per_shard=1)
+        shards, _ = start_expert_shards(tmp, placement, cpus_per_shard=0.5, threads_per_shard=1)
         shard_set = ShardSet.attach(placement, shards, "bench")
         use_expert_shards(model, shard_set)
         sharded, got = decode_rate(model)

@@ -18,10 +18,13 @@ shards. Several replicas can attach to the same shards: each attachment is serve
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import ray
 import torch
@@ -33,6 +36,7 @@ from moray.model.config import ModelConfig
 from moray.model.experts import RoutedExperts, sort_pairs
 
 RUN, STOP = 1, 0
+log = logging.getLogger(__name__)
 
 
 def check_shardable(config: ModelConfig, placement: ExpertPlacement) -> None:
@@ -147,28 +151,94 @@ def _wait_alive(shard, deadline: float) -> None:
             time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
 
 
+class PoolClient(Protocol):
+    """Where a replica's ShardSet learns the current placement and reports the load it routed: the
+    Serve app's ExpertPool deployment, or a ShardPool actor."""
+
+    def fetch(self) -> tuple[int, str, list]: ...  # (version, placement JSON, shard handles)
+
+    def version(self) -> int: ...
+
+    def report(self, loads: dict[int, list[int]], replica: str, version: int) -> None: ...  # not waited for
+
+
 @dataclass
 class ShardSet:
-    """The replica's side: its links to every shard, in shard order."""
+    """The replica's side: its links to every shard (in shard order), the routing tables, and the
+    tokens it sent to each expert since it last reported them to the pool."""
 
     placement: ExpertPlacement
     shards: list  # ExpertShard handles
     links: list[Link]
     name: str
-    generation: int = 0  # bumped by each repair
+    pool: PoolClient | None = None
+    version: int = 0  # the pool's placement version these links are for
+    generation: int = 0  # bumped by each repair or switch
+    sync_every_s: float = 2.0
+    routes: dict[int, RouteTable] = field(default_factory=dict)
+    loads: dict[int, torch.Tensor] = field(default_factory=dict)
+    _synced: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.routes = {layer: self.placement.route(layer) for layer in self.placement.layers}
 
     @classmethod
-    def attach(cls, placement: ExpertPlacement, shards: list, name: str) -> ShardSet:
-        return cls(placement, shards, _link_all(shards, f"{name}.0"), name)
+    def attach(
+        cls,
+        placement: ExpertPlacement,
+        shards: list,
+        name: str,
+        pool: PoolClient | None = None,
+        version: int = 0,
+    ) -> ShardSet:
+        return cls(placement, shards, _link_all(shards, f"{name}.0"), name, pool, version)
+
+    @classmethod
+    def from_pool(cls, pool: PoolClient, name: str) -> ShardSet:
+        version, placement_json, shards = pool.fetch()
+        return cls.attach(ExpertPlacement.from_json(placement_json), shards, name, pool, version)
+
+    def count(self, layer: int, tokens_per_expert: torch.Tensor) -> None:
+        self.loads[layer] = self.loads.get(layer, 0) + tokens_per_expert
+
+    def sync(self) -> None:
+        """The engine's before-step hook, every `sync_every_s`: report the routed load, and move to
+        the pool's new placement when there is one. Between steps, so no request notices."""
+        if self.pool is None or time.monotonic() - self._synced < self.sync_every_s:
+            return
+        self._synced = time.monotonic()
+        try:
+            if self.loads:
+                self.pool.report(
+                    {layer: t.tolist() for layer, t in self.loads.items()}, self.name, self.version
+                )
+                self.loads = {}
+            if self.pool.version() != self.version:
+                self._switch()
+        except (ray.exceptions.RayError, LinkBroken) as e:  # the pool is busy or restarting: next time
+            log.warning("expert pool sync failed, serving on: %s", e)
+
+    def _switch(self) -> None:
+        version, placement_json, shards = self.pool.fetch()
+        placement = ExpertPlacement.from_json(placement_json)
+        self.generation += 1
+        links = _link_all(shards, f"{self.name}.{self.generation}")
+        self.close()
+        self.placement, self.shards, self.links, self.version = placement, shards, links, version
+        self.routes = {layer: placement.route(layer) for layer in placement.layers}
 
     def repair(self, error: BaseException) -> bool:
         """The engine's repair hook: after a broken link, drop every link (the healthy shards' serving
-        threads end), wait for Ray to restart the lost shard, and link to all of them again. False
-        for any other error; raises when a shard does not come back."""
+        threads end); move to the pool's newer placement if there is one, else wait for Ray to
+        restart the lost shard and link to all of them again. False for any other error; raises
+        when a shard does not come back."""
         if not isinstance(error, LinkBroken):
             return False
         for link in self.links:
             link.close()
+        if self.pool is not None and self.pool.version() != self.version:
+            self._switch()
+            return True
         deadline = time.monotonic() + REPAIR_TIMEOUT_S
         for shard in self.shards:
             _wait_alive(shard, deadline)
@@ -211,15 +281,88 @@ def start_expert_shards(
         for s in range(placement.num_shards)
     ]
     ray.get([s.ping.remote() for s in shards])
-    return shards
+    return shards, group
+
+
+RETIRE_AFTER_S = 60.0
+
+
+class ShardPool:
+    """The shards of one application and their placement, re-planned from the load the replicas
+    report. A re-plan starts a new set of shards and bumps the version; replicas move to it between
+    steps (ShardSet.sync); the old set is retired RETIRE_AFTER_S later, so no request is dropped."""
+
+    def __init__(self, model: str, plan: Callable[[dict | None], ExpertPlacement], cpus: float = 1.0,
+                 threads: int = 1, strategy: str = "PACK", tracking: str | None = None):  # fmt: skip
+        self.model, self.plan, self.tracking = model, plan, tracking
+        self.cpus, self.threads, self.strategy = cpus, threads, strategy
+        self.placement = plan(None)
+        self.shards, self.group = self._start(self.placement)
+        self.version = 0
+        self.loads: dict[int, torch.Tensor] = {}
+        self.replica_versions: dict[str, int] = {}  # the placement version each replica last reported from
+        self.retiring: list[tuple[float, list, object]] = []
+
+    def _start(self, placement: ExpertPlacement):
+        return start_expert_shards(self.model, placement, self.cpus, self.threads, strategy=self.strategy,
+                                   tracking=self.tracking)  # fmt: skip
+
+    def fetch(self) -> tuple[int, str, list]:
+        return self.version, self.placement.to_json(), self.shards
+
+    def report(self, loads: dict[int, list[int]], replica: str = "", version: int = 0) -> None:
+        self.replica_versions[replica] = version
+        for layer, counts in loads.items():
+            t = torch.tensor(counts, dtype=torch.float64)
+            self.loads[int(layer)] = self.loads.get(int(layer), 0) + t
+
+    def replan(self) -> bool:
+        """A placement from the load reported so far; a new shard set if it differs (True)."""
+        self.retire()
+        placement = self.plan(self.loads or None)
+        if placement == self.placement:
+            return False
+        shards, group = self._start(placement)
+        self.retiring.append((time.monotonic(), self.shards, self.group))
+        self.placement, self.shards, self.group = placement, shards, group
+        self.version += 1
+        return True
+
+    def status(self) -> dict:
+        return {
+            "version": self.version,
+            "placement": self.placement.to_json(),
+            "loads": {layer: t.tolist() for layer, t in self.loads.items()},
+            "replica_versions": dict(self.replica_versions),
+            "retiring": len(self.retiring),
+        }
+
+    def retire(self, now: float | None = None) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        now = time.monotonic() if now is None else now
+        keep = []
+        for since, shards, group in self.retiring:
+            if now - since < RETIRE_AFTER_S:
+                keep.append((since, shards, group))
+                continue
+            for s in shards:
+                ray.kill(s)
+            remove_placement_group(group)
+        self.retiring = keep
+
+    def shutdown(self) -> None:
+        self.retire(now=float("inf"))
+        for s in self.shards:
+            ray.kill(s)
 
 
 class RemoteExperts(nn.Module):
     """Drop-in for one layer's RoutedExperts whose experts live in the shards."""
 
-    def __init__(self, layer: int, n_experts: int, route: RouteTable, shard_set: ShardSet):
+    def __init__(self, layer: int, n_experts: int, shard_set: ShardSet):
         super().__init__()
-        self.layer, self.n_experts, self.route, self.shard_set = layer, n_experts, route, shard_set
+        self.layer, self.n_experts, self.shard_set = layer, n_experts, shard_set
 
     def forward(
         self,
@@ -229,7 +372,9 @@ class RemoteExperts(nn.Module):
         keep: torch.Tensor | None = None,  # (N, k) bool
     ) -> torch.Tensor:
         pairs = sort_pairs(experts, weights, keep, self.n_experts)
-        shard_of_row, local = self.route.assign(pairs.expert_of_row, pairs.counts)  # (P,) each
+        self.shard_set.count(self.layer, pairs.counts)
+        route = self.shard_set.routes[self.layer]  # the current placement's (it may change between steps)
+        shard_of_row, local = route.assign(pairs.expert_of_row, pairs.counts)  # (P,) each
         payload = torch.cat([x.index_select(0, pairs.token_of_row).float(), local[:, None].float(),
                              pairs.weights[:, None].float()], dim=1)  # (P, H + 2)  # fmt: skip
         sent, pending = [], []
@@ -255,6 +400,4 @@ def use_expert_shards(model, shard_set: ShardSet) -> None:
     """Replace every MoE layer's routed experts with RemoteExperts over `shard_set` (from outside
     the model, which stays single-device code)."""
     for layer, moe in model.moe_layers():
-        moe.experts = RemoteExperts(
-            layer, model.config.n_routed_experts, shard_set.placement.route(layer), shard_set
-        )
+        moe.experts = RemoteExperts(layer, model.config.n_routed_experts, shard_set)

@@ -40,7 +40,7 @@ def test_sharded_experts_give_the_single_engines_tokens_and_logprobs(
     placement = plan_placement(loads, E, num_shards=2, layers=layers, redundant_experts=redundant)
     if redundant:
         assert all(len(placement.replicas(layer)[0]) == 2 for layer in layers)
-    shards = start_expert_shards(str(tiny_model_dir), placement, cpus_per_shard=0.25)
+    shards, _ = start_expert_shards(str(tiny_model_dir), placement, cpus_per_shard=0.25)
     shard_set = ShardSet.attach(placement, shards, f"test-{redundant}")
     try:
         use_expert_shards(model, shard_set)
@@ -81,7 +81,7 @@ def test_a_killed_shard_is_restarted_and_the_requests_finish_unchanged(ray_local
     model = load_pretrained(tiny_model_dir, routed_experts=False)
     layers = [i for i, _ in model.moe_layers()]
     placement = plan_placement(None, model.config.n_routed_experts, 2, layers)
-    shards = start_expert_shards(str(tiny_model_dir), placement, cpus_per_shard=0.25)
+    shards, _ = start_expert_shards(str(tiny_model_dir), placement, cpus_per_shard=0.25)
     shard_set = ShardSet.attach(placement, shards, "kill")
     use_expert_shards(model, shard_set)
     engine = Engine(model)

@@ -153,6 +153,7 @@ class Engine:
         # repair(error) -> bool: called when a step fails; True when it fixed the cause (re-attached
         # a restarted expert shard). Then the running requests recompute their caches and go on.
         self.repair: Callable[[BaseException], bool] | None = None
+        self.before_step: Callable[[], None] | None = None  # between steps: expert placement changes
         self.num_repairs = 0
         self._failed_steps = 0  # in a row
 
@@ -248,6 +249,8 @@ class Engine:
 
     # ---------------------------------------------------------------- one step
     def step(self) -> list[RequestOutput]:
+        if self.before_step is not None:
+            self.before_step()
         plan = self.scheduler.schedule()
         if plan.empty:
             return []

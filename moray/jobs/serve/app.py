@@ -35,18 +35,22 @@ class ExpertShardSettings:
     cpus: float = 1.0  # each shard's Ray CPUs
     threads: int = 1  # each shard's torch threads
     placement_strategy: str = "SPREAD"  # Ray placement group strategy: SPREAD puts shards on different nodes
+    replan_every_s: float = 0.0  # re-plan from the load replicas report this often (0: only on request)
 
     def __post_init__(self) -> None:
         if self.num_shards < 1:
             raise ValueError(f"expert_shards.num_shards={self.num_shards}: must be >= 1")
+        if self.replan_every_s < 0:
+            raise ValueError(f"expert_shards.replan_every_s={self.replan_every_s}: must be >= 0")
         if self.cpus < 0 or self.threads < 1:
             raise ValueError("expert_shards.cpus must be >= 0 and expert_shards.threads >= 1")
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ValueError(f"expert_shards.placement_strategy={self.placement_strategy!r}: PACK, SPREAD, "
                              "STRICT_PACK or STRICT_SPREAD")  # fmt: skip
 
-    def placement(self, config):
-        """The plan for a model config: refused (PlacementError) when it cannot serve the model."""
+    def placement(self, config, measured: dict | None = None):
+        """The plan for a model config, from `measured` load ({layer: (E,) tokens}) when given, else
+        from `loads`' file, else uniform: refused (PlacementError) when it cannot serve the model."""
         import json
 
         import torch
@@ -66,6 +70,8 @@ class ExpertShardSettings:
             if bad:
                 raise PlacementError(f"expert_shards.loads: layers {bad} do not give one count per expert "
                                      f"({config.n_routed_experts})")  # fmt: skip
+        if measured:
+            loads = measured
         plan = plan_placement(loads, config.n_routed_experts, self.num_shards, layers, self.redundant_experts)
         check_shardable(config, plan)
         return plan
@@ -153,20 +159,69 @@ class ServeSettings:
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
 class ExpertPool:
-    """Horizontal mode: plans the expert placement and owns the ExpertShard actors (they end with
-    the application); replicas ask it for the plan and the shards, and attach to them."""
+    """Horizontal mode: owns the expert shards (a ShardPool: they end with the application) and their
+    placement; replicas fetch it, report the load they route, and follow re-plans between steps.
+    `replan()` re-plans now; `expert_shards.replan_every_s` does it periodically."""
 
     def __init__(self, settings: ServeSettings):
-        from moray.actors.expert_shard import start_expert_shards
+        import asyncio
+
+        from moray.actors.expert_shard import ShardPool
         from moray.jobs.serve.loading import model_config
 
         e = settings.expert_shards
-        self.placement = e.placement(model_config(settings.model, settings.tracking_uri))
-        self.shards = start_expert_shards(settings.model, self.placement, e.cpus, e.threads,
-                                          tracking=settings.tracking_uri, strategy=e.placement_strategy)  # fmt: skip
+        config = model_config(settings.model, settings.tracking_uri)
+        self.pool = ShardPool(settings.model, lambda loads: e.placement(config, loads), e.cpus, e.threads,
+                              e.placement_strategy, settings.tracking_uri)  # fmt: skip
+        self.every = e.replan_every_s
+        if self.every:
+            self.task = asyncio.get_event_loop().create_task(self._replan_periodically())
 
-    def get(self) -> tuple[str, list]:
-        return self.placement.to_json(), self.shards
+    async def _replan_periodically(self):
+        import asyncio
+
+        while True:
+            await asyncio.sleep(self.every)
+            await asyncio.to_thread(self.pool.replan)
+
+    def fetch(self) -> tuple[int, str, list]:
+        return self.pool.fetch()
+
+    def version(self) -> int:
+        return self.pool.version
+
+    def report(self, loads: dict[int, list[int]], replica: str = "", version: int = 0) -> None:
+        self.pool.report(loads, replica, version)
+
+    def status(self) -> dict:
+        """The placement version and plan, the load reported, each replica's version."""
+        return self.pool.status()
+
+    def replan(self) -> int:
+        """Re-plan from the load reported so far; the placement version in use afterwards."""
+        self.pool.replan()
+        return self.pool.version
+
+    def __del__(self):
+        pool = getattr(self, "pool", None)
+        if pool is not None:
+            pool.shutdown()
+
+
+class _ServePoolClient:
+    """A replica's view of the ExpertPool deployment (moray.actors.expert_shard.PoolClient)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def fetch(self):
+        return self.handle.fetch.remote().result()
+
+    def version(self) -> int:
+        return self.handle.version.remote().result()
+
+    def report(self, loads, replica: str, version: int) -> None:
+        self.handle.report.remote(loads, replica, version)
 
 
 @serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 1})
@@ -198,6 +253,7 @@ class MorayServer:
             engine = Engine(model, tok, s.engine, metrics=self.metrics)
             if self.shard_set is not None:
                 engine.repair = self.shard_set.repair  # a lost shard: re-attach once Ray restarted it
+                engine.before_step = self.shard_set.sync  # report load, follow re-plans
             return engine
 
         self.engine = AsyncEngine(build_engine)  # loads the model on the engine's thread (see there)
@@ -306,10 +362,8 @@ def attach_expert_pool(model, expert_pool):
     import uuid
 
     from moray.actors.expert_shard import ShardSet, use_expert_shards
-    from moray.actors.placement import ExpertPlacement
 
-    placement_json, shards = expert_pool.get.remote().result()
-    shard_set = ShardSet.attach(ExpertPlacement.from_json(placement_json), shards, uuid.uuid4().hex[:12])
+    shard_set = ShardSet.from_pool(_ServePoolClient(expert_pool), uuid.uuid4().hex[:12])
     use_expert_shards(model, shard_set)
     return shard_set
 

@@ -50,7 +50,7 @@ def test_the_expert_pool_replicated_the_hot_expert(horizontal):
     from moray.actors.placement import ExpertPlacement
 
     pool = serve.get_deployment_handle("ExpertPool", app_name="moray-h")
-    placement_json, shards = pool.get.remote().result()
+    _, placement_json, shards = pool.fetch.remote().result()
     placement = ExpertPlacement.from_json(placement_json)
     assert len(shards) == 2 and all(placement.replicas(layer)[0] == [0, 1] for layer in placement.layers)
 
@@ -102,7 +102,7 @@ def test_killing_an_expert_shard_under_load_loses_no_request(horizontal, serve_a
     vertical, sharded = _client(serve_app.root, serve_app), _client(horizontal, serve_app)
     kw = dict(model="tiny", max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
     prompts = [f"{PROMPTS[i % 3]} {i}" for i in range(40)]
-    _, shards = serve.get_deployment_handle("ExpertPool", app_name="moray-h").get.remote().result()
+    _, _, shards = serve.get_deployment_handle("ExpertPool", app_name="moray-h").fetch.remote().result()
     done = threading.Semaphore(0)
 
     def ask(prompt):
@@ -132,3 +132,35 @@ def test_killing_an_expert_shard_under_load_loses_no_request(horizontal, serve_a
     assert time.monotonic() - t < 300
     with urllib.request.urlopen(f"{horizontal}/health", timeout=30) as r:
         assert json.loads(r.read())["repairs"] >= 1  # the replica did lose the shard mid-run
+
+
+def test_replanning_from_the_measured_load_moves_replicas_without_dropping_requests(horizontal, serve_app):
+    """The pool re-plans from the load the replica reported (not the file's guess) while requests
+    run: a new shard set starts, the replica moves to it between steps, every request completes
+    with the vertical app's answer."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    pool = serve.get_deployment_handle("ExpertPool", app_name="moray-h")
+    before = pool.status.remote().result()
+    vertical, sharded = _client(serve_app.root, serve_app), _client(horizontal, serve_app)
+    kw = dict(model="tiny", max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    prompts = [f"{PROMPTS[i % 3]} again {i}" for i in range(16)]
+    with ThreadPoolExecutor(8) as threads:
+        futures = [threads.submit(lambda p: sharded.completions.create(prompt=p, **kw).choices[0].text, p)
+                   for p in prompts]  # fmt: skip
+        futures[3].result(timeout=120)
+        time.sleep(2.5)  # the replica reports its load every 2 s
+        version = pool.replan.remote().result()
+        answers = [f.result(timeout=300) for f in futures]
+    after = pool.status.remote().result()
+    assert version == before["version"] + 1 and after["placement"] != before["placement"]
+    want = [vertical.completions.create(prompt=p, **kw).choices[0].text for p in prompts]
+    assert answers == want
+    time.sleep(2.5)
+    assert sharded.completions.create(prompt="Once more", **kw).choices[0].text  # the replica syncs here
+    time.sleep(2.5)
+    sharded.completions.create(prompt="And again", **kw)
+    assert set(pool.status.remote().result()["replica_versions"].values()) == {version}
