@@ -118,6 +118,9 @@ class ExpertShard:
     def ping(self) -> int:
         return self.shard
 
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
     def stats(self) -> dict:
         """Seconds spent computing expert rows, and rows served, since the shard started."""
         return {"busy_s": self.busy_s, "rows": self.rows_served}

@@ -57,5 +57,7 @@ def test_pretraining_survives_a_lost_node_with_equal_losses(multinode):
     assert multinode["alive_nodes"] == 2  # the head and the one worker node left
 
 
-def test_the_exported_model_serves_on_the_cluster(multinode):
-    assert isinstance(multinode["completion"], str)
+def test_the_export_serves_vertically_and_with_expert_shards_on_two_nodes(multinode):
+    served = multinode["serve"]
+    assert served["vertical"] and served["horizontal"] == served["vertical"]
+    assert len(set(served["shard_nodes"])) == 2  # STRICT_SPREAD: one shard per worker node
