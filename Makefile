@@ -51,6 +51,7 @@ infra: setup
 	$(DEPLOY) eval $(INFRA) -- --model models:/moray-tiny@champion --tasks wikitext,mmlu,gsm8k,humaneval --limit 200 > infra/rayjob-eval.yaml
 	$(DEPLOY) serve $(INFRA) --model models:/moray-tiny@champion > infra/rayservice-serve.yaml
 	$(DEPLOY) serve $(INFRA) --model models:/moray-tiny@champion --mode horizontal > infra/rayservice-horizontal.yaml
+	$(DEPLOY) serve $(INFRA) --model models:/moray-tiny@champion --mode hybrid > infra/rayservice-hybrid.yaml
 
 clean:
 	rm -rf $(VENV) .moray .pytest_cache

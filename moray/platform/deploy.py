@@ -213,17 +213,25 @@ MORAY_APP = "moray.jobs.serve.app:build_app"
 
 
 def _set_mode(app: dict, mode: str) -> None:
-    """A moray application in `mode`: horizontal autoscales its replicas (1 to 4 on ongoing
-    requests) over the expert shards its args ask for (2 by default)."""
+    """A moray application in `mode`: horizontal autoscales its replicas (1 to 4 on ongoing requests)
+    over the expert shards its args ask for (2 by default); hybrid has two such replica deployments,
+    Vertical and Horizontal, each autoscaling on the requests its side gets."""
     if app.get("import_path") != MORAY_APP:
         return
     app.setdefault("args", {})["mode"] = mode
-    if mode == "horizontal":
-        app["args"].setdefault("expert_shards", {"num_shards": 2, "cpus": 1.0})
-        for d in app.get("deployments", []):
-            if d.get("name") == "MorayServer":
-                d.pop("num_replicas", None)
-                d["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}
+    if mode == "vertical":
+        return
+    app["args"].setdefault("expert_shards", {"num_shards": 2, "cpus": 1.0})
+    scaled = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}}
+    deployments = []
+    for d in app.get("deployments", []):
+        if d.get("name") != "MorayServer":
+            deployments.append(d)
+            continue
+        options = {k: v for k, v in d.items() if k not in ("name", "num_replicas")}
+        names = ("Vertical", "Horizontal") if mode == "hybrid" else ("MorayServer",)
+        deployments += [{"name": name, **options, **scaled} for name in names]
+    app["deployments"] = deployments
 
 
 def _check_serve_args(config: dict) -> None:
@@ -242,7 +250,7 @@ def serve_demand(config: dict) -> Demand:
     cpus, gpus = 0.0, 0
     for app in config.get("applications", []):
         args = app.get("args") or {}
-        if app.get("import_path") == MORAY_APP and args.get("mode") == "horizontal":
+        if app.get("import_path") == MORAY_APP and args.get("mode") in ("horizontal", "hybrid"):
             shards = args.get("expert_shards") or {}
             cpus += shards.get("num_shards", 2) * shards.get("cpus", 1.0)
         for d in app.get("deployments", []):
@@ -513,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", default="configs/serve/moray.yaml", help="a Serve config")
     serve.add_argument("--model", help="the model every application serves (models:/NAME@champion)")
     serve.add_argument(
-        "--mode", choices=["vertical", "horizontal"], default=None,
+        "--mode", choices=["vertical", "horizontal", "hybrid"], default=None,
         help="every moray application's serving mode (default: the config's); horizontal adds expert shards "
         "and autoscales the replicas",
     )  # fmt: skip

@@ -35,7 +35,7 @@ def test_every_infra_manifest_is_its_rendering_and_validates(crds, capsys):
     """infra/*.yaml are `make infra`'s output (the first line names the command): rendering again
     gives the same file, and every object passes the CRD and Kubernetes checks."""
     assert {p.name for p in INFRA} == {"raycluster.yaml", "rayjob-curate.yaml", "rayjob-pretrain.yaml",
-                                       "rayjob-eval.yaml", "rayservice-serve.yaml", "rayservice-horizontal.yaml"}  # fmt: skip
+                                       "rayjob-eval.yaml", "rayservice-serve.yaml", "rayservice-horizontal.yaml", "rayservice-hybrid.yaml"}  # fmt: skip
     for path in INFRA:
         text = path.read_text()
         first = text.splitlines()[0]

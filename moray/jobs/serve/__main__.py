@@ -58,9 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="N replicas, or MIN:MAX to autoscale between them on ongoing requests",
     )  # fmt: skip
     p.add_argument(
-        "--mode", default="vertical", choices=["vertical", "horizontal"],
+        "--mode", default="vertical", choices=["vertical", "horizontal", "hybrid"],
         help="vertical: each replica holds the whole model on --cpus; horizontal: the routed experts live in "
-        "--expert-shards actors that every replica sends its tokens to",
+        "--expert-shards actors that every replica sends its tokens to; hybrid: both, small requests to the "
+        "vertical side and large ones or the overflow to the horizontal side",
     )  # fmt: skip
     p.add_argument("--cpus", type=float, default=1.0, help="each replica's CPUs (its torch threads follow)")
     p.add_argument("--expert-shards", type=_int_in(1), default=2, help="horizontal: expert shard actors")

@@ -15,6 +15,7 @@ from pathlib import Path
 from ray import serve
 
 from moray.actors.engine import EngineConfig
+from moray.jobs.serve.hybrid import HybridSettings
 from moray.platform.config import from_dict
 from moray.platform.parallel import ParallelLayout
 
@@ -22,7 +23,8 @@ GRPC_SERVICER = "moray.jobs.serve.proto.moray_pb2_grpc.add_MorayGenerateServicer
 API_KEYS_ENV = "MORAY_API_KEYS"  # comma-separated keys, read where the server runs
 
 
-MODES = ("vertical", "horizontal")
+MODES = ("vertical", "horizontal", "hybrid")
+SHARDED = ("horizontal", "hybrid")  # the modes with expert shards
 
 
 @dataclass
@@ -98,6 +100,7 @@ class ServeSettings:
     mode: str = "vertical"
     cpus: float = 1.0  # each replica's Ray CPUs
     expert_shards: ExpertShardSettings = field(default_factory=ExpertShardSettings)
+    hybrid: HybridSettings = field(default_factory=HybridSettings)  # hybrid: both, and a policy between
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -116,14 +119,16 @@ class ServeSettings:
             raise ValueError(f"mode={self.mode!r}: one of {', '.join(MODES)}")
         if self.cpus <= 0:
             raise ValueError(f"cpus={self.cpus}: must be positive")
-        if self.mode == "horizontal" and self.engine.quantize_int8:
-            raise ValueError("mode=horizontal: the expert shards serve fp32/bf16 weights, not quantize_int8")
-        if self.mode == "horizontal" and self.device != "cpu":
-            raise ValueError("mode=horizontal: expert shards run on CPUs for now (device=cpu)")
+        if self.mode in SHARDED and self.engine.quantize_int8:
+            raise ValueError(
+                f"mode={self.mode}: the expert shards serve fp32/bf16 weights, not quantize_int8"
+            )
+        if self.mode in SHARDED and self.device != "cpu":
+            raise ValueError(f"mode={self.mode}: expert shards run on CPUs for now (device=cpu)")
 
     def check_model(self, config) -> None:
         """What depends on the model: the expert placement of horizontal mode."""
-        if self.mode == "horizontal":
+        if self.mode in SHARDED:
             self.expert_shards.placement(config)
 
     @property
@@ -224,9 +229,11 @@ class _ServePoolClient:
         self.handle.report.remote(loads, replica, version)
 
 
-@serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 1})
-@serve.ingress()
-class MorayServer:
+class MorayReplica:
+    """One replica: an engine and the OpenAI server over it. Deployed as MorayServer (the HTTP
+    ingress of the vertical and horizontal modes) or as MorayBackend (hybrid's two sides, reached
+    through the router's `asgi` calls: an application has one HTTP ingress)."""
+
     def __init__(self, settings: ServeSettings, expert_pool=None):
         import torch
 
@@ -263,6 +270,16 @@ class MorayServer:
 
     def __serve_build_asgi_app__(self):
         return self.server.build_app()
+
+    async def asgi(self, method: str, path: str, headers: list, body: bytes):
+        """One HTTP request through this replica's OpenAI server, streamed back: (status, headers),
+        then the body's chunks. What the hybrid router calls."""
+        from moray.jobs.serve.hybrid import call_asgi
+
+        if getattr(self, "_app", None) is None:
+            self._app = self.server.build_app()
+        async for item in call_asgi(self._app, method, path, headers, body):
+            yield item
 
     # ------------------------------------------------------------ gRPC (moray.MorayGenerate)
     def _grpc_request(self, request, grpc_context):
@@ -357,6 +374,14 @@ class MorayServer:
             engine.shutdown()
 
 
+MorayServer = serve.deployment(
+    name="MorayServer", max_ongoing_requests=512, ray_actor_options={"num_cpus": 1}
+)(serve.ingress()(MorayReplica))
+MorayBackend = serve.deployment(
+    name="MorayBackend", max_ongoing_requests=512, ray_actor_options={"num_cpus": 1}
+)(MorayReplica)
+
+
 def attach_expert_pool(model, expert_pool):
     """This replica's links to the pool's shards, installed in `model`'s MoE layers."""
     import uuid
@@ -368,13 +393,46 @@ def attach_expert_pool(model, expert_pool):
     return shard_set
 
 
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress()
+class HybridRouter:
+    """Hybrid mode's ingress: the OpenAI API, each request forwarded to the vertical or the
+    horizontal deployment by the policy (moray/jobs/serve/hybrid.py)."""
+
+    def __init__(self, settings: ServeSettings, vertical, horizontal):
+        from moray.jobs.serve.hybrid import HybridMetrics, HybridPolicy
+
+        self.policy = HybridPolicy(settings.hybrid)
+        self.backends = {"vertical": vertical, "horizontal": horizontal}
+        self.metrics = HybridMetrics(settings.name())
+
+    def __serve_build_asgi_app__(self):
+        from moray.jobs.serve.hybrid import router_app
+
+        return router_app(self.backends, self.policy, self.metrics)
+
+    def policy_state(self) -> dict:
+        return {
+            "limit": self.policy.limit,
+            "inflight": dict(self.policy.inflight),
+            "ttft": dict(self.policy.ttft),
+        }
+
+
 def application(settings: ServeSettings, **options) -> serve.Application:
-    """The deployment graph of `settings.mode`; `options` go to the replicas' deployment (num_replicas,
-    autoscaling_config, ...)."""
-    server = MorayServer.options(ray_actor_options=settings.actor_options(), **options)
-    if settings.mode == "horizontal":
-        return server.bind(settings, ExpertPool.bind(settings))
-    return server.bind(settings)
+    """The deployment graph of `settings.mode`; `options` go to the replicas' deployments
+    (num_replicas, autoscaling_config, ...)."""
+    import dataclasses
+
+    def server(mode: str, name: str = "MorayServer"):
+        s = dataclasses.replace(settings, mode=mode)
+        kind = MorayServer if name == "MorayServer" else MorayBackend
+        deployment = kind.options(name=name, ray_actor_options=s.actor_options(), **options)
+        return deployment.bind(s, ExpertPool.bind(s)) if mode == "horizontal" else deployment.bind(s)
+
+    if settings.mode == "hybrid":
+        return HybridRouter.bind(settings, server("vertical", "Vertical"), server("horizontal", "Horizontal"))
+    return server(settings.mode)
 
 
 def build_app(args: dict) -> serve.Application:

@@ -68,20 +68,22 @@ def test_cli_flags():
 
 
 def test_grafana_dashboard_queries_only_metrics_the_engine_exports():
-    """dashboards/moray-serving.json: every query names a metric EngineMetrics defines, or the
-    scheduled evaluation's score (with the ray_ prefix and the suffix Prometheus gives its type),
-    and every such metric has a panel."""
+    """dashboards/moray-serving.json: every query names a metric EngineMetrics defines, the
+    scheduled evaluation's score or the hybrid policy's (with the ray_ prefix and the suffix
+    Prometheus gives its type), and every such metric has a panel."""
     import json
     import re
 
     from moray.actors.engine import metrics
     from moray.jobs.eval import job
+    from moray.jobs.serve import hybrid
 
     root = Path(__file__).parents[3]
     dash = json.loads((root / "dashboards" / "moray-serving.json").read_text())
     defined = set(re.findall(r'"(moray_[a-z_]+)"', Path(metrics.__file__).read_text()))
     defined |= set(re.findall(r'Gauge\(\s*"(moray_[a-z_]+)"', Path(job.__file__).read_text()))
-    assert "moray_eval_score" in defined
+    defined |= set(re.findall(r'"(moray_hybrid_[a-z_]+)"', Path(hybrid.__file__).read_text()))
+    assert {"moray_eval_score", "moray_hybrid_requests_total", "moray_hybrid_vertical_limit"} <= defined
     queried = set()
     for panel in dash["panels"]:
         for target in panel["targets"]:

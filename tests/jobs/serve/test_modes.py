@@ -1,6 +1,7 @@
 """Serving modes behind one API: the horizontal application (routed experts in ExpertShard actors,
 the hottest ones replicated) answers HTTP, streaming and gRPC exactly as the package's vertical one
-(greedy tokens identical, logprobs within 1e-5)."""
+(greedy tokens identical, logprobs within 1e-5); the hybrid one sends each request to one of its two
+sides by the policy and answers the same."""
 
 import json
 import urllib.request
@@ -30,7 +31,7 @@ def horizontal(serve_app, tiny_model_dir, tmp_path_factory):
     )
     settings = {
         "model": str(tiny_model_dir), "served_model_name": "tiny", "api_keys": [serve_app.api_key],
-        "engine": {"max_num_seqs": 8, "max_waiting": 16}, "torch_threads": 1, "mode": "horizontal",
+        "engine": {"max_num_seqs": 8, "max_waiting": 16}, "torch_threads": 1, "mode": "horizontal", "cpus": 0.5,
         "expert_shards": {"num_shards": 2, "redundant_experts": 2, "loads": str(loads), "cpus": 0.25},
     }  # fmt: skip
     serve.run(build_app(settings), name="moray-h", route_prefix="/h")
@@ -164,3 +165,73 @@ def test_replanning_from_the_measured_load_moves_replicas_without_dropping_reque
     time.sleep(2.5)
     sharded.completions.create(prompt="And again", **kw)
     assert set(pool.status.remote().result()["replica_versions"].values()) == {version}
+
+
+@pytest.fixture(scope="module")
+def hybrid(serve_app, tiny_model_dir):
+    """The same model in hybrid mode under /hy: small requests to its vertical side (2 at a time,
+    the limit held still), large ones and the overflow to its horizontal side (2 shards)."""
+    from ray import serve
+
+    from moray.jobs.serve.app import build_app
+
+    settings = {
+        "model": str(tiny_model_dir), "served_model_name": "tiny", "api_keys": [serve_app.api_key],
+        "engine": {"max_num_seqs": 8, "max_waiting": 16}, "torch_threads": 1, "mode": "hybrid", "cpus": 0.5,
+        "expert_shards": {"num_shards": 2, "cpus": 0.25},
+        "hybrid": {"small_tokens": 64, "vertical_limit": 2, "adapt": False},
+    }  # fmt: skip
+    serve.run(build_app(settings), name="moray-hy", route_prefix="/hy")
+    try:
+        yield serve_app.root.rsplit("/", 1)[0] + "/hy"
+    finally:
+        serve.delete("moray-hy")
+
+
+def test_hybrid_sends_small_requests_to_the_vertical_side_and_large_ones_to_the_horizontal(hybrid, serve_app):
+    vertical, routed = _client(serve_app.root, serve_app), _client(hybrid, serve_app)
+    kw = dict(model="tiny", max_tokens=8, temperature=0, logprobs=0, extra_body={"ignore_eos": True})
+    long_prompt = " ".join(PROMPTS * 12)  # about 100 tokens by the router's estimate: large
+    for prompt, side in (("My lord", "vertical"), (long_prompt, "horizontal")):
+        raw = routed.completions.with_raw_response.create(prompt=prompt, **kw)
+        got, want = raw.parse(), vertical.completions.create(prompt=prompt, **kw)
+        assert raw.headers["x-moray-backend"] == side
+        assert got.choices[0].text == want.choices[0].text
+        assert got.choices[0].logprobs.token_logprobs == pytest.approx(
+            want.choices[0].logprobs.token_logprobs, abs=1e-5
+        )
+    # a long output is large too
+    raw = routed.completions.with_raw_response.create(model="tiny", prompt="My lord", max_tokens=80)
+    assert raw.headers["x-moray-backend"] == "horizontal" and raw.parse().choices[0].text
+    # the model list, errors and streams come through unchanged
+    assert [m.id for m in routed.models.list()] == ["tiny"]
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        routed.completions.create(model="tiny", prompt="x", max_tokens=-1)
+    stream_kw = dict(model="tiny", messages=[{"role": "user", "content": "Speak"}], max_tokens=8, temperature=0,
+                     stream=True, extra_body={"ignore_eos": True})  # fmt: skip
+    texts = ["".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**stream_kw) if c.choices)
+             for client in (vertical, routed)]  # fmt: skip
+    assert texts[0] and texts[0] == texts[1]
+
+
+def test_hybrid_overflows_to_the_horizontal_side_under_concurrency_and_exports_its_decisions(
+    hybrid, serve_app, ray_local
+):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.jobs.serve.test_prometheus import wait_for
+
+    routed = _client(hybrid, serve_app)
+    kw = dict(model="tiny", max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
+    with ThreadPoolExecutor(8) as threads:
+        sides = list(threads.map(
+            lambda i: routed.completions.with_raw_response.create(prompt=f"Hark {i}", **kw).headers["x-moray-backend"],
+            range(8),
+        ))  # fmt: skip
+    assert sides.count("vertical") >= 2 and sides.count("horizontal") >= 1  # 2 at a time on the vertical side
+
+    def decided(sample):
+        return all(sample.get(f"hybrid/{r}", 0) >= 1 for r in ("small", "large", "overflow"))
+
+    sample = wait_for(ray_local.metrics_url, decided)
+    assert decided(sample), sample

@@ -24,6 +24,9 @@ def scrape(url: str) -> dict[str, float]:
         m = re.match(r"^(ray_moray_\w+)\{(.*)\} (\S+)$", line)
         if m and 'model="tiny"' in m.group(2):
             out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
+            if m.group(1) == "ray_moray_hybrid_requests_total":
+                reason = re.search(r'reason="(\w+)"', m.group(2)).group(1)
+                out[f"hybrid/{reason}"] = out.get(f"hybrid/{reason}", 0) + float(m.group(3))
             if m.group(1) == "ray_moray_expert_tokens_total":
                 layer = re.search(r'layer="(\d+)"', m.group(2)).group(1)
                 out[f"experts_seen/{layer}"] = out.get(f"experts_seen/{layer}", 0) + 1
