@@ -229,6 +229,22 @@ class _ServePoolClient:
         self.handle.report.remote(loads, replica, version)
 
 
+class _ForwardedContext:
+    """The parts of a gRPC servicer context MorayReplica uses, for a call forwarded by the router."""
+
+    def __init__(self, metadata):
+        self.metadata, self.code, self.details = tuple(metadata), None, None
+
+    def invocation_metadata(self):
+        return self.metadata
+
+    def set_code(self, code) -> None:
+        self.code = code
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+
+
 class MorayReplica:
     """One replica: an engine and the OpenAI server over it. Deployed as MorayServer (the HTTP
     ingress of the vertical and horizontal modes) or as MorayBackend (hybrid's two sides, reached
@@ -364,6 +380,19 @@ class MorayReplica:
             self._grpc_unavailable(grpc_context, e)
             raise
 
+    async def grpc(self, method: str, request, metadata):
+        """A gRPC call the hybrid router forwards (it holds the client's context): yields the
+        messages, and on a refusal a final ("error", status code name, details)."""
+        context = _ForwardedContext(metadata)
+        try:
+            if method == "Generate":
+                yield await self.Generate(request, context)
+            else:
+                async for chunk in self.GenerateStream(request, context):
+                    yield chunk
+        except Exception as e:
+            yield ("error", context.code.name if context.code else "INTERNAL", context.details or str(e))
+
     def check_health(self) -> None:
         if not self.engine._thread.is_alive():
             raise RuntimeError("the engine loop has stopped")
@@ -410,6 +439,36 @@ class HybridRouter:
         from moray.jobs.serve.hybrid import router_app
 
         return router_app(self.backends, self.policy, self.metrics)
+
+    # ------------------------------------------------------------ gRPC, forwarded like HTTP
+    async def _forward_grpc(self, method: str, request, grpc_context):
+        import grpc
+
+        body = {"prompt": list(request.prompt_ids) or request.prompt, "max_tokens": request.max_tokens or 16}
+        backend, reason = self.policy.choose(body)
+        self.metrics.decided(backend, reason, self.policy)
+        self.policy.inflight[backend] += 1
+        try:
+            metadata = tuple(grpc_context.invocation_metadata())
+            async for item in (
+                self.backends[backend].options(stream=True).grpc.remote(method, request, metadata)
+            ):
+                if isinstance(item, tuple):  # the backend refused: its status, on the client's call
+                    _, code, details = item
+                    grpc_context.set_code(getattr(grpc.StatusCode, code))
+                    grpc_context.set_details(details)
+                    raise RuntimeError(details)
+                yield item
+        finally:
+            self.policy.inflight[backend] -= 1
+
+    async def Generate(self, request, grpc_context):  # noqa: N802 (the gRPC method name)
+        async for response in self._forward_grpc("Generate", request, grpc_context):
+            return response
+
+    async def GenerateStream(self, request, grpc_context):  # noqa: N802
+        async for chunk in self._forward_grpc("GenerateStream", request, grpc_context):
+            yield chunk
 
     def policy_state(self) -> dict:
         return {

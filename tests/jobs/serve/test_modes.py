@@ -77,17 +77,28 @@ def test_streaming_equals_the_vertical_apps(horizontal, serve_app):
     assert texts[0] and texts[0] == texts[1]
 
 
-def test_grpc_token_ids_equal_the_vertical_apps(horizontal, serve_app):
+def _grpc_equals_the_vertical_apps(serve_app, app: str) -> None:
     channel = grpc.insecure_channel(serve_app.grpc_target)
     stub = moray_pb2_grpc.MorayGenerateStub(channel)
     auth = ("authorization", f"Bearer {serve_app.api_key}")
     req = moray_pb2.GenerateRequest(prompt="My lord", max_tokens=8, temperature=0.0, ignore_eos=True)
     want = stub.Generate(req, metadata=(("application", "moray"), auth), timeout=120)
-    got = stub.Generate(req, metadata=(("application", "moray-h"), auth), timeout=120)
-    chunks = list(stub.GenerateStream(req, metadata=(("application", "moray-h"), auth), timeout=120))
+    got = stub.Generate(req, metadata=(("application", app), auth), timeout=120)
+    chunks = list(stub.GenerateStream(req, metadata=(("application", app), auth), timeout=120))
+    with pytest.raises(grpc.RpcError) as refused:  # refusals keep their status code
+        stub.Generate(req, metadata=(("application", app), ("authorization", "Bearer wrong")), timeout=120)
     channel.close()
     assert list(got.token_ids) == list(want.token_ids) and len(want.token_ids) == 8
     assert [t for c in chunks for t in c.token_ids] == list(want.token_ids)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_grpc_token_ids_equal_the_vertical_apps(horizontal, serve_app):
+    _grpc_equals_the_vertical_apps(serve_app, "moray-h")
+
+
+def test_hybrid_grpc_equals_the_vertical_apps(hybrid, serve_app):
+    _grpc_equals_the_vertical_apps(serve_app, "moray-hy")
 
 
 def test_killing_an_expert_shard_under_load_loses_no_request(horizontal, serve_app):
