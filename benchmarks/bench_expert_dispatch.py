@@ -120,7 +120,7 @@ def engine_steps() -> tuple[float, float, int]:
     """Seconds per decode step, in-process experts vs 2 shards, and the MoE layer count."""
     from moray.actors.engine import Engine
     from moray.actors.engine.scheduler import RequestParams
-    from moray.actors.expert_shard import ShardSet, start_expert_shards, use_expert_shards
+    from moray.actors.expert_shard import ShardSet, start_expert_shards, stop_expert_shards, use_expert_shards
     from moray.actors.placement import plan_placement
     from moray.model import Transformer, load_pretrained, preset, save_pretrained
 
@@ -146,13 +146,12 @@ def engine_steps() -> tuple[float, float, int]:
         model = load_pretrained(tmp, routed_experts=False)
         layers = [i for i, _ in model.moe_layers()]
         placement = plan_placement(None, model.config.n_routed_experts, 2, layers)
-        shards, _ = start_expert_shards(tmp, placement, cpus_per_shard=0.5, threads_per_shard=1)
+        shards, group = start_expert_shards(tmp, placement, cpus_per_shard=0.5, threads_per_shard=1)
         shard_set = ShardSet.attach(placement, shards, "bench")
         use_expert_shards(model, shard_set)
         sharded, got = decode_rate(model)
         shard_set.close()
-        for s in shards:
-            ray.kill(s)
+        stop_expert_shards(shards, group)
     assert got == want, "sharded experts changed the greedy tokens"
     return local, sharded, len(layers)
 

@@ -287,6 +287,15 @@ def start_expert_shards(
     return shards, group
 
 
+def stop_expert_shards(shards: list, group) -> None:
+    """End the shards and give their placement group's CPUs back to the cluster."""
+    from ray.util.placement_group import remove_placement_group
+
+    for s in shards:
+        ray.kill(s)
+    remove_placement_group(group)
+
+
 RETIRE_AFTER_S = 60.0
 
 
@@ -341,23 +350,18 @@ class ShardPool:
         }
 
     def retire(self, now: float | None = None) -> None:
-        from ray.util.placement_group import remove_placement_group
-
         now = time.monotonic() if now is None else now
         keep = []
         for since, shards, group in self.retiring:
             if now - since < RETIRE_AFTER_S:
                 keep.append((since, shards, group))
                 continue
-            for s in shards:
-                ray.kill(s)
-            remove_placement_group(group)
+            stop_expert_shards(shards, group)
         self.retiring = keep
 
     def shutdown(self) -> None:
         self.retire(now=float("inf"))
-        for s in self.shards:
-            ray.kill(s)
+        stop_expert_shards(self.shards, self.group)
 
 
 class RemoteExperts(nn.Module):

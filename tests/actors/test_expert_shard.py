@@ -8,6 +8,7 @@ from moray.actors.engine import Engine
 from moray.actors.engine.scheduler import RequestParams
 from moray.actors.placement import PlacementError, plan_placement
 from moray.model import load_pretrained
+from tests.fixtures.resources import cpus_come_back
 
 PROMPTS = [[5, 17, 42, 9, 100], [7] * 12, list(range(3, 40)), [250, 3]]
 
@@ -31,7 +32,7 @@ def reference(tiny_model_dir):
 def test_sharded_experts_give_the_single_engines_tokens_and_logprobs(
     ray_local, tiny_model_dir, reference, redundant
 ):
-    from moray.actors.expert_shard import ShardSet, start_expert_shards, use_expert_shards
+    from moray.actors.expert_shard import ShardSet, start_expert_shards, stop_expert_shards, use_expert_shards
 
     model = load_pretrained(tiny_model_dir, routed_experts=False)
     layers = [i for i, _ in model.moe_layers()]
@@ -40,15 +41,16 @@ def test_sharded_experts_give_the_single_engines_tokens_and_logprobs(
     placement = plan_placement(loads, E, num_shards=2, layers=layers, redundant_experts=redundant)
     if redundant:
         assert all(len(placement.replicas(layer)[0]) == 2 for layer in layers)
-    shards, _ = start_expert_shards(str(tiny_model_dir), placement, cpus_per_shard=0.25)
+    cpus = ray_local.available_resources().get("CPU", 0)
+    shards, group = start_expert_shards(str(tiny_model_dir), placement, cpus_per_shard=0.25)
     shard_set = ShardSet.attach(placement, shards, f"test-{redundant}")
     try:
         use_expert_shards(model, shard_set)
         got = _greedy(Engine(model))
     finally:
         shard_set.close()
-        for s in shards:
-            ray_local.kill(s)
+        stop_expert_shards(shards, group)
+    cpus_come_back(ray_local, cpus)
     for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(got, reference):
         assert tokens == ref_tokens and len(logprobs) == len(tokens) == 12
         assert logprobs == pytest.approx(ref_logprobs, abs=1e-5)
@@ -76,12 +78,13 @@ def test_a_killed_shard_is_restarted_and_the_requests_finish_unchanged(ray_local
     """Mid-generation a shard's process dies: the step fails, Ray restarts the shard, the replica
     re-links and the running requests recompute their caches; every request still ends with the
     single engine's tokens."""
-    from moray.actors.expert_shard import ShardSet, start_expert_shards, use_expert_shards
+    from moray.actors.expert_shard import ShardSet, start_expert_shards, stop_expert_shards, use_expert_shards
 
     model = load_pretrained(tiny_model_dir, routed_experts=False)
     layers = [i for i, _ in model.moe_layers()]
     placement = plan_placement(None, model.config.n_routed_experts, 2, layers)
-    shards, _ = start_expert_shards(str(tiny_model_dir), placement, cpus_per_shard=0.25)
+    cpus = ray_local.available_resources().get("CPU", 0)
+    shards, group = start_expert_shards(str(tiny_model_dir), placement, cpus_per_shard=0.25)
     shard_set = ShardSet.attach(placement, shards, "kill")
     use_expert_shards(model, shard_set)
     engine = Engine(model)
@@ -99,8 +102,8 @@ def test_a_killed_shard_is_restarted_and_the_requests_finish_unchanged(ray_local
             steps += 1
     finally:
         shard_set.close()
-        for s in shards:
-            ray_local.kill(s)
+        stop_expert_shards(shards, group)
+    cpus_come_back(ray_local, cpus)
     assert engine.num_repairs >= 1 and shard_set.generation >= 1
     for r, (ref_tokens, ref_logprobs) in zip(reqs, reference):
         assert r.output_ids == ref_tokens

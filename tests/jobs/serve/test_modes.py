@@ -11,12 +11,13 @@ import openai
 import pytest
 
 from moray.jobs.serve.proto import moray_pb2, moray_pb2_grpc
+from tests.fixtures.resources import cpus_come_back
 
 PROMPTS = ["My lord, the king", "To be, or not", "O Romeo, Romeo! wherefore art thou"]
 
 
 @pytest.fixture(scope="module")
-def horizontal(serve_app, tiny_model_dir, tmp_path_factory):
+def horizontal(serve_app, ray_local, tiny_model_dir, tmp_path_factory):
     """The same model as `serve_app`, in horizontal mode under /h: 2 shards, expert 0 hot and copied."""
     from ray import serve
 
@@ -34,11 +35,14 @@ def horizontal(serve_app, tiny_model_dir, tmp_path_factory):
         "engine": {"max_num_seqs": 8, "max_waiting": 16}, "torch_threads": 1, "mode": "horizontal", "cpus": 0.5,
         "expert_shards": {"num_shards": 2, "redundant_experts": 2, "loads": str(loads), "cpus": 0.25},
     }  # fmt: skip
+    cpus = ray_local.available_resources().get("CPU", 0)
     serve.run(build_app(settings), name="moray-h", route_prefix="/h")
     try:
         yield serve_app.root.rsplit("/", 1)[0] + "/h"
     finally:
         serve.delete("moray-h")
+        # every shard set (and the hybrid app's, deleted first) went with its app: no CPUs leak
+        cpus_come_back(ray_local, cpus)
 
 
 def _client(root: str, serve_app) -> openai.OpenAI:
@@ -179,7 +183,7 @@ def test_replanning_from_the_measured_load_moves_replicas_without_dropping_reque
 
 
 @pytest.fixture(scope="module")
-def hybrid(serve_app, tiny_model_dir):
+def hybrid(horizontal, serve_app, tiny_model_dir):
     """The same model in hybrid mode under /hy: small requests to its vertical side (2 at a time,
     the limit held still), large ones and the overflow to its horizontal side (2 shards)."""
     from ray import serve
@@ -196,7 +200,7 @@ def hybrid(serve_app, tiny_model_dir):
     try:
         yield serve_app.root.rsplit("/", 1)[0] + "/hy"
     finally:
-        serve.delete("moray-hy")
+        serve.delete("moray-hy")  # torn down before `horizontal`, whose teardown checks the CPUs
 
 
 def test_hybrid_sends_small_requests_to_the_vertical_side_and_large_ones_to_the_horizontal(hybrid, serve_app):
