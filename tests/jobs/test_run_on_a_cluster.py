@@ -34,6 +34,10 @@ def head_node():
     # Token authentication on for the head and the clients (the token is ~/.ray/auth_token).
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
+    # A cluster of its own: nothing the test session exported (an MLflow server that an earlier test
+    # set, the session's work directory) may reach the head node's jobs.
+    for variable in [v for v in env if v.startswith("MLFLOW_") or v == "MORAY_HOME"]:
+        env.pop(variable)
     cmd = [str(BIN / "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
            "--dashboard-host=127.0.0.1", "--num-cpus=4", f"--temp-dir={temp}", "--include-dashboard=true",
            # own ports for every agent: the defaults clash with any other Ray on this machine
