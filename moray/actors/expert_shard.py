@@ -30,6 +30,7 @@ import ray
 import torch
 from torch import nn
 
+from moray.actors.group import start_group, stop_group, wait_alive
 from moray.actors.link import Link, LinkBroken, Rendezvous
 from moray.actors.placement import ExpertPlacement, PlacementError, RouteTable
 from moray.model.config import ModelConfig
@@ -139,21 +140,6 @@ def _link_all(shards: list, name: str) -> list[Link]:
     return links
 
 
-def _wait_alive(shard, deadline: float) -> None:
-    """Until the shard answers (Ray restarts a dead one: its weights load again)."""
-    from ray.exceptions import GetTimeoutError, RayActorError
-
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise LinkBroken(f"an expert shard did not come back within {REPAIR_TIMEOUT_S:.0f} s")
-        try:
-            ray.get(shard.ping.remote(), timeout=left)
-            return
-        except (RayActorError, GetTimeoutError):
-            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
-
-
 class PoolClient(Protocol):
     """Where a replica's ShardSet learns the current placement and reports the load it routed: the
     Serve app's ExpertPool deployment, or a ShardPool actor."""
@@ -244,7 +230,8 @@ class ShardSet:
             return True
         deadline = time.monotonic() + REPAIR_TIMEOUT_S
         for shard in self.shards:
-            _wait_alive(shard, deadline)
+            if not wait_alive(shard, deadline):
+                raise LinkBroken(f"an expert shard did not come back within {REPAIR_TIMEOUT_S:.0f} s")
         self.generation += 1
         self.links = _link_all(self.shards, f"{self.name}.{self.generation}")
         return True
@@ -266,34 +253,14 @@ def start_expert_shards(
     dtype: str = "float32",
     strategy: str = "PACK",
     tracking: str | None = None,
-) -> list:
-    """One ExpertShard actor per shard of the placement, restarted by Ray if its process dies, in a
-    placement group (SPREAD puts them on different nodes where there are several)."""
-    from ray.util.placement_group import placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    group = placement_group([{"CPU": cpus_per_shard}] * placement.num_shards, strategy=strategy)
-    ray.get(group.ready())
+):
+    """One ExpertShard actor per shard of the placement, in one placement group: (shards, group)."""
     text = placement.to_json()
-    shards = [
-        ExpertShard.options(
-            num_cpus=cpus_per_shard,
-            max_restarts=-1,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=s),
-        ).remote(model, s, text, threads_per_shard, dtype, tracking)
-        for s in range(placement.num_shards)
-    ]
-    ray.get([s.ping.remote() for s in shards])
-    return shards, group
+    args = [(model, s, text, threads_per_shard, dtype, tracking) for s in range(placement.num_shards)]
+    return start_group(ExpertShard, args, cpus_per_shard, strategy)
 
 
-def stop_expert_shards(shards: list, group) -> None:
-    """End the shards and give their placement group's CPUs back to the cluster."""
-    from ray.util.placement_group import remove_placement_group
-
-    for s in shards:
-        ray.kill(s)
-    remove_placement_group(group)
+stop_expert_shards = stop_group
 
 
 RETIRE_AFTER_S = 60.0

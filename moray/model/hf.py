@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from moray.model.transformer import Transformer
 
 _EXPERT_KEY = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 _SKIP_KEY = re.compile(r"rotary_emb\.inv_freq$")
+_LAYER_KEY = re.compile(r"^layers\.(\d+)\.")
 SHARD_BYTES = 4 * 1024**3
 
 # moray's one default chat template (exports write it to tokenizer_config.json; the serving engine
@@ -45,13 +47,23 @@ def load_pretrained(
     dtype: torch.dtype | None = torch.float32,
     device: str | torch.device = "cpu",
     routed_experts: bool = True,
+    layers: Iterable[int] | None = None,
+    ends: bool = True,
 ) -> Transformer:
     """Load a HF DeepSeek-V2 directory (the original release or transformers 5 format).
-    dtype None keeps the checkpoint's dtype; the default float32 suits CPUs. routed_experts=False
-    leaves the routed experts' weights unread (on the meta device): a serving replica whose experts
-    live in expert shards (`load_routed_experts`) replaces them."""
+    dtype None keeps the checkpoint's dtype; the default float32 suits CPUs. What is not asked for
+    stays unread (on the meta device): routed_experts=False, the routed experts (a serving replica
+    whose experts live in expert shards, `load_routed_experts`); `layers`, only these decoder
+    layers; ends=False, no embedding, final norm or head (a serving pipeline stage's part)."""
     path = Path(path)
     config, files = _config_and_files(path)
+    layers = set(range(config.num_hidden_layers) if layers is None else layers)
+
+    def wanted(name: str) -> bool:
+        m = _LAYER_KEY.match(name)
+        if m is None:
+            return ends or name.startswith("rotary.")
+        return int(m[1]) in layers and (routed_experts or ".mlp.experts." not in name)
 
     with torch.device("meta"):
         model = Transformer(config)
@@ -72,11 +84,9 @@ def load_pretrained(
         with safe_open(str(file), framework="pt") as f:
             for hf_name in f.keys():
                 name = _our_name(hf_name)
-                if _SKIP_KEY.search(name):
+                if _SKIP_KEY.search(name) or not wanted(name):
                     continue
                 m = _EXPERT_KEY.match(name)
-                if m and not routed_experts:
-                    continue
                 if m:  # per-expert tensor: stack when the layer's set is complete
                     layer, e, proj = int(m[1]), int(m[2]), m[3]
                     experts[(layer, proj)][e] = f.get_tensor(hf_name)
@@ -96,12 +106,12 @@ def load_pretrained(
         state.pop("lm_head.weight", None)
     missing = [
         k for k in expected if k not in state and not (config.tie_word_embeddings and k == "lm_head.weight")
-        and (routed_experts or ".mlp.experts." not in k)
+        and wanted(k)
     ]  # fmt: skip
     if missing:
         raise ValueError(f"{path} lacks weights {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and ends:
         model.lm_head.weight = model.embed_tokens.weight
     _materialize_buffers(model, device)
     return model.eval()

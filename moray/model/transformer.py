@@ -105,6 +105,56 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
     return loss.full_tensor() if hasattr(loss, "full_tensor") else loss
 
 
+def attention_inputs(
+    rotary: RotaryEmbedding,
+    needs_mask: bool,  # a sparse layer pattern or relative bias: the mask carries it, never skip it
+    shape: tuple[int, int],  # (B, T) new tokens
+    device,
+    attention_mask: torch.Tensor | None = None,  # (B, T) 1 real / 0 pad
+    position_ids: torch.Tensor | None = None,  # (B, T)
+    cache=None,  # a LatentCache or PagedCacheView
+    absorb: bool | None = None,
+) -> tuple[AttentionInputs, torch.Tensor | None, torch.Tensor | None]:
+    """What every layer's attention needs for one forward: positions, RoPE, key validity, the
+    cache; also the real-token mask (padding stays out of MoE) and the cache lengths after it.
+    The whole model and a serving pipeline stage (moray/actors/pipeline_stage.py) build it alike."""
+    B, T = shape
+    steps = torch.arange(T, device=device)
+    new_lengths = None
+    if cache is not None:
+        # Rows are right-padded: a row's new tokens start at its cached length.
+        positions = cache.lengths[:, None] + steps if position_ids is None else position_ids
+        n_new = attention_mask.sum(dim=1) if attention_mask is not None else torch.full_like(cache.lengths, T)
+        if attention_mask is not None and not torch.equal(attention_mask.bool(), steps < n_new[:, None]):
+            raise ValueError("with a cache, rows must be right-padded (attention_mask 1...1 0...0)")
+        new_lengths = cache.lengths + n_new
+        key_len = int(new_lengths.max())
+        k_valid = torch.arange(key_len, device=device)[None] < new_lengths[:, None]
+    else:
+        key_len = T
+        k_valid = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            k_valid = attention_mask.bool()
+        if position_ids is not None:
+            positions = position_ids
+        elif k_valid is not None:  # a row's first real token is position 0, however much left padding
+            positions = (attention_mask.long().cumsum(dim=1) - 1).clamp_min(0)
+        else:
+            positions = steps.expand(B, T)
+    if absorb is None:
+        absorb = cache is not None and T <= ABSORB_MAX_TOKENS
+    # SDPA's is_causal fast path: no cache, no padding, no sparse pattern or relative bias (the
+    # mask carries those), and the expanded form (the absorbed form only masks with an explicit mask).
+    plain = cache is None and k_valid is None and not absorb and not needs_mask
+    # The real new tokens (padding is kept out of MoE capacity, statistics and balance losses).
+    token_mask = None
+    if attention_mask is not None and not bool(attention_mask.all()):
+        token_mask = attention_mask.bool()
+    cos, sin = rotary(positions)
+    inp = AttentionInputs(positions, cos, sin, k_valid, cache, key_len, absorb, plain_causal=plain)
+    return inp, token_mask, new_lengths
+
+
 class Transformer(HoldsMoE, nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -145,42 +195,10 @@ class Transformer(HoldsMoE, nn.Module):
         absorb: bool | None = None,  # force the absorbed / expanded attention form
         num_logits_to_keep: int = 0,  # 0: logits for every position; n: the last n only
     ) -> ModelOutput:
-        B, T = input_ids.shape
-        device = input_ids.device
-        steps = torch.arange(T, device=device)
-        if cache is not None:
-            # Rows are right-padded: a row's new tokens start at its cached length.
-            positions = cache.lengths[:, None] + steps if position_ids is None else position_ids
-            n_new = (
-                attention_mask.sum(dim=1) if attention_mask is not None else torch.full_like(cache.lengths, T)
-            )
-            if attention_mask is not None and not torch.equal(attention_mask.bool(), steps < n_new[:, None]):
-                raise ValueError("with a cache, rows must be right-padded (attention_mask 1...1 0...0)")
-            new_lengths = cache.lengths + n_new
-            key_len = int(new_lengths.max())
-            k_valid = torch.arange(key_len, device=device)[None] < new_lengths[:, None]
-        else:
-            key_len = T
-            k_valid = None
-            if attention_mask is not None and not bool(attention_mask.all()):
-                k_valid = attention_mask.bool()
-            if position_ids is not None:
-                positions = position_ids
-            elif k_valid is not None:  # a row's first real token is position 0, however much left padding
-                positions = (attention_mask.long().cumsum(dim=1) - 1).clamp_min(0)
-            else:
-                positions = steps.expand(B, T)
-        if absorb is None:
-            absorb = cache is not None and T <= ABSORB_MAX_TOKENS
-        # SDPA's is_causal fast path: no cache, no padding, no sparse pattern or relative bias (the
-        # mask carries those), and the expanded form (the absorbed form only masks with an explicit mask).
-        plain = cache is None and k_valid is None and not absorb and not self._needs_mask
-        # The real new tokens (padding is kept out of MoE capacity, statistics and balance losses).
-        token_mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            token_mask = attention_mask.bool()
-        cos, sin = self.rotary(positions)
-        inp = AttentionInputs(positions, cos, sin, k_valid, cache, key_len, absorb, plain_causal=plain)
+        inp, token_mask, new_lengths = attention_inputs(
+            self.rotary, self._needs_mask, input_ids.shape, input_ids.device, attention_mask, position_ids,
+            cache, absorb,
+        )  # fmt: skip
 
         x = self.embed_tokens(input_ids)  # (B, T, H)
         for block in self.layers:

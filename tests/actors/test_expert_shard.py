@@ -5,27 +5,15 @@ import pytest
 import torch
 
 from moray.actors.engine import Engine
-from moray.actors.engine.scheduler import RequestParams
 from moray.actors.placement import PlacementError, plan_placement
 from moray.model import load_pretrained
+from tests.fixtures.greedy import assert_same, greedy
 from tests.fixtures.resources import cpus_come_back
-
-PROMPTS = [[5, 17, 42, 9, 100], [7] * 12, list(range(3, 40)), [250, 3]]
-
-
-def _greedy(engine: Engine) -> list[tuple[list[int], list[float]]]:
-    params = RequestParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=0)
-    reqs = [engine.add_request(p, params) for p in PROMPTS]
-    logprobs = {r.request_id: [] for r in reqs}
-    while engine.has_work():
-        for out in engine.step():
-            logprobs[out.request_id] += [lp.logprob for lp in out.logprobs]
-    return [(r.output_ids, logprobs[r.request_id]) for r in reqs]
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir):
-    return _greedy(Engine(load_pretrained(tiny_model_dir)))
+    return greedy(Engine(load_pretrained(tiny_model_dir)))
 
 
 @pytest.mark.parametrize("redundant", [0, 4], ids=["plain", "hot-experts-replicated"])
@@ -46,14 +34,12 @@ def test_sharded_experts_give_the_single_engines_tokens_and_logprobs(
     shard_set = ShardSet.attach(placement, shards, f"test-{redundant}")
     try:
         use_expert_shards(model, shard_set)
-        got = _greedy(Engine(model))
+        got = greedy(Engine(model))
     finally:
         shard_set.close()
         stop_expert_shards(shards, group)
     cpus_come_back(ray_local, cpus)
-    for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(got, reference):
-        assert tokens == ref_tokens and len(logprobs) == len(tokens) == 12
-        assert logprobs == pytest.approx(ref_logprobs, abs=1e-5)
+    assert_same(got, reference)
     # the model never held the routed experts' weights itself
     assert all(p.device.type != "meta" for p in model.parameters())
 
@@ -89,22 +75,11 @@ def test_a_killed_shard_is_restarted_and_the_requests_finish_unchanged(ray_local
     use_expert_shards(model, shard_set)
     engine = Engine(model)
     engine.repair = shard_set.repair
-    params = RequestParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=0)
-    reqs = [engine.add_request(p, params) for p in PROMPTS]
-    logprobs = {r.request_id: [] for r in reqs}
-    steps = 0
     try:
-        while engine.has_work():
-            if steps == 4:
-                ray_local.kill(shards[1], no_restart=False)
-            for out in engine.step():
-                logprobs[out.request_id] += [lp.logprob for lp in out.logprobs]
-            steps += 1
+        got = greedy(engine, at_step={4: lambda: ray_local.kill(shards[1], no_restart=False)})
     finally:
         shard_set.close()
         stop_expert_shards(shards, group)
     cpus_come_back(ray_local, cpus)
     assert engine.num_repairs >= 1 and shard_set.generation >= 1
-    for r, (ref_tokens, ref_logprobs) in zip(reqs, reference):
-        assert r.output_ids == ref_tokens
-        assert logprobs[r.request_id] == pytest.approx(ref_logprobs, abs=1e-5)
+    assert_same(got, reference)

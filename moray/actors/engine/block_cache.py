@@ -24,18 +24,21 @@ class BlockPool:
         block_size: int = 16,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        layers: range | None = None,
     ):
         if block_size < 1:
             raise ValueError(f"block_size={block_size} must be >= 1")
         if num_blocks < 2:
             raise ValueError(f"num_blocks={num_blocks} must be >= 2 (block 0 is reserved)")
         self.width = config.kv_lora_rank + config.qk_rope_head_dim
-        self.num_layers = config.num_hidden_layers
+        # The layers whose entries this pool stores: all of them, or a pipeline stage's range (the
+        # replica's own pool then stores none and only hands out the block ids every stage uses).
+        self.layers = range(config.num_hidden_layers) if layers is None else layers
         self.block_size = block_size
         self.num_blocks = num_blocks
         # (L, N, block, c + r); flattened per layer to (N * block, c + r) for token-wise indexing.
         self.data = torch.zeros(
-            self.num_layers, num_blocks, block_size, self.width, dtype=dtype, device=device
+            len(self.layers), num_blocks, block_size, self.width, dtype=dtype, device=device
         )
         self._free = list(range(num_blocks - 1, 0, -1))  # a stack; block 0 stays out
 
@@ -45,11 +48,23 @@ class BlockPool:
         return config.num_hidden_layers * block_size * width * torch.empty((), dtype=dtype).element_size()
 
     @classmethod
+    def blocks_in_budget(
+        cls, config: ModelConfig, budget_bytes: int, block_size: int = 16, dtype=torch.float32
+    ) -> int:
+        """How many blocks (the reserved one included) a budget holds for every layer's entries."""
+        return max(int(budget_bytes // cls.bytes_per_block(config, block_size, dtype)) + 1, 2)
+
+    @classmethod
     def from_budget(
-        cls, config: ModelConfig, budget_bytes: int, block_size: int = 16, dtype=torch.float32, device="cpu"
-    ) -> BlockPool:
-        n = budget_bytes // cls.bytes_per_block(config, block_size, dtype) + 1  # + the reserved block
-        return cls(config, max(int(n), 2), block_size, dtype, device)
+        cls, config: ModelConfig, budget_bytes: int, block_size: int = 16, dtype=torch.float32, device="cpu",
+        layers: range | None = None,
+    ) -> BlockPool:  # fmt: skip
+        n = cls.blocks_in_budget(config, budget_bytes, block_size, dtype)
+        return cls(config, n, block_size, dtype, device, layers)
+
+    def layer_data(self, layer: int) -> torch.Tensor:
+        """One (model) layer's entries, flat: (N * block, c + r)."""
+        return self.data[layer - self.layers.start].view(-1, self.width)
 
     @property
     def capacity_blocks(self) -> int:
@@ -105,14 +120,14 @@ class PagedCacheView:
         valid = positions < self.capacity[:, None]  # (B, T)
         pos = positions.clamp(max=self._slots.shape[1] - 1)
         slots = self._slots.gather(1, pos)  # (B, T)
-        flat = self.pool.data[layer].view(-1, self.pool.width)  # (N * block, c + r)
+        flat = self.pool.layer_data(layer)  # (N * block, c + r)
         if bool(valid.all()):
             flat[slots.reshape(-1)] = latent.reshape(-1, latent.shape[-1]).to(flat.dtype)
         else:
             flat[slots[valid]] = latent[valid].to(flat.dtype)
 
     def read(self, layer: int, upto: int) -> torch.Tensor:
-        flat = self.pool.data[layer].view(-1, self.pool.width)
+        flat = self.pool.layer_data(layer)
         slots = self._slots[:, :upto]
         if slots.shape[1] < upto:  # keys past every row's blocks are masked anyway: read block 0
             slots = torch.nn.functional.pad(slots, (0, upto - slots.shape[1]))

@@ -94,8 +94,40 @@ class RequestOutput:
     num_output_tokens: int = 0
 
 
+@dataclass
+class Batch:
+    """Rows of new tokens right-padded into one forward, and where their caches are."""
+
+    ids: torch.Tensor  # (B, T)
+    mask: torch.Tensor | None  # (B, T) 1 real / 0 pad; None without padding
+    block_tables: list[list[int]]
+    starts: list[int]  # each row's cached length before these tokens
+    keep: int  # logits kept per row: enough to reach every row's last real token
+    last: torch.Tensor  # (B,) each row's last real token among the kept logits
+
+    @classmethod
+    def of(cls, works) -> Batch:
+        lengths = [len(w.tokens) for w in works]
+        T = max(lengths)
+        ids = torch.zeros(len(works), T, dtype=torch.long)  # (B, T)
+        for i, w in enumerate(works):
+            ids[i, : len(w.tokens)] = torch.tensor(w.tokens, dtype=torch.long)
+        mask = None
+        if min(lengths) != T:  # padding: the model keeps it out of attention, MoE and statistics
+            mask = torch.arange(T)[None] < torch.tensor(lengths)[:, None]
+        keep = T - min(lengths) + 1
+        last = torch.tensor(lengths) - 1 - (T - keep)
+        return cls(ids, mask, [w.request.blocks for w in works], [w.start for w in works], keep, last)
+
+    def last_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, keep, V) -> (B, V): each row's last real token's."""
+        return logits[torch.arange(len(self.starts), device=logits.device), self.last.to(logits.device)]
+
+
 class ModelRunner:
     """Runs the model on paged rows; the one place the engine touches `Transformer`."""
+
+    cache_layers = None  # the engine's pool stores every layer's cache entries
 
     def __init__(self, model: Transformer):
         self.model = model.eval()
@@ -106,38 +138,40 @@ class ModelRunner:
         """works: rows of new tokens (right-padded into one batch when their lengths differ).
         Returns the logits (B, V) of each row's last new token and this forward's router statistics."""
         device = pool.data.device
-        lengths = [len(w.tokens) for w in works]
-        T = max(lengths)
-        ids = torch.zeros(len(works), T, dtype=torch.long)  # (B, T)
-        for i, w in enumerate(works):
-            ids[i, : len(w.tokens)] = torch.tensor(w.tokens, dtype=torch.long)
-        mask = None
-        if min(lengths) != T:  # padding: the model keeps it out of attention, MoE and statistics
-            mask = (torch.arange(T)[None] < torch.tensor(lengths)[:, None]).to(device)
-        view = PagedCacheView(pool, [w.request.blocks for w in works], [w.start for w in works])
-        keep = T - min(lengths) + 1
-        out = self.model(ids.to(device), attention_mask=mask, cache=view, num_logits_to_keep=keep)
-        last = torch.tensor(lengths, device=device) - 1 - (T - keep)  # each row's last real token
-        return out.logits[torch.arange(len(works), device=device), last], out.router_stats
+        b = Batch.of(works)
+        view = PagedCacheView(pool, b.block_tables, b.starts)
+        mask = None if b.mask is None else b.mask.to(device)
+        out = self.model(b.ids.to(device), attention_mask=mask, cache=view, num_logits_to_keep=b.keep)
+        return b.last_logits(out.logits), out.router_stats
 
 
 class Engine:
-    def __init__(self, model: Transformer, tokenizer=None, config: EngineConfig | None = None, metrics=None):
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer=None,
+        config: EngineConfig | None = None,
+        metrics=None,
+        runner=None,
+    ):
+        """`runner` computes the forwards (default: ModelRunner over `model`); a PipelineRunner
+        sends them through pipeline stage actors, and `model` then holds only the embedding and head."""
         self.config = config or EngineConfig()
         if self.config.quantize_int8:
             from moray.model.quant import quantize_int8
 
             model = quantize_int8(model)
         self.model_config = model.config
-        self.runner = ModelRunner(model)
+        self.runner = runner or ModelRunner(model)
         self.tokenizer = tokenizer
         dtype = next(model.parameters()).dtype
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             dtype = torch.float32
         device = model.lm_head.weight.device if hasattr(model.lm_head, "weight") else "cpu"
         self.pool = BlockPool.from_budget(
-            model.config, self.config.kv_cache_bytes, self.config.block_size, dtype, device
-        )
+            model.config, self.config.kv_cache_bytes, self.config.block_size, dtype, device,
+            self.runner.cache_layers,
+        )  # fmt: skip
         self.scheduler = Scheduler(
             self.pool, self.config.max_num_seqs, self.config.max_num_batched_tokens, self.config.prefill_chunk
         )
