@@ -52,6 +52,7 @@ infra: setup
 	$(DEPLOY) serve $(INFRA) --model models:/moray-tiny@champion > infra/rayservice-serve.yaml
 	$(DEPLOY) serve $(INFRA) --model models:/moray-tiny@champion --mode horizontal > infra/rayservice-horizontal.yaml
 	$(DEPLOY) serve $(INFRA) --model models:/moray-tiny@champion --mode hybrid > infra/rayservice-hybrid.yaml
+	$(DEPLOY) serve $(INFRA) --model models:/moray-tiny@champion --mode pipeline > infra/rayservice-pipeline.yaml
 
 clean:
 	rm -rf $(VENV) .moray .pytest_cache

@@ -214,14 +214,18 @@ MORAY_APP = "moray.jobs.serve.app:build_app"
 
 def _set_mode(app: dict, mode: str) -> None:
     """A moray application in `mode`: horizontal autoscales its replicas (1 to 4 on ongoing requests)
-    over the expert shards its args ask for (2 by default); hybrid has two such replica deployments,
-    Vertical and Horizontal, each autoscaling on the requests its side gets."""
+    over the expert shards its args ask for (2 by default); pipeline autoscales replicas that each
+    bring their own stages (2 by default); hybrid has two replica deployments, Vertical and
+    Horizontal, each autoscaling on the requests its side gets."""
     if app.get("import_path") != MORAY_APP:
         return
     app.setdefault("args", {})["mode"] = mode
     if mode == "vertical":
         return
-    app["args"].setdefault("expert_shards", {"num_shards": 2, "cpus": 1.0})
+    if mode == "pipeline":
+        app["args"].setdefault("pipeline", {"num_stages": 2, "cpus": 1.0})
+    else:
+        app["args"].setdefault("expert_shards", {"num_shards": 2, "cpus": 1.0})
     scaled = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}}
     deployments = []
     for d in app.get("deployments", []):
@@ -245,18 +249,22 @@ def _check_serve_args(config: dict) -> None:
 
 
 def serve_demand(config: dict) -> Demand:
-    """CPUs and GPUs of every deployment at its largest replica count, and of horizontal
-    applications' expert shards."""
+    """CPUs and GPUs of every deployment at its largest replica count, of horizontal applications'
+    expert shards and of pipeline replicas' stages."""
     cpus, gpus = 0.0, 0
     for app in config.get("applications", []):
-        args = app.get("args") or {}
-        if app.get("import_path") == MORAY_APP and args.get("mode") in ("horizontal", "hybrid"):
+        args = app.get("args") or {} if app.get("import_path") == MORAY_APP else {}
+        if args.get("mode") in ("horizontal", "hybrid"):
             shards = args.get("expert_shards") or {}
             cpus += shards.get("num_shards", 2) * shards.get("cpus", 1.0)
+        stages = args.get("pipeline") or {}
+        per_replica = (
+            stages.get("num_stages", 2) * stages.get("cpus", 1.0) if args.get("mode") == "pipeline" else 0
+        )
         for d in app.get("deployments", []):
             options = d.get("ray_actor_options", {})
             replicas = d.get("autoscaling_config", {}).get("max_replicas") or d.get("num_replicas", 1)
-            cpus += replicas * options.get("num_cpus", 1)
+            cpus += replicas * (options.get("num_cpus", 1) + per_replica)
             gpus += replicas * math.ceil(options.get("num_gpus", 0))
     return Demand(cpus, gpus)
 
@@ -521,9 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", default="configs/serve/moray.yaml", help="a Serve config")
     serve.add_argument("--model", help="the model every application serves (models:/NAME@champion)")
     serve.add_argument(
-        "--mode", choices=["vertical", "horizontal", "hybrid"], default=None,
+        "--mode", choices=["vertical", "horizontal", "pipeline", "hybrid"], default=None,
         help="every moray application's serving mode (default: the config's); horizontal adds expert shards "
-        "and autoscales the replicas",
+        "and autoscales the replicas, pipeline gives each replica its own stages",
     )  # fmt: skip
     serve.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     return parser

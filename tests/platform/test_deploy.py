@@ -35,7 +35,8 @@ def test_every_infra_manifest_is_its_rendering_and_validates(crds, capsys):
     """infra/*.yaml are `make infra`'s output (the first line names the command): rendering again
     gives the same file, and every object passes the CRD and Kubernetes checks."""
     assert {p.name for p in INFRA} == {"raycluster.yaml", "rayjob-curate.yaml", "rayjob-pretrain.yaml",
-                                       "rayjob-eval.yaml", "rayservice-serve.yaml", "rayservice-horizontal.yaml", "rayservice-hybrid.yaml"}  # fmt: skip
+                                       "rayjob-eval.yaml", "rayservice-serve.yaml", "rayservice-horizontal.yaml", "rayservice-hybrid.yaml",
+                                       "rayservice-pipeline.yaml"}  # fmt: skip
     for path in INFRA:
         text = path.read_text()
         first = text.splitlines()[0]
@@ -141,6 +142,20 @@ def test_the_horizontal_rayservice_autoscales_replicas_and_counts_the_expert_sha
     assert main(["serve", "--dry-run", "--set", "applications=[{name: m, import_path: moray.jobs.serve.app:build_app, "
                  "route_prefix: /, args: {model: m, mode: diagonal}}]"]) == 2  # fmt: skip
     assert "mode='diagonal': one of vertical, horizontal" in capsys.readouterr().err
+
+
+def test_the_pipeline_rayservice_counts_each_replicas_stages(capsys):
+    from ray.serve.schema import ServeDeploySchema
+
+    (_, service) = _render(["serve", "--model", "models:/m/1", "--mode", "pipeline"], capsys)
+    serve = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    (app,) = serve.applications
+    assert app.args["mode"] == "pipeline" and app.args["pipeline"] == {"num_stages": 2, "cpus": 1.0}
+    assert "expert_shards" not in app.args
+    (server,) = app.deployments
+    assert server.autoscaling_config["max_replicas"] == 4
+    (cpu,) = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert cpu["minReplicas"] == 3  # 4 replicas x (1 CPU + 2 stages x 1 CPU) on 4-CPU pods
 
 
 def test_bad_input_is_refused_before_anything_is_applied(crds, capsys):

@@ -58,10 +58,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="N replicas, or MIN:MAX to autoscale between them on ongoing requests",
     )  # fmt: skip
     p.add_argument(
-        "--mode", default="vertical", choices=["vertical", "horizontal", "hybrid"],
+        "--mode", default="vertical", choices=["vertical", "horizontal", "pipeline", "hybrid"],
         help="vertical: each replica holds the whole model on --cpus; horizontal: the routed experts live in "
-        "--expert-shards actors that every replica sends its tokens to; hybrid: both, small requests to the "
-        "vertical side and large ones or the overflow to the horizontal side",
+        "--expert-shards actors that every replica sends its tokens to; pipeline: each replica's layers live "
+        "in --stages actors; hybrid: vertical and horizontal, small requests to the vertical side and large "
+        "ones or the overflow to the horizontal side",
     )  # fmt: skip
     p.add_argument("--cpus", type=float, default=1.0, help="each replica's CPUs (its torch threads follow)")
     p.add_argument("--expert-shards", type=_int_in(1), default=2, help="horizontal: expert shard actors")
@@ -73,6 +74,12 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--expert-loads", default=None, help="horizontal: JSON {layer: [tokens per expert]} to plan from"
     )
     p.add_argument("--shard-cpus", type=float, default=1.0, help="horizontal: each expert shard's CPUs")
+    p.add_argument("--stages", type=_int_in(1), default=2, help="pipeline: stage actors per replica")
+    p.add_argument("--stage-cpus", type=float, default=1.0, help="pipeline: each stage's CPUs")
+    p.add_argument(
+        "--microbatches", type=_int_in(0), default=0,
+        help="pipeline: pieces a decode step goes down the stages in (0: one per stage)",
+    )  # fmt: skip
     p.add_argument("--kv-cache-mb", type=_int_in(1), default=64, help="paged latent cache per replica, MiB")
     p.add_argument("--max-request-mb", type=_int_in(1), default=8, help="larger request bodies get a 413")
     p.add_argument("--int8", action="store_true", help="int8 weight-only quantization")
@@ -101,6 +108,12 @@ def settings_from_args(args: argparse.Namespace):
             "loads": args.expert_loads,
             "cpus": args.shard_cpus,
         },  # fmt: skip
+        "pipeline": {
+            "num_stages": args.stages,
+            "microbatches": args.microbatches,
+            "cpus": args.stage_cpus,
+            "threads": max(1, int(args.stage_cpus)),
+        },  # fmt: skip
         "engine": {"kv_cache_bytes": args.kv_cache_mb << 20, "quantize_int8": args.int8},
     }
     if args.name:
@@ -117,7 +130,7 @@ def prepare(args: argparse.Namespace):
 
     check_model_source(args.model, args.tracking_uri)  # first: it needs neither torch nor Ray imported
     settings = settings_from_args(args)
-    if settings.mode != "vertical":  # the expert placement depends on the model
+    if settings.mode != "vertical":  # the expert placement and the stages' layers depend on the model
         from moray.jobs.serve.loading import model_config
 
         settings.check_model(model_config(args.model, args.tracking_uri))

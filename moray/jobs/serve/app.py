@@ -23,7 +23,7 @@ GRPC_SERVICER = "moray.jobs.serve.proto.moray_pb2_grpc.add_MorayGenerateServicer
 API_KEYS_ENV = "MORAY_API_KEYS"  # comma-separated keys, read where the server runs
 
 
-MODES = ("vertical", "horizontal", "hybrid")
+MODES = ("vertical", "horizontal", "pipeline", "hybrid")
 SHARDED = ("horizontal", "hybrid")  # the modes with expert shards
 
 
@@ -46,9 +46,7 @@ class ExpertShardSettings:
             raise ValueError(f"expert_shards.replan_every_s={self.replan_every_s}: must be >= 0")
         if self.cpus < 0 or self.threads < 1:
             raise ValueError("expert_shards.cpus must be >= 0 and expert_shards.threads >= 1")
-        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-            raise ValueError(f"expert_shards.placement_strategy={self.placement_strategy!r}: PACK, SPREAD, "
-                             "STRICT_PACK or STRICT_SPREAD")  # fmt: skip
+        _check_strategy("expert_shards", self.placement_strategy)
 
     def placement(self, config, measured: dict | None = None):
         """The plan for a model config, from `measured` load ({layer: (E,) tokens}) when given, else
@@ -79,6 +77,31 @@ class ExpertShardSettings:
         return plan
 
 
+def _check_strategy(section: str, strategy: str) -> None:
+    from moray.actors.group import STRATEGIES
+
+    if strategy not in STRATEGIES:
+        raise ValueError(f"{section}.placement_strategy={strategy!r}: one of {', '.join(STRATEGIES)}")
+
+
+@dataclass
+class PipelineSettings:
+    """Pipeline mode: each replica's decoder layers in PipelineStage actors (moray/actors/pipeline_stage.py)."""
+
+    num_stages: int = 2
+    microbatches: int = 0  # pieces a step's rows go down the stages in (0: one per stage)
+    cpus: float = 1.0  # each stage's Ray CPUs
+    threads: int = 1  # each stage's torch threads
+    placement_strategy: str = "SPREAD"  # SPREAD puts a replica's stages on different nodes
+
+    def __post_init__(self) -> None:
+        if self.num_stages < 1 or self.microbatches < 0:
+            raise ValueError("pipeline.num_stages must be >= 1 and pipeline.microbatches >= 0")
+        if self.cpus < 0 or self.threads < 1:
+            raise ValueError("pipeline.cpus must be >= 0 and pipeline.threads >= 1")
+        _check_strategy("pipeline", self.placement_strategy)
+
+
 @dataclass
 class ServeSettings:
     """All a replica needs: parsed once by the platform's `from_dict` (a bad field is a ConfigError
@@ -96,10 +119,12 @@ class ServeSettings:
     device: str = "cpu"  # "cuda": the replica takes a GPU, bf16 weights (see ParallelLayout)
     # vertical: each replica holds the whole model, on `cpus` CPUs (threads follow);
     # horizontal: replicas hold attention, routers and shared experts, the routed experts live in
-    # `expert_shards` that every replica attaches to
+    # `expert_shards` that every replica attaches to; pipeline: each replica's layers live in its
+    # own `pipeline` stages
     mode: str = "vertical"
     cpus: float = 1.0  # each replica's Ray CPUs
     expert_shards: ExpertShardSettings = field(default_factory=ExpertShardSettings)
+    pipeline: PipelineSettings = field(default_factory=PipelineSettings)
     hybrid: HybridSettings = field(default_factory=HybridSettings)  # hybrid: both, and a policy between
     engine: EngineConfig = field(default_factory=EngineConfig)
 
@@ -119,17 +144,23 @@ class ServeSettings:
             raise ValueError(f"mode={self.mode!r}: one of {', '.join(MODES)}")
         if self.cpus <= 0:
             raise ValueError(f"cpus={self.cpus}: must be positive")
-        if self.mode in SHARDED and self.engine.quantize_int8:
-            raise ValueError(
-                f"mode={self.mode}: the expert shards serve fp32/bf16 weights, not quantize_int8"
-            )
-        if self.mode in SHARDED and self.device != "cpu":
-            raise ValueError(f"mode={self.mode}: expert shards run on CPUs for now (device=cpu)")
+        actors = "expert shards" if self.mode in SHARDED else "pipeline stages"
+        if self.mode != "vertical" and self.engine.quantize_int8:
+            raise ValueError(f"mode={self.mode}: the {actors} serve fp32/bf16 weights, not quantize_int8")
+        if self.mode != "vertical" and self.device != "cpu":
+            raise ValueError(f"mode={self.mode}: {actors} run on CPUs for now (device=cpu)")
 
     def check_model(self, config) -> None:
-        """What depends on the model: the expert placement of horizontal mode."""
+        """What depends on the model: the expert placement of horizontal mode, the stages' layers."""
         if self.mode in SHARDED:
             self.expert_shards.placement(config)
+        if self.mode == "pipeline":
+            from moray.actors.pipeline_stage import stage_layers
+
+            try:
+                stage_layers(config, self.pipeline.num_stages)
+            except ValueError as e:
+                raise ValueError(f"pipeline.num_stages: {e}") from None
 
     @property
     def layout(self) -> ParallelLayout:
@@ -263,20 +294,25 @@ class MorayReplica:
             torch.set_num_threads(s.torch_threads)
         self.metrics = EngineMetrics(s.name())
 
-        self.shard_set = None
+        self.shard_set = self.pipeline = None
 
         def build_engine() -> Engine:
             layout = s.layout
+            parts = {"layers": (), "ends": True} if s.mode == "pipeline" else {}  # the stages hold the layers
             model, tok, _ = load_for_serving(
                 s.model, s.tracking_uri, dtype=layout.compute_dtype, device=layout.device_type,
-                routed_experts=expert_pool is None,
+                routed_experts=expert_pool is None, **parts,
             )  # fmt: skip
             if expert_pool is not None:
                 self.shard_set = attach_expert_pool(model, expert_pool)
-            engine = Engine(model, tok, s.engine, metrics=self.metrics)
+            if s.mode == "pipeline":
+                self.pipeline = start_pipeline(model, s)
+            engine = Engine(model, tok, s.engine, metrics=self.metrics, runner=self.pipeline)
             if self.shard_set is not None:
                 engine.repair = self.shard_set.repair  # a lost shard: re-attach once Ray restarted it
                 engine.before_step = self.shard_set.sync  # report load, follow re-plans
+            if self.pipeline is not None:
+                engine.repair = self.pipeline.repair  # a lost stage: wait for Ray's restart
             return engine
 
         self.engine = AsyncEngine(build_engine)  # loads the model on the engine's thread (see there)
@@ -397,10 +433,16 @@ class MorayReplica:
         if not self.engine._thread.is_alive():
             raise RuntimeError("the engine loop has stopped")
 
+    def pipeline_stages(self) -> list:
+        """Pipeline mode: this replica's PipelineStage actors, in layer order."""
+        return list(self.pipeline.stages) if self.pipeline is not None else []
+
     def __del__(self):
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+        if getattr(self, "pipeline", None) is not None:
+            self.pipeline.close()  # the stages' CPUs go back to the cluster
 
 
 MorayServer = serve.deployment(
@@ -409,6 +451,22 @@ MorayServer = serve.deployment(
 MorayBackend = serve.deployment(
     name="MorayBackend", max_ongoing_requests=512, ray_actor_options={"num_cpus": 1}
 )(MorayReplica)
+
+
+def start_pipeline(model, settings: ServeSettings):
+    """This replica's pipeline stages (their cache holds as many blocks as the engine's budget
+    gives it), and the runner that sends its steps through them."""
+    from moray.actors.engine.block_cache import BlockPool
+    from moray.actors.pipeline_stage import PipelineRunner, start_pipeline_stages
+
+    p, e = settings.pipeline, settings.engine
+    dtype = settings.layout.compute_dtype
+    blocks = BlockPool.blocks_in_budget(model.config, e.kv_cache_bytes, e.block_size, dtype)
+    stages, group = start_pipeline_stages(
+        settings.model, model.config, p.num_stages, blocks, e.block_size, p.cpus, p.threads,
+        str(dtype).removeprefix("torch."), p.placement_strategy, settings.tracking_uri,
+    )  # fmt: skip
+    return PipelineRunner(model, stages, group, p.microbatches)
 
 
 def attach_expert_pool(model, expert_pool):

@@ -86,16 +86,19 @@ def load_for_serving(
     cache_dir: str | Path | None = None,
     device: str = "cpu",
     routed_experts: bool = True,
+    **parts,
 ):
     """(model, tokenizer or None, local dir). routed_experts=False: the routed experts stay unread
-    (expert shards hold them)."""
+    (expert shards hold them); `parts` (layers=, ends=) go to load_pretrained (pipeline stages)."""
     import torch
 
     from moray.actors.engine.tokenizer import Tokenizer
     from moray.model import load_pretrained
 
     path = resolve_model(uri, tracking, cache_dir)
-    model = load_pretrained(path, dtype=dtype or torch.float32, device=device, routed_experts=routed_experts)
+    model = load_pretrained(
+        path, dtype=dtype or torch.float32, device=device, routed_experts=routed_experts, **parts
+    )
     model.eval()
     tok = None
     if (path / "tokenizer.json").is_file():

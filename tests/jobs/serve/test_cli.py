@@ -80,3 +80,23 @@ def test_a_horizontal_layout_the_model_cannot_use_is_refused_before_ray(tiny_mod
     with pytest.raises(SystemExit):
         main(horizontal + ["--replicas", "3:2"])
     assert "2 is not in [3, ...]" in capsys.readouterr().err
+
+
+def test_a_pipeline_the_model_cannot_use_is_refused_before_ray(tiny_model_dir, capsys):
+    """More stages than layers, int8 weights in stages: refused with exit 2, naming what is wrong."""
+    from moray.jobs.serve.loading import model_config
+
+    layers = model_config(str(tiny_model_dir)).num_hidden_layers
+    pipeline = ["--model", str(tiny_model_dir), "--mode", "pipeline"]
+    for extra, message in (
+        (
+            ["--stages", str(layers + 1)],
+            f"pipeline.num_stages: {layers + 1} pipeline stages: the model has {layers}",
+        ),
+        (["--int8"], "the pipeline stages serve fp32/bf16 weights, not quantize_int8"),
+        (["--device", "cuda"], "pipeline stages run on CPUs"),
+    ):
+        assert main(pipeline + extra) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    with pytest.raises(SystemExit):
+        main(pipeline + ["--stages", "0"])

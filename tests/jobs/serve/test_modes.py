@@ -4,16 +4,19 @@ the hottest ones replicated) answers HTTP, streaming and gRPC exactly as the pac
 sides by the policy and answers the same."""
 
 import json
-import urllib.request
 
-import grpc
 import openai
 import pytest
 
-from moray.jobs.serve.proto import moray_pb2, moray_pb2_grpc
 from tests.fixtures.resources import cpus_come_back
-
-PROMPTS = ["My lord, the king", "To be, or not", "O Romeo, Romeo! wherefore art thou"]
+from tests.fixtures.serving import (
+    PROMPTS,
+    client,
+    completions_equal_the_vertical_apps,
+    grpc_equals_the_vertical_apps,
+    streaming_equals_the_vertical_apps,
+    survives_a_kill_under_load,
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +48,6 @@ def horizontal(serve_app, ray_local, tiny_model_dir, tmp_path_factory):
         cpus_come_back(ray_local, cpus)
 
 
-def _client(root: str, serve_app) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{root}/v1", api_key=serve_app.api_key, max_retries=0, timeout=120)
-
-
 def test_the_expert_pool_replicated_the_hot_expert(horizontal):
     from ray import serve
 
@@ -61,93 +60,30 @@ def test_the_expert_pool_replicated_the_hot_expert(horizontal):
 
 
 def test_completions_and_logprobs_equal_the_vertical_apps(horizontal, serve_app):
-    vertical, sharded = _client(serve_app.root, serve_app), _client(horizontal, serve_app)
-    for prompt in PROMPTS:
-        kw = dict(model="tiny", prompt=prompt, max_tokens=10, temperature=0, logprobs=0,
-                  extra_body={"ignore_eos": True})  # fmt: skip
-        want, got = vertical.completions.create(**kw), sharded.completions.create(**kw)
-        assert got.choices[0].text == want.choices[0].text
-        assert got.choices[0].logprobs.token_logprobs == pytest.approx(
-            want.choices[0].logprobs.token_logprobs, abs=1e-5
-        )
+    completions_equal_the_vertical_apps(horizontal, serve_app)
 
 
 def test_streaming_equals_the_vertical_apps(horizontal, serve_app):
-    vertical, sharded = _client(serve_app.root, serve_app), _client(horizontal, serve_app)
-    kw = dict(model="tiny", messages=[{"role": "user", "content": "Speak"}], max_tokens=12, temperature=0,
-              stream=True, extra_body={"ignore_eos": True})  # fmt: skip
-    texts = ["".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw) if c.choices)
-             for client in (vertical, sharded)]  # fmt: skip
-    assert texts[0] and texts[0] == texts[1]
-
-
-def _grpc_equals_the_vertical_apps(serve_app, app: str) -> None:
-    channel = grpc.insecure_channel(serve_app.grpc_target)
-    stub = moray_pb2_grpc.MorayGenerateStub(channel)
-    auth = ("authorization", f"Bearer {serve_app.api_key}")
-    req = moray_pb2.GenerateRequest(prompt="My lord", max_tokens=8, temperature=0.0, ignore_eos=True)
-    want = stub.Generate(req, metadata=(("application", "moray"), auth), timeout=120)
-    got = stub.Generate(req, metadata=(("application", app), auth), timeout=120)
-    chunks = list(stub.GenerateStream(req, metadata=(("application", app), auth), timeout=120))
-    with pytest.raises(grpc.RpcError) as refused:  # refusals keep their status code
-        stub.Generate(req, metadata=(("application", app), ("authorization", "Bearer wrong")), timeout=120)
-    channel.close()
-    assert list(got.token_ids) == list(want.token_ids) and len(want.token_ids) == 8
-    assert [t for c in chunks for t in c.token_ids] == list(want.token_ids)
-    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    streaming_equals_the_vertical_apps(horizontal, serve_app)
 
 
 def test_grpc_token_ids_equal_the_vertical_apps(horizontal, serve_app):
-    _grpc_equals_the_vertical_apps(serve_app, "moray-h")
+    grpc_equals_the_vertical_apps(serve_app, "moray-h")
 
 
-def test_hybrid_grpc_equals_the_vertical_apps(hybrid, serve_app):
-    _grpc_equals_the_vertical_apps(serve_app, "moray-hy")
+def test_hybridgrpc_equals_the_vertical_apps(hybrid, serve_app):
+    grpc_equals_the_vertical_apps(serve_app, "moray-hy")
 
 
 def test_killing_an_expert_shard_under_load_loses_no_request(horizontal, serve_app):
     """40 requests, 8 at a time; a shard's process is killed while they run. Ray restarts it, the
     replica re-links and recomputes the running requests' caches: every request completes (the
     issue allows 1% to fail with a 503), none hangs, and the answers are the vertical app's."""
-    import threading
-    import time
-    from concurrent.futures import ThreadPoolExecutor
-
+    import ray
     from ray import serve
 
-    vertical, sharded = _client(serve_app.root, serve_app), _client(horizontal, serve_app)
-    kw = dict(model="tiny", max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
-    prompts = [f"{PROMPTS[i % 3]} {i}" for i in range(40)]
     _, _, shards = serve.get_deployment_handle("ExpertPool", app_name="moray-h").fetch.remote().result()
-    done = threading.Semaphore(0)
-
-    def ask(prompt):
-        try:
-            return sharded.completions.create(prompt=prompt, **kw).choices[0].text
-        except openai.APIStatusError as e:
-            return e
-        finally:
-            done.release()
-
-    with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(ask, p) for p in prompts]
-        for _ in range(6):  # a few answered: the service is busy; then the shard dies
-            assert done.acquire(timeout=120)
-        import ray
-
-        ray.kill(shards[0], no_restart=False)
-        t = time.monotonic()
-        answers = [f.result(timeout=300) for f in futures]
-    failed = [a for a in answers if not isinstance(a, str)]
-    assert len(failed) <= len(prompts) // 100, failed
-    assert all(a.status_code == 503 for a in failed)
-    want = [vertical.completions.create(prompt=p, **kw).choices[0].text for p in prompts]
-    assert [a for a in answers if isinstance(a, str)] == [
-        w for w, a in zip(want, answers) if isinstance(a, str)
-    ]
-    assert time.monotonic() - t < 300
-    with urllib.request.urlopen(f"{horizontal}/health", timeout=30) as r:
-        assert json.loads(r.read())["repairs"] >= 1  # the replica did lose the shard mid-run
+    survives_a_kill_under_load(horizontal, serve_app, lambda: ray.kill(shards[0], no_restart=False))
 
 
 def test_replanning_from_the_measured_load_moves_replicas_without_dropping_requests(horizontal, serve_app):
@@ -161,7 +97,7 @@ def test_replanning_from_the_measured_load_moves_replicas_without_dropping_reque
 
     pool = serve.get_deployment_handle("ExpertPool", app_name="moray-h")
     before = pool.status.remote().result()
-    vertical, sharded = _client(serve_app.root, serve_app), _client(horizontal, serve_app)
+    vertical, sharded = client(serve_app.root, serve_app), client(horizontal, serve_app)
     kw = dict(model="tiny", max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
     prompts = [f"{PROMPTS[i % 3]} again {i}" for i in range(16)]
     with ThreadPoolExecutor(8) as threads:
@@ -204,7 +140,7 @@ def hybrid(horizontal, serve_app, tiny_model_dir):
 
 
 def test_hybrid_sends_small_requests_to_the_vertical_side_and_large_ones_to_the_horizontal(hybrid, serve_app):
-    vertical, routed = _client(serve_app.root, serve_app), _client(hybrid, serve_app)
+    vertical, routed = client(serve_app.root, serve_app), client(hybrid, serve_app)
     kw = dict(model="tiny", max_tokens=8, temperature=0, logprobs=0, extra_body={"ignore_eos": True})
     long_prompt = " ".join(PROMPTS * 12)  # about 100 tokens by the router's estimate: large
     for prompt, side in (("My lord", "vertical"), (long_prompt, "horizontal")):
@@ -236,7 +172,7 @@ def test_hybrid_overflows_to_the_horizontal_side_under_concurrency_and_exports_i
 
     from tests.jobs.serve.test_prometheus import wait_for
 
-    routed = _client(hybrid, serve_app)
+    routed = client(hybrid, serve_app)
     kw = dict(model="tiny", max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
     with ThreadPoolExecutor(8) as threads:
         sides = list(threads.map(
