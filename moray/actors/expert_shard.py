@@ -166,6 +166,10 @@ class ShardSet:
     sync_every_s: float = 2.0
     routes: dict[int, RouteTable] = field(default_factory=dict)
     loads: dict[int, torch.Tensor] = field(default_factory=dict)
+    layer_calls: int = (
+        0  # MoE layers sent to the shards, and the wall time they took (shards' compute included)
+    )
+    layer_s: float = 0.0
     _synced: float = 0.0
 
     def __post_init__(self) -> None:
@@ -235,6 +239,12 @@ class ShardSet:
         self.generation += 1
         self.links = _link_all(self.shards, f"{self.name}.{self.generation}")
         return True
+
+    def stats(self) -> dict:
+        return {
+            "expert_layer_calls": self.layer_calls,
+            "expert_layer_ms": 1e3 * self.layer_s / max(self.layer_calls, 1),
+        }
 
     def close(self) -> None:
         for link in self.links:
@@ -345,6 +355,7 @@ class RemoteExperts(nn.Module):
         weights: torch.Tensor,  # (N, k)
         keep: torch.Tensor | None = None,  # (N, k) bool
     ) -> torch.Tensor:
+        start = time.perf_counter()
         pairs = sort_pairs(experts, weights, keep, self.n_experts)
         self.shard_set.count(self.layer, pairs.counts)
         route = self.shard_set.routes[self.layer]  # the current placement's (it may change between steps)
@@ -367,6 +378,8 @@ class RemoteExperts(nn.Module):
         for link, work, rows, answer in pending:
             link.wait([work])
             out.index_add_(0, pairs.token_of_row.index_select(0, rows), answer.to(x.dtype))
+        self.shard_set.layer_calls += 1
+        self.shard_set.layer_s += time.perf_counter() - start
         return out
 
 

@@ -188,6 +188,7 @@ class Engine:
         # a restarted expert shard). Then the running requests recompute their caches and go on.
         self.repair: Callable[[BaseException], bool] | None = None
         self.before_step: Callable[[], None] | None = None  # between steps: expert placement changes
+        self.extra_stats: Callable[[], dict] | None = None  # the remote parts' figures, for /health
         self.num_repairs = 0
         self._failed_steps = 0  # in a row
 
@@ -552,6 +553,7 @@ class AsyncEngine:
             "kv_cache_usage": e.pool.usage,
             "preemptions": e.scheduler.num_preemptions,
             "repairs": e.num_repairs,  # steps that failed and were repaired (a lost expert shard)
+            **(e.extra_stats() if e.extra_stats is not None else {}),
         }
 
     def shutdown(self) -> None:

@@ -311,6 +311,7 @@ class MorayReplica:
             if self.shard_set is not None:
                 engine.repair = self.shard_set.repair  # a lost shard: re-attach once Ray restarted it
                 engine.before_step = self.shard_set.sync  # report load, follow re-plans
+                engine.extra_stats = self.shard_set.stats
             if self.pipeline is not None:
                 engine.repair = self.pipeline.repair  # a lost stage: wait for Ray's restart
             return engine
