@@ -233,7 +233,7 @@ MODE_SETTINGS = {
     "pipeline": {"mode": "pipeline", "cpus": 1, "torch_threads": 1,
                  "pipeline": {"num_stages": 2, "cpus": 1, "threads": 1}},
     "hybrid": {"mode": "hybrid", "cpus": 1, "torch_threads": 1,
-               "expert_shards": {"num_shards": 2, "cpus": 0.5, "threads": 1}},
+               "expert_shards": {"num_shards": 2, "cpus": 0.5, "threads": 1}, "hybrid": {"lend_threads": 2}},
 }  # fmt: skip
 
 

@@ -246,6 +246,29 @@ def test_async_engine_builds_on_its_thread_and_reports_build_errors(model):
         AsyncEngine(broken)
 
 
+def test_async_engine_steps_on_the_threads_it_is_lent(model, prompts):
+    """set_threads(n) takes effect on the loop thread from the next step; 0 gives its own back."""
+    seen = []
+    engine = Engine(model)
+    engine.before_step = lambda: seen.append(torch.get_num_threads())
+    ae = AsyncEngine(engine)
+    own = ae._threads
+
+    async def run(n):
+        ae.set_threads(n)
+        seen.clear()
+        return [t async for o in ae.generate(prompts[0], GREEDY) for t in o.new_token_ids]
+
+    try:
+        lent, back = asyncio.run(run(own + 1)), asyncio.run(run(0))
+        assert set(seen) == {own}
+        asyncio.run(run(own + 1))
+        assert set(seen) == {own + 1}
+    finally:
+        ae.shutdown()
+    assert lent == back  # the same tokens on any thread count
+
+
 def test_chunked_prefill_interleaves_with_decode(model):
     """A long prompt is prefilled in chunks while a running request keeps decoding every step."""
     e = Engine(model, config=EngineConfig(prefill_chunk=32, max_num_batched_tokens=64))

@@ -57,7 +57,8 @@ def test_pretraining_survives_a_lost_node_with_equal_losses(multinode):
     assert multinode["alive_nodes"] == 2  # the head and the one worker node left
 
 
-def test_the_export_serves_vertically_and_with_expert_shards_on_two_nodes(multinode):
+def test_the_export_serves_vertically_with_expert_shards_and_with_stages_on_two_nodes(multinode):
     served = multinode["serve"]
-    assert served["vertical"] and served["horizontal"] == served["vertical"]
-    assert len(set(served["shard_nodes"])) == 2  # STRICT_SPREAD: one shard per worker node
+    assert served["vertical"] and served["horizontal"] == served["pipeline"] == served["vertical"]
+    assert len(set(served["shard_nodes"])) == 2  # STRICT_SPREAD: the shards on two nodes
+    assert len(set(served["stage_nodes"])) == 2  # and the stages

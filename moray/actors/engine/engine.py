@@ -485,9 +485,17 @@ class AsyncEngine:
                     loop, q = r_sink
                     loop.call_soon_threadsafe(q.put_nowait, o)
 
+    def set_threads(self, n: int) -> None:
+        """Run the steps on n torch threads from the next one on (0: the count it started with)."""
+        self._inbox.append(("threads", n or self._threads))
+        self._wake.set()
+
     def _drain_inbox(self) -> None:
         while self._inbox:
             kind, rid, *rest = self._inbox.popleft()
+            if kind == "threads":  # OpenMP's team size is per OS thread: set it on the loop's
+                torch.set_num_threads(rid)
+                continue
             if kind == "abort":
                 self.engine.abort(rid)
                 continue

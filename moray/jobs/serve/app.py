@@ -324,10 +324,15 @@ class MorayReplica:
     def __serve_build_asgi_app__(self):
         return self.server.build_app()
 
-    async def asgi(self, method: str, path: str, headers: list, body: bytes):
+    async def asgi(self, method: str, path: str, headers: list, body: bytes, threads: int | None = None):
         """One HTTP request through this replica's OpenAI server, streamed back: (status, headers),
-        then the body's chunks. What the hybrid router calls."""
+        then the body's chunks. What the hybrid router calls; `threads` (0: the replica's own) is the
+        torch threads the router lends this replica from now on (see HybridSettings.lend_threads)."""
         from moray.jobs.serve.hybrid import call_asgi
+
+        if threads is not None and threads != getattr(self, "_threads", 0):
+            self._threads = threads
+            self.engine.set_threads(threads)
 
         if getattr(self, "_app", None) is None:
             self._app = self.server.build_app()
@@ -481,7 +486,7 @@ def attach_expert_pool(model, expert_pool):
     return shard_set
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096)  # the sides limit, not it
 @serve.ingress()
 class HybridRouter:
     """Hybrid mode's ingress: the OpenAI API, each request forwarded to the vertical or the

@@ -14,7 +14,8 @@ The policy adapts its one knob, how many requests the vertical side takes at onc
 first token each side delivers (an exponentially weighted mean): while the vertical side answers
 later than the horizontal one it takes fewer, while it answers sooner it takes more. Each side's
 replicas autoscale on their own ongoing requests, so when the mix shifts the cluster's CPUs move to
-the side the traffic went to. Decisions are counted in `moray_hybrid_requests_total{backend,reason}`
+the side the traffic went to; within a host, `lend_threads` gives the vertical side the horizontal
+side's cores while that one is idle. Decisions are counted in `moray_hybrid_requests_total{backend,reason}`
 and the knob is `moray_hybrid_vertical_limit` (the serving dashboard shows both).
 """
 
@@ -41,12 +42,17 @@ class HybridSettings:
     min_vertical_limit: int = 1
     max_vertical_limit: int = 64
     adapt: bool = True  # move vertical_limit by the two sides' time to first token
+    # torch threads the vertical side runs on while the horizontal side has nothing in flight (0: its
+    # own, always): where both sides share a host's cores, the idle side's go to the busy one
+    lend_threads: int = 0
 
     def __post_init__(self) -> None:
         if self.small_tokens < 1:
             raise ValueError(f"hybrid.small_tokens={self.small_tokens}: must be >= 1")
         if not 1 <= self.min_vertical_limit <= self.vertical_limit <= self.max_vertical_limit:
             raise ValueError("hybrid: need 1 <= min_vertical_limit <= vertical_limit <= max_vertical_limit")
+        if self.lend_threads < 0:
+            raise ValueError(f"hybrid.lend_threads={self.lend_threads}: must be >= 0")
 
 
 def request_size(body: dict) -> tuple[int, int]:
@@ -84,6 +90,13 @@ class HybridPolicy:
         if self.inflight["vertical"] >= self.limit:
             return "horizontal", "overflow"
         return "vertical", "small"
+
+    def threads(self, backend: str) -> int | None:
+        """What the forwarded request tells its replica to run on: the lent threads while the
+        horizontal side is idle, its own (0) while it is busy; None for the horizontal side."""
+        if backend != "vertical" or not self.settings.lend_threads:
+            return None
+        return self.settings.lend_threads if self.inflight["horizontal"] == 0 else 0
 
     def observe(self, backend: str, ttft_s: float) -> None:
         old = self.ttft[backend]
@@ -165,7 +178,11 @@ def router_app(backends: dict, policy: HybridPolicy, metrics=None):
         target = f"/{path}" + (f"?{request.url.query}" if request.url.query else "")
         policy.inflight[backend] += 1
         started = time.monotonic()
-        stream = backends[backend].options(stream=True).asgi.remote(request.method, target, headers, body)
+        stream = (
+            backends[backend]
+            .options(stream=True)
+            .asgi.remote(request.method, target, headers, body, policy.threads(backend))
+        )
         try:
             status, response_headers = await stream.__anext__()
         except BaseException:
