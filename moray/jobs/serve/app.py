@@ -261,7 +261,7 @@ class _ServePoolClient:
 
 
 class _ForwardedContext:
-    """The parts of a gRPC servicer context MorayReplica uses, for a call forwarded by the router."""
+    """The parts of a gRPC servicer context MorayReplica uses, for a forwarded call."""
 
     def __init__(self, metadata):
         self.metadata, self.code, self.details = tuple(metadata), None, None
@@ -278,8 +278,8 @@ class _ForwardedContext:
 
 class MorayReplica:
     """One replica: an engine and the OpenAI server over it. Deployed as MorayServer (the HTTP
-    ingress of the vertical and horizontal modes) or as MorayBackend (hybrid's two sides, reached
-    through the router's `asgi` calls: an application has one HTTP ingress)."""
+    ingress of the vertical, horizontal and pipeline modes) or as MorayBackend (hybrid's horizontal
+    side, reached through `asgi` and `grpc` calls: an application has one HTTP ingress)."""
 
     def __init__(self, settings: ServeSettings, expert_pool=None):
         import torch
@@ -324,15 +324,10 @@ class MorayReplica:
     def __serve_build_asgi_app__(self):
         return self.server.build_app()
 
-    async def asgi(self, method: str, path: str, headers: list, body: bytes, threads: int | None = None):
+    async def asgi(self, method: str, path: str, headers: list, body: bytes):
         """One HTTP request through this replica's OpenAI server, streamed back: (status, headers),
-        then the body's chunks. What the hybrid router calls; `threads` (0: the replica's own) is the
-        torch threads the router lends this replica from now on (see HybridSettings.lend_threads)."""
+        then the body's chunks. What a hybrid vertical replica calls to forward a request here."""
         from moray.jobs.serve.hybrid import call_asgi
-
-        if threads is not None and threads != getattr(self, "_threads", 0):
-            self._threads = threads
-            self.engine.set_threads(threads)
 
         if getattr(self, "_app", None) is None:
             self._app = self.server.build_app()
@@ -423,7 +418,7 @@ class MorayReplica:
             raise
 
     async def grpc(self, method: str, request, metadata):
-        """A gRPC call the hybrid router forwards (it holds the client's context): yields the
+        """A gRPC call a hybrid vertical replica forwards (it holds the client's context): yields the
         messages, and on a refusal a final ("error", status code name, details)."""
         context = _ForwardedContext(metadata)
         try:
@@ -486,37 +481,57 @@ def attach_expert_pool(model, expert_pool):
     return shard_set
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096)  # the sides limit, not it
-@serve.ingress()
-class HybridRouter:
-    """Hybrid mode's ingress: the OpenAI API, each request forwarded to the vertical or the
-    horizontal deployment by the policy (moray/jobs/serve/hybrid.py)."""
+class HybridReplica(MorayReplica):
+    """Hybrid mode's ingress and vertical side: a whole-model replica whose OpenAI app and gRPC
+    methods first ask the policy (moray/jobs/serve/hybrid.py) whether to serve a request here or to
+    forward it to the horizontal deployment."""
 
-    def __init__(self, settings: ServeSettings, vertical, horizontal):
+    def __init__(self, settings: ServeSettings, horizontal):
         from moray.jobs.serve.hybrid import HybridMetrics, HybridPolicy
 
-        self.policy = HybridPolicy(settings.hybrid)
-        self.backends = {"vertical": vertical, "horizontal": horizontal}
-        self.metrics = HybridMetrics(settings.name())
+        super().__init__(settings)
+        self.policy = HybridPolicy(settings.hybrid, capacity=settings.engine.max_num_seqs)
+        self.horizontal = horizontal
+        self.metrics_hybrid = HybridMetrics(settings.name())
+        self.max_request_bytes = settings.max_request_bytes
+        self._threads = 0  # lent torch threads in use (0: the replica's own)
+
+    def lend(self, threads: int) -> None:
+        if threads != self._threads:
+            self._threads = threads
+            self.engine.set_threads(threads)
 
     def __serve_build_asgi_app__(self):
-        from moray.jobs.serve.hybrid import router_app
+        from moray.jobs.serve.hybrid import HybridMiddleware
 
-        return router_app(self.backends, self.policy, self.metrics)
+        def forward(method, path, headers, body):
+            return self.horizontal.options(stream=True).asgi.remote(method, path, headers, body)
 
-    # ------------------------------------------------------------ gRPC, forwarded like HTTP
-    async def _forward_grpc(self, method: str, request, grpc_context):
+        app = self.server.build_app()
+        app.add_middleware(HybridMiddleware, policy=self.policy, forward=forward, lend=self.lend,
+                           metrics=self.metrics_hybrid, max_body=self.max_request_bytes)  # fmt: skip
+        return app
+
+    # ------------------------------------------------------------ gRPC: here, or forwarded
+    async def _routed_grpc(self, method: str, request, grpc_context):
         import grpc
 
         body = {"prompt": list(request.prompt_ids) or request.prompt, "max_tokens": request.max_tokens or 16}
         backend, reason = self.policy.choose(body)
-        self.metrics.decided(backend, reason, self.policy)
+        self.metrics_hybrid.decided(backend, reason, self.policy)
         self.policy.inflight[backend] += 1
         try:
+            if backend == "vertical":
+                if (threads := self.policy.threads("vertical")) is not None:
+                    self.lend(threads)
+                if method == "Generate":
+                    yield await super().Generate(request, grpc_context)
+                else:
+                    async for chunk in super().GenerateStream(request, grpc_context):
+                        yield chunk
+                return
             metadata = tuple(grpc_context.invocation_metadata())
-            async for item in (
-                self.backends[backend].options(stream=True).grpc.remote(method, request, metadata)
-            ):
+            async for item in self.horizontal.options(stream=True).grpc.remote(method, request, metadata):
                 if isinstance(item, tuple):  # the backend refused: its status, on the client's call
                     _, code, details = item
                     grpc_context.set_code(getattr(grpc.StatusCode, code))
@@ -525,21 +540,23 @@ class HybridRouter:
                 yield item
         finally:
             self.policy.inflight[backend] -= 1
+            self.metrics_hybrid.decided(None, None, self.policy)
 
     async def Generate(self, request, grpc_context):  # noqa: N802 (the gRPC method name)
-        async for response in self._forward_grpc("Generate", request, grpc_context):
+        async for response in self._routed_grpc("Generate", request, grpc_context):
             return response
 
     async def GenerateStream(self, request, grpc_context):  # noqa: N802
-        async for chunk in self._forward_grpc("GenerateStream", request, grpc_context):
+        async for chunk in self._routed_grpc("GenerateStream", request, grpc_context):
             yield chunk
 
     def policy_state(self) -> dict:
-        return {
-            "limit": self.policy.limit,
-            "inflight": dict(self.policy.inflight),
-            "ttft": dict(self.policy.ttft),
-        }
+        return {"limit": self.policy.limit, "inflight": dict(self.policy.inflight), "ttft": dict(self.policy.ttft)}
+
+
+HybridServer = serve.deployment(
+    name="Vertical", max_ongoing_requests=4096, ray_actor_options={"num_cpus": 1}
+)(serve.ingress()(HybridReplica))  # takes every request: the policy limits what stays here
 
 
 def application(settings: ServeSettings, **options) -> serve.Application:
@@ -554,7 +571,9 @@ def application(settings: ServeSettings, **options) -> serve.Application:
         return deployment.bind(s, ExpertPool.bind(s)) if mode == "horizontal" else deployment.bind(s)
 
     if settings.mode == "hybrid":
-        return HybridRouter.bind(settings, server("vertical", "Vertical"), server("horizontal", "Horizontal"))
+        s = dataclasses.replace(settings, mode="vertical")
+        vertical = HybridServer.options(ray_actor_options=s.actor_options(), **options)
+        return vertical.bind(s, server("horizontal", "Horizontal"))
     return server(settings.mode)
 
 

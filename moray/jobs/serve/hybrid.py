@@ -1,22 +1,28 @@
-"""Hybrid serving: one API in front of a vertical deployment (whole-model replicas: lowest latency
-for small requests) and a horizontal one (replicas over shared expert shards: throughput for large
-batches and high concurrency), with a policy that picks one per request.
+"""Hybrid serving: vertical capacity (whole-model replicas: lowest latency for small requests) and
+horizontal capacity (replicas over shared expert shards: throughput for large batches and high
+concurrency) behind one API, with a policy that picks one per request.
 
-    client -> HybridRouter (this module: the OpenAI HTTP API's ingress)
-                 |  policy: small and the vertical side has room -> "vertical"
-                 |          large (n > 1, long prompt or output), or vertical full -> "horizontal"
+    client -> Vertical replica (the ingress: the OpenAI HTTP and gRPC APIs, with HybridMiddleware)
+                 |  policy: small, and this replica has room -> served here, in process
+                 |          large (n > 1, long prompt or output), or this replica full -> forwarded
                  v
-              Vertical / Horizontal: MorayServer deployments; each answers the request with its own
-              OpenAI server (the router forwards the HTTP request whole and streams the response
+              Horizontal: MorayBackend replicas over the expert shards; each answers a forwarded
+              request with its own OpenAI server (the request goes whole, the response streams
               back), so every endpoint, error and stream is the same as in the other modes.
 
-The policy adapts its one knob, how many requests the vertical side takes at once, from the time to
+The router lives in the vertical replicas because most requests stay there: a separate router
+deployment cost every token of every request one more actor hop (about 9 ms of inter-token latency
+on the 2-core benchmark machine), a forwarded request pays one hop as it would behind any ingress.
+
+Each vertical replica takes up to `vertical_limit` requests at once (default: its engine's
+`max_num_seqs`, the batch it runs without queueing). The policy adapts that knob from the time to
 first token each side delivers (an exponentially weighted mean): while the vertical side answers
 later than the horizontal one it takes fewer, while it answers sooner it takes more. Each side's
-replicas autoscale on their own ongoing requests, so when the mix shifts the cluster's CPUs move to
-the side the traffic went to; within a host, `lend_threads` gives the vertical side the horizontal
-side's cores while that one is idle. Decisions are counted in `moray_hybrid_requests_total{backend,reason}`
-and the knob is `moray_hybrid_vertical_limit` (the serving dashboard shows both).
+replicas autoscale on their own ongoing requests (the vertical side's include those it forwards),
+so when the mix shifts the cluster's CPUs move to the side the traffic went to; within a host,
+`lend_threads` gives the vertical side the horizontal side's cores while that one is idle. Decisions
+are counted in `moray_hybrid_requests_total{backend,reason}` and the knob is
+`moray_hybrid_vertical_limit` (the serving dashboard shows both).
 """
 
 from __future__ import annotations
@@ -27,9 +33,6 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-# module level: FastAPI resolves the route's (string) annotations in this module's namespace
-from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
 
 BACKENDS = ("vertical", "horizontal")
 ROUTED_PATHS = ("/v1/completions", "/v1/chat/completions")
@@ -38,7 +41,8 @@ ROUTED_PATHS = ("/v1/completions", "/v1/chat/completions")
 @dataclass
 class HybridSettings:
     small_tokens: int = 512  # prompt (estimated) + max_tokens at or below this is a small request
-    vertical_limit: int = 8  # requests the vertical side takes at once, to start with
+    # requests a vertical replica takes at once, to start with (None: its engine's max_num_seqs)
+    vertical_limit: int | None = None
     min_vertical_limit: int = 1
     max_vertical_limit: int = 64
     adapt: bool = True  # move vertical_limit by the two sides' time to first token
@@ -49,7 +53,8 @@ class HybridSettings:
     def __post_init__(self) -> None:
         if self.small_tokens < 1:
             raise ValueError(f"hybrid.small_tokens={self.small_tokens}: must be >= 1")
-        if not 1 <= self.min_vertical_limit <= self.vertical_limit <= self.max_vertical_limit:
+        start = self.max_vertical_limit if self.vertical_limit is None else self.vertical_limit
+        if not 1 <= self.min_vertical_limit <= start <= self.max_vertical_limit:
             raise ValueError("hybrid: need 1 <= min_vertical_limit <= vertical_limit <= max_vertical_limit")
         if self.lend_threads < 0:
             raise ValueError(f"hybrid.lend_threads={self.lend_threads}: must be >= 0")
@@ -77,9 +82,11 @@ class HybridPolicy:
 
     EWMA = 0.2
 
-    def __init__(self, settings: HybridSettings):
-        self.settings = settings
-        self.limit = settings.vertical_limit
+    def __init__(self, settings: HybridSettings, capacity: int | None = None):
+        # capacity: the vertical engine's max_num_seqs, the limit's start when the settings give none
+        self.settings = s = settings
+        start = s.vertical_limit or capacity or s.max_vertical_limit
+        self.limit = min(max(start, s.min_vertical_limit), s.max_vertical_limit)
         self.inflight = dict.fromkeys(BACKENDS, 0)
         self.ttft = dict.fromkeys(BACKENDS, None)  # seconds, exponentially weighted
 
@@ -156,57 +163,91 @@ async def call_asgi(
         task.cancel()
 
 
-def router_app(backends: dict, policy: HybridPolicy, metrics=None):
-    """The FastAPI app of the HybridRouter: every request forwarded whole to the side the policy
-    picks (the model list and health go to the vertical side)."""
-    app = FastAPI(title="moray hybrid", version="0.1.0")
+def _route(scope) -> str:
+    """The request's path below the application's route prefix (Serve's `root_path`, which the
+    ASGI path includes)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
 
-    @app.api_route("/{path:path}", methods=["GET", "POST"])
-    async def forward(path: str, request: Request):
-        body = await request.body()
-        backend, reason = "vertical", "other"
-        if request.method == "POST" and f"/{path}" in ROUTED_PATHS:
-            try:
-                parsed = json.loads(body or b"{}")
-            except ValueError:
-                parsed = {}  # the backend answers a malformed body with its 400
-            if isinstance(parsed, dict):
-                backend, reason = policy.choose(parsed)
-        if metrics is not None:
-            metrics.decided(backend, reason, policy)
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in ("host", "content-length")]
-        target = f"/{path}" + (f"?{request.url.query}" if request.url.query else "")
-        policy.inflight[backend] += 1
-        started = time.monotonic()
-        stream = (
-            backends[backend]
-            .options(stream=True)
-            .asgi.remote(request.method, target, headers, body, policy.threads(backend))
-        )
+
+class HybridMiddleware:
+    """ASGI middleware on the vertical side's OpenAI app, which is the hybrid application's ingress:
+    each completion request is served here (the policy's "vertical") or forwarded whole to the
+    horizontal deployment, whose stream comes back through. Everything else (the model list, health,
+    a malformed or oversized body) is answered here. Either way the response says which side served
+    it (`x-moray-backend`)."""
+
+    def __init__(self, app, policy: HybridPolicy, forward, lend, metrics=None, max_body: int = 8 << 20):
+        # forward(method, path, headers, body) -> async iterator: (status, headers), then chunks;
+        # lend(threads): run the vertical side's steps on this many torch threads (0: its own)
+        self.app, self.policy, self.forward, self.lend = app, policy, forward, lend
+        self.metrics, self.max_body = metrics, max_body
+
+    async def __call__(self, scope, receive, send):
+        if not (scope["type"] == "http" and scope["method"] == "POST" and _route(scope) in ROUTED_PATHS):
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_body:
+            return await self.app(scope, receive, send)  # the server refuses it (413) unread
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went before sending its body
+            body, more = body + message.get("body", b""), message.get("more_body", False)
         try:
-            status, response_headers = await stream.__anext__()
-        except BaseException:
+            parsed = json.loads(body or b"{}")
+        except ValueError:
+            parsed = None  # the server answers a malformed body with its 400
+        backend, reason = self.policy.choose(parsed) if isinstance(parsed, dict) else ("vertical", "other")
+        policy = self.policy
+        policy.inflight[backend] += 1
+        if self.metrics is not None:
+            self.metrics.decided(backend, reason, policy)
+        started, first = time.monotonic(), [True]
+
+        async def send_marked(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"x-moray-backend", backend.encode())]}
+            elif first[0] and message.get("body"):
+                first[0] = False
+                policy.observe(backend, time.monotonic() - started)
+            await send(message)
+
+        try:
+            if backend == "vertical":
+                threads = policy.threads("vertical")
+                if threads is not None:
+                    self.lend(threads)
+                delivered = [False]
+
+                async def replay():
+                    if not delivered[0]:
+                        delivered[0] = True
+                        return {"type": "http.request", "body": body, "more_body": False}
+                    return await receive()  # the disconnect, when the client goes
+
+                await self.app(scope, replay, send_marked)
+            else:
+                await self._forwarded(scope, body, send_marked)
+        finally:
             policy.inflight[backend] -= 1
-            raise
+            if self.metrics is not None:
+                self.metrics.decided(None, None, policy)
 
-        async def chunks():
-            first = True
-            try:
-                async for chunk in stream:
-                    if first:
-                        policy.observe(backend, time.monotonic() - started)
-                        first = False
-                    yield chunk
-            finally:
-                policy.inflight[backend] -= 1
-                if metrics is not None:
-                    metrics.decided(None, None, policy)
-
-        kept = {k: v for k, v in response_headers if k.lower() not in ("content-length", "transfer-encoding")}
-        kept["x-moray-backend"] = backend
-        return StreamingResponse(chunks(), status_code=status, headers=kept)
-
-    return app
+    async def _forwarded(self, scope, body: bytes, send) -> None:
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]
+                   if k.lower() not in (b"host", b"content-length")]  # fmt: skip
+        query = scope.get("query_string", b"").decode()
+        stream = self.forward(scope["method"], _route(scope) + (f"?{query}" if query else ""), headers, body)
+        status, response_headers = await stream.__anext__()
+        dropped = ("content-length", "transfer-encoding")
+        await send({"type": "http.response.start", "status": status, "headers": [
+            (k.encode("latin-1"), v.encode("latin-1")) for k, v in response_headers if k.lower() not in dropped
+        ]})  # fmt: skip
+        async for chunk in stream:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class HybridMetrics:

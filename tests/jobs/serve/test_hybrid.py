@@ -16,6 +16,13 @@ def test_small_requests_go_vertical_until_it_is_full_and_large_ones_horizontal()
     assert policy.choose({"prompt": "hi", "max_tokens": 8}) == ("horizontal", "overflow")
 
 
+def test_the_vertical_limit_starts_at_the_vertical_engines_batch():
+    assert HybridPolicy(HybridSettings(), capacity=16).limit == 16  # max_num_seqs: runs without queueing
+    assert HybridPolicy(HybridSettings(max_vertical_limit=8), capacity=16).limit == 8
+    assert HybridPolicy(HybridSettings(vertical_limit=3), capacity=16).limit == 3  # the config's own
+    assert HybridPolicy(HybridSettings()).limit == 64
+
+
 def test_the_vertical_limit_follows_the_sides_time_to_first_token():
     policy = HybridPolicy(HybridSettings(vertical_limit=4))
     policy.observe("horizontal", 0.1)
