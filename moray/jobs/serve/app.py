@@ -551,7 +551,11 @@ class HybridReplica(MorayReplica):
             yield chunk
 
     def policy_state(self) -> dict:
-        return {"limit": self.policy.limit, "inflight": dict(self.policy.inflight), "ttft": dict(self.policy.ttft)}
+        return {
+            "limit": self.policy.limit,
+            "inflight": dict(self.policy.inflight),
+            "ttft": dict(self.policy.ttft),
+        }
 
 
 HybridServer = serve.deployment(

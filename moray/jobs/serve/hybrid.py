@@ -33,7 +33,6 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-
 BACKENDS = ("vertical", "horizontal")
 ROUTED_PATHS = ("/v1/completions", "/v1/chat/completions")
 
@@ -167,7 +166,7 @@ def _route(scope) -> str:
     """The request's path below the application's route prefix (Serve's `root_path`, which the
     ASGI path includes)."""
     path, root = scope["path"], scope.get("root_path", "")
-    return path[len(root):] if root and path.startswith(root) else path
+    return path[len(root) :] if root and path.startswith(root) else path
 
 
 class HybridMiddleware:
@@ -208,7 +207,10 @@ class HybridMiddleware:
 
         async def send_marked(message):
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), (b"x-moray-backend", backend.encode())]}
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", []), (b"x-moray-backend", backend.encode())],
+                }
             elif first[0] and message.get("body"):
                 first[0] = False
                 policy.observe(backend, time.monotonic() - started)
