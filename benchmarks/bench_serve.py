@@ -13,9 +13,12 @@ Then every serving mode (vertical, horizontal, pipeline, hybrid) on the same CPU
 local cluster at concurrency 1, 4, 16 and 64: the same figures, the expert dispatch cost per MoE
 layer, and the curves as out/bench/serve_modes.png. Targets: hybrid within 10% of the best fixed
 mode at every concurrency; horizontal's decode step at most 30% slower than vertical's at 16.
+The modes run one after another (each app deleted and its CPUs back before the next starts), in
+`--rounds` rounds, every other one in reverse order, and each figure pools all rounds' requests: on
+a shared machine whichever mode runs second was measured up to 25% slower.
 
     python benchmarks/bench_serve.py [--preset small] [--rates 2,8,inf] [--requests 32]
-        [--modes vertical,horizontal,pipeline,hybrid] [--concurrency 1,4,16,64]
+        [--modes vertical,horizontal,pipeline,hybrid] [--concurrency 1,4,16,64] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -181,7 +184,26 @@ async def run_concurrency(
         t0 = time.perf_counter()
         results = await asyncio.gather(*(gated(session, p) for p in prompts))
         wall = time.perf_counter() - t0
-    return {"rate": concurrency, **summarize(results, wall)}
+    return {"rate": concurrency, **summarize(results, wall), "raw": results}
+
+
+def pooled(rows: list[dict]) -> dict:
+    """One figure from several runs of the same level: every request of all of them, over their
+    summed wall time."""
+    return {"rate": rows[0]["rate"], **summarize([r for row in rows for r in row["raw"]],
+                                                 sum(row["wall_s"] for row in rows)), "raw": []}  # fmt: skip
+
+
+def settle(timeout: float = 120.0) -> None:
+    """Wait until every CPU of the cluster is free again (the last app's actors have exited), and a
+    moment more, so one mode's teardown does not run into the next one's measurement."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    total = ray.cluster_resources().get("CPU", 0)
+    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(3.0)
 
 
 def summarize(results: list[dict], wall: float) -> dict:
@@ -297,8 +319,12 @@ def main(argv: list[str] | None = None) -> list[Result]:
     ap.add_argument(
         "--concurrency", default="1,4,16,64", help="concurrent requests per mode, comma-separated"
     )
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="times each mode runs, every other round in reverse mode order; figures pool them")  # fmt: skip
     ap.add_argument("--plots", default="out/bench", help="where serve_modes.png goes")
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error(f"--rounds {args.rounds}: must be at least 1")
 
     import ray
     import torch
@@ -346,23 +372,39 @@ def main(argv: list[str] | None = None) -> list[Result]:
         print(
             f"\nserving modes, max(2 x concurrency, 8) requests each\nmode     conc  done     req/s    tok/s  {header}"
         )
-        for mode in [m for m in args.modes.split(",") if m]:
-            app = f"mode-{mode}"
-            serve.run(build_app({**base, **MODE_SETTINGS[mode]}), name=app, route_prefix=f"/{app}")
-            root = f"http://127.0.0.1:{port}/{app}"
-            asyncio.run(run_rate(f"{root}/v1/completions", "m", 100.0, 2, args.prompt_len, 4, seed=99))
-            curves[mode] = []
-            for c in concurrency:
-                r = asyncio.run(run_concurrency(f"{root}/v1/completions", "m", c, max(2 * c, 8), args.prompt_len,
-                                                args.output_len, seed=c))  # fmt: skip
-                curves[mode].append(r)
-                print_row(mode, r)
-            if mode == "horizontal":
-                dispatch[mode] = dispatch_cost(root, app)
-                d = dispatch[mode]
-                print(f"  expert dispatch per MoE layer: {d['layer_ms']:.2f} ms in all, of which the shards' "
-                      f"compute {d['compute_ms']:.2f} ms, dispatch {d['dispatch_ms']:.2f} ms ({d['calls']} layer calls)")  # fmt: skip
-            serve.delete(app)
+        modes = [m for m in args.modes.split(",") if m]
+        rounds: dict[str, list[list[dict]]] = {m: [] for m in modes}
+        for round_ in range(args.rounds):  # odd rounds in reverse order: drift on a shared machine evens out
+            for mode in modes if round_ % 2 == 0 else modes[::-1]:
+                app = f"mode-{mode}"
+                serve.run(build_app({**base, **MODE_SETTINGS[mode]}), name=app, route_prefix=f"/{app}")
+                root = f"http://127.0.0.1:{port}/{app}"
+                asyncio.run(run_rate(f"{root}/v1/completions", "m", 100.0, 2, args.prompt_len, 4, seed=99))
+                rows = []
+                for c in concurrency:
+                    r = asyncio.run(run_concurrency(f"{root}/v1/completions", "m", c, max(2 * c, 8),
+                                                    args.prompt_len, args.output_len, seed=c))  # fmt: skip
+                    rows.append(r)
+                    print_row(mode, r)
+                rounds[mode].append(rows)
+                if mode == "horizontal":
+                    dispatch[mode] = d = dispatch_cost(root, app)  # over this app's life: its last round
+                    print(f"  expert dispatch per MoE layer: {d['layer_ms']:.2f} ms in all, of which the shards' "
+                          f"compute {d['compute_ms']:.2f} ms, dispatch {d['dispatch_ms']:.2f} ms ({d['calls']} layer calls)")  # fmt: skip
+                if mode == "hybrid":
+                    state = (
+                        serve.get_deployment_handle("Vertical", app_name=app).policy_state.remote().result()
+                    )
+                    print(f"  hybrid policy: sent {state['sent']}, vertical limit {state['limit']}")
+                serve.delete(app)
+                settle()
+        if args.rounds > 1:
+            print(f"\nall {args.rounds} rounds pooled\nmode     conc  done     req/s    tok/s  {header}")
+        for mode in modes:
+            curves[mode] = [pooled([rows[i] for rows in rounds[mode]]) for i in range(len(concurrency))]
+            if args.rounds > 1:
+                for r in curves[mode]:
+                    print_row(mode, r)
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -551,11 +551,8 @@ class HybridReplica(MorayReplica):
             yield chunk
 
     def policy_state(self) -> dict:
-        return {
-            "limit": self.policy.limit,
-            "inflight": dict(self.policy.inflight),
-            "ttft": dict(self.policy.ttft),
-        }
+        p = self.policy
+        return {"limit": p.limit, "inflight": dict(p.inflight), "ttft": dict(p.ttft), "sent": dict(p.sent)}
 
 
 HybridServer = serve.deployment(

@@ -88,8 +88,15 @@ class HybridPolicy:
         self.limit = min(max(start, s.min_vertical_limit), s.max_vertical_limit)
         self.inflight = dict.fromkeys(BACKENDS, 0)
         self.ttft = dict.fromkeys(BACKENDS, None)  # seconds, exponentially weighted
+        self.sent: dict[str, int] = {}  # "backend/reason" -> requests, since the start
 
     def choose(self, body: dict) -> tuple[str, str]:
+        backend, reason = self._choose(body)
+        key = f"{backend}/{reason}"
+        self.sent[key] = self.sent.get(key, 0) + 1
+        return backend, reason
+
+    def _choose(self, body: dict) -> tuple[str, str]:
         n, tokens = request_size(body)
         if n > 1 or tokens > self.settings.small_tokens:
             return "horizontal", "large"

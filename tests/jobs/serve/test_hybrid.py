@@ -14,6 +14,7 @@ def test_small_requests_go_vertical_until_it_is_full_and_large_ones_horizontal()
     assert policy.choose({"prompt": "hi", "n": 2}) == ("horizontal", "large")
     policy.inflight["vertical"] = 2
     assert policy.choose({"prompt": "hi", "max_tokens": 8}) == ("horizontal", "overflow")
+    assert policy.sent == {"vertical/small": 1, "horizontal/large": 2, "horizontal/overflow": 1}
 
 
 def test_the_vertical_limit_starts_at_the_vertical_engines_batch():
