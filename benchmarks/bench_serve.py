@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
                     print(f"  hybrid policy: sent {state['sent']}, vertical limit {state['limit']}")
                 serve.delete(app)
                 settle()
-        if args.rounds > 1:
+        if args.rounds > 1 and modes:
             print(f"\nall {args.rounds} rounds pooled\nmode     conc  done     req/s    tok/s  {header}")
         for mode in modes:
             curves[mode] = [pooled([rows[i] for rows in rounds[mode]]) for i in range(len(concurrency))]
