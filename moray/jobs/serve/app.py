@@ -496,8 +496,10 @@ class HybridReplica(MorayReplica):
         self.max_request_bytes = settings.max_request_bytes
         self._threads = 0  # lent torch threads in use (0: the replica's own)
 
-    def lend(self, threads: int) -> None:
-        if threads != self._threads:
+    def lend(self) -> None:
+        """Before a request is served here: the threads the policy lends this side now, if any."""
+        threads = self.policy.threads("vertical")
+        if threads is not None and threads != self._threads:
             self._threads = threads
             self.engine.set_threads(threads)
 
@@ -516,14 +518,13 @@ class HybridReplica(MorayReplica):
     async def _routed_grpc(self, method: str, request, grpc_context):
         import grpc
 
+        from moray.jobs.serve.hybrid import in_flight
+
         body = {"prompt": list(request.prompt_ids) or request.prompt, "max_tokens": request.max_tokens or 16}
         backend, reason = self.policy.choose(body)
-        self.metrics_hybrid.decided(backend, reason, self.policy)
-        self.policy.inflight[backend] += 1
-        try:
+        with in_flight(self.policy, self.metrics_hybrid, backend, reason):
             if backend == "vertical":
-                if (threads := self.policy.threads("vertical")) is not None:
-                    self.lend(threads)
+                self.lend()
                 if method == "Generate":
                     yield await super().Generate(request, grpc_context)
                 else:
@@ -538,9 +539,6 @@ class HybridReplica(MorayReplica):
                     grpc_context.set_details(details)
                     raise RuntimeError(details)
                 yield item
-        finally:
-            self.policy.inflight[backend] -= 1
-            self.metrics_hybrid.decided(None, None, self.policy)
 
     async def Generate(self, request, grpc_context):  # noqa: N802 (the gRPC method name)
         async for response in self._routed_grpc("Generate", request, grpc_context):

@@ -28,6 +28,7 @@ are counted in `moray_hybrid_requests_total{backend,reason}` and the knob is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -169,6 +170,21 @@ async def call_asgi(
         task.cancel()
 
 
+@contextlib.contextmanager
+def in_flight(policy: HybridPolicy, metrics, backend: str, reason: str):
+    """One request on `backend` for the block's duration: counted in the policy (its limit reads
+    it) and exported (metrics: HybridMetrics or None)."""
+    policy.inflight[backend] += 1
+    if metrics is not None:
+        metrics.decided(backend, reason, policy)
+    try:
+        yield
+    finally:
+        policy.inflight[backend] -= 1
+        if metrics is not None:
+            metrics.decided(None, None, policy)
+
+
 def _route(scope) -> str:
     """The request's path below the application's route prefix (Serve's `root_path`, which the
     ASGI path includes)."""
@@ -185,7 +201,7 @@ class HybridMiddleware:
 
     def __init__(self, app, policy: HybridPolicy, forward, lend, metrics=None, max_body: int = 8 << 20):
         # forward(method, path, headers, body) -> async iterator: (status, headers), then chunks;
-        # lend(threads): run the vertical side's steps on this many torch threads (0: its own)
+        # lend(): before a request is served here, the vertical side's torch threads for it
         self.app, self.policy, self.forward, self.lend = app, policy, forward, lend
         self.metrics, self.max_body = metrics, max_body
 
@@ -207,9 +223,6 @@ class HybridMiddleware:
             parsed = None  # the server answers a malformed body with its 400
         backend, reason = self.policy.choose(parsed) if isinstance(parsed, dict) else ("vertical", "other")
         policy = self.policy
-        policy.inflight[backend] += 1
-        if self.metrics is not None:
-            self.metrics.decided(backend, reason, policy)
         started, first = time.monotonic(), [True]
 
         async def send_marked(message):
@@ -223,11 +236,9 @@ class HybridMiddleware:
                 policy.observe(backend, time.monotonic() - started)
             await send(message)
 
-        try:
+        with in_flight(policy, self.metrics, backend, reason):
             if backend == "vertical":
-                threads = policy.threads("vertical")
-                if threads is not None:
-                    self.lend(threads)
+                self.lend()
                 delivered = [False]
 
                 async def replay():
@@ -239,10 +250,6 @@ class HybridMiddleware:
                 await self.app(scope, replay, send_marked)
             else:
                 await self._forwarded(scope, body, send_marked)
-        finally:
-            policy.inflight[backend] -= 1
-            if self.metrics is not None:
-                self.metrics.decided(None, None, policy)
 
     async def _forwarded(self, scope, body: bytes, send) -> None:
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]
