@@ -83,6 +83,32 @@ def ray_train(data: Path, steps: int, workers: int) -> float:
     return statistics.median(r["tokens_per_s"] for r in rows[1:])
 
 
+def precision_steps(steps: int, threads: int) -> dict[str, float]:
+    """Seconds per training step (moray's train_step: the same model, batch and optimizer) in fp32
+    and under the layout's bf16 mixed precision, timed in interleaved rounds."""
+    from common import median_times
+
+    from moray.jobs.pretrain.optim import build_optimizer
+    from moray.jobs.pretrain.step import ClipSettings, train_step
+    from moray.model import Transformer, preset
+    from moray.platform.parallel import ParallelLayout
+
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    seqs = torch.randint(3, 512, (GLOBAL_BATCH, SEQ_LEN + 1), generator=g)
+    micro = [(seqs[m : m + MICRO, :-1], seqs[m : m + MICRO, 1:]) for m in range(0, GLOBAL_BATCH, MICRO)]
+
+    def runner(precision: str):
+        torch.manual_seed(0)
+        layout = ParallelLayout(precision=precision)
+        model = Transformer(preset("small", vocab_size=512, capacity_factor=1.25))
+        opt = build_optimizer(model, "adamw", 3e-4, 0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        return lambda: train_step(model, opt, sched, micro, 0.001, ClipSettings(), autocast=layout.autocast)
+
+    return median_times({p: runner(p) for p in ("fp32", "bf16")}, reps=steps)
+
+
 # ---- parallel layouts, in spawned gloo processes ---------------------------------------------------
 LAYOUTS = {"1 process": {}, "dp2": {"dp": 2}, "ep2": {"dp": 2, "ep": 2}, "tp2": {"tp": 2},
            "tp2 x ep2": {"dp": 2, "tp": 2, "ep": 2}, "pp2": {"pp": 2}}  # fmt: skip
@@ -285,6 +311,10 @@ def main(argv: list[str] | None = None) -> list:
     layouts = {name: run_layout(name, args.steps, home) for name in LAYOUTS}
     bubbles = measure_bubbles(args.steps, home)
     plain = plain_pytorch(data, args.steps, threads=2)
+    from common import gemm_gflops
+
+    per_step = precision_steps(args.steps, threads=2)
+    peaks = {"fp32": gemm_gflops(2048, 5) * 1e9, "bf16": gemm_gflops(2048, 5, torch.bfloat16) * 1e9}
     import ray
 
     # 4 logical CPUs on 2 cores: the worker takes 2 (its threads), Ray Data keeps 2 for reading.
@@ -299,6 +329,15 @@ def main(argv: list[str] | None = None) -> list:
     for name, tps in [("plain PyTorch, 2 threads", plain), ("Ray Train, 1 worker x 2 threads", ray1)]:
         print(f"{name:<32}{tps:>10.0f}{100 * mfu(tps):>6.1f}%")
     print(f"Ray overhead (1 worker vs plain): {100 * (1 - ray1 / plain):.1f}%\n")
+    print(f"{'precision (train_step)':<24}{'s/step':>8}{'tokens/s':>10}{'GEMM peak':>14}{'of peak':>9}")
+    precision_tps = {}
+    for name, seconds in per_step.items():
+        precision_tps[name] = tokens / seconds
+        reached = precision_tps[name] * flops / peaks[name]
+        print(
+            f"{name:<24}{seconds:>8.2f}{precision_tps[name]:>10.0f}{peaks[name] / 1e9:>9.0f} GF/s{100 * reached:>8.1f}%"
+        )
+    print()
     print(f"{'layout (ranks on 2 cores)':<26}{'tokens/s':>9}{'MFU':>7}{'a2a MB/step':>12}{'a2a ms':>8}"
           f"{'comm share':>11}{'params MB/rank':>15}{'optim MB/rank':>14}")  # fmt: skip
     tps = {}
@@ -325,6 +364,13 @@ def main(argv: list[str] | None = None) -> list:
             ray1 / plain,
             None,
             f"{ray1:.0f} vs {plain:.0f} tok/s",
+        ),
+        Result(
+            "pretrain: bf16 vs fp32 train_step",
+            precision_tps["bf16"] / precision_tps["fp32"],
+            2.0,
+            f"{precision_tps['bf16']:.0f} vs {precision_tps['fp32']:.0f} tok/s; GEMM peaks "
+            f"{peaks['bf16'] / 1e9:.0f} vs {peaks['fp32'] / 1e9:.0f} GF/s",
         ),
         Result("pretrain: dp2 vs 1 process (same 2 cores)", dp2 / one, None, f"{dp2:.0f} vs {one:.0f} tok/s"),
         Result("pretrain: ep2 vs dp2", ep2 / dp2, 2.0, f"{ep2:.0f} vs {dp2:.0f} tok/s"),

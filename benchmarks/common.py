@@ -86,8 +86,8 @@ def median_times(fns: dict[str, Callable[[], object]], reps: dict[str, int] | in
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def gemm_gflops(n: int = 1024, reps: int = 20) -> float:
-    """fp32 GFLOP/s of one n x n x n matmul on this process's threads: the practical peak."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def gemm_gflops(n: int = 1024, reps: int = 20, dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of one n x n x n matmul in `dtype` on this process's threads: the practical peak."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     seconds = median_time(lambda: a @ b, reps=reps, warmup=3)
     return 2 * n**3 / seconds / 1e9

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moray.model.norm import swish
+from moray.model.precision import autocast_dtype
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -162,6 +163,15 @@ class RoutedExperts(nn.Module):
     ) -> torch.Tensor:
         pairs = sort_pairs(experts, weights, keep, self.n_experts)
         token_of_row, counts = pairs.token_of_row, pairs.counts
+        compute = autocast_dtype(x.device.type)
+        if compute is not None and self.beta is None and self.activation_scale is None:
+            # autocast does not reach into the Function: cast its operands as it would a linear's
+            # (the casts' backward brings the weights' gradients back to fp32)
+            out = SwiGLUExperts.apply(
+                x.to(compute), self.gate_up_proj.to(compute), self.down_proj.to(compute),
+                pairs.weights.to(compute), token_of_row, counts,
+            )  # fmt: skip
+            return out.to(x.dtype)
         row_weights = pairs.weights.to(x.dtype)  # (P,)
 
         if self.beta is None and self.activation_scale is None:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moray.model.config import ModelConfig
+from moray.model.precision import full_precision
 
 
 @dataclass
@@ -44,7 +45,8 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         cfg = self.config
-        logits = F.linear(x.float(), self.weight.float())  # (N, E), router math in fp32
+        with full_precision(x.device.type):  # router math in fp32, under autocast too
+            logits = F.linear(x.float(), self.weight.float())  # (N, E)
         if cfg.scoring_func == "softmax":
             scores = logits.softmax(dim=-1)
         else:

@@ -23,6 +23,27 @@ import torch
 
 MESH_DIMS = ("pp", "dp_mod_ep", "ep", "tp")
 DEVICE_TYPES = ("cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def cpu_bf16_isa() -> str | None:
+    """The CPU's bf16 matrix instructions oneDNN uses: "amx_bf16", "avx512_bf16", or None (bf16
+    would then be emulated, slower than fp32)."""
+    if torch.cpu._is_amx_tile_supported():
+        return "amx_bf16"
+    if torch.cpu._is_avx512_bf16_supported():
+        return "avx512_bf16"
+    return None
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    """ "auto" is bf16 where the hardware computes it natively (GPUs; CPUs with AMX or AVX-512
+    BF16), else fp32; "fp32" and "bf16" are taken as they are."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: use one of {PRECISIONS}")
+    if precision != "auto":
+        return precision
+    return "bf16" if device_type == "cuda" or cpu_bf16_isa() else "fp32"
 
 
 @dataclass(frozen=True)
@@ -49,6 +70,7 @@ class ParallelLayout:
     tp: int = 1  # tensor-parallel ranks
     ep: int = 1  # expert-parallel ranks, borrowed from dp
     device_type: str = "cpu"
+    precision: str | None = None  # fp32 | bf16 | auto; None: the device's default (bf16 on GPUs)
 
     def __post_init__(self) -> None:
         for name in ("dp", "pp", "tp", "ep"):
@@ -62,15 +84,20 @@ class ParallelLayout:
             )
         if self.device_type not in DEVICE_TYPES:
             raise ValueError(f"device_type={self.device_type!r}: use one of {DEVICE_TYPES}")
+        if self.precision is not None:
+            object.__setattr__(self, "precision", resolve_precision(self.precision, self.device_type))
 
     @classmethod
-    def for_world(cls, world_size: int, pp: int = 1, tp: int = 1, ep: int = 1, device_type: str = "cpu"):
+    def for_world(cls, world_size: int, pp: int = 1, tp: int = 1, ep: int = 1, device_type: str = "cpu",
+                  precision: str | None = None):  # fmt: skip
         """The layout that fills `world_size` ranks: data parallelism takes what pp and tp leave."""
         if pp < 1 or tp < 1:
             return cls(pp=pp, tp=tp)  # refused by the checks, naming the degree
         if world_size % (pp * tp):
             raise ValueError(f"world size {world_size} is not divisible by pp*tp={pp * tp}")
-        return cls(dp=world_size // (pp * tp), pp=pp, tp=tp, ep=ep, device_type=device_type)
+        return cls(
+            dp=world_size // (pp * tp), pp=pp, tp=tp, ep=ep, device_type=device_type, precision=precision
+        )
 
     @property
     def world_size(self) -> int:
@@ -87,8 +114,11 @@ class ParallelLayout:
     # ---- precision ------------------------------------------------------------------------------
     @property
     def compute_dtype(self) -> torch.dtype:
-        """bf16 compute with fp32 master weights on GPUs; fp32 on CPU (for now)."""
-        return torch.bfloat16 if self.device_type == "cuda" else torch.float32
+        """What matmuls compute in. bf16 is mixed precision: the parameters (master weights), the
+        gradients' reduction, the optimizer state, the router and the loss stay fp32. Without a
+        precision, bf16 on GPUs and fp32 on the CPU."""
+        precision = self.precision or ("bf16" if self.device_type == "cuda" else "fp32")
+        return torch.bfloat16 if precision == "bf16" else torch.float32
 
     def autocast(self):
         """The compute-precision context for forward passes; parameters stay fp32."""
@@ -153,4 +183,5 @@ class ParallelLayout:
 
     def describe(self) -> dict:
         return {"dp": self.dp, "pp": self.pp, "tp": self.tp, "ep": self.ep, "device": self.device_type,
-                "backend": self.backend, "compute_dtype": str(self.compute_dtype).removeprefix("torch.")}  # fmt: skip
+                "backend": self.backend, "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
+                "cpu_bf16": cpu_bf16_isa() or "none"}  # fmt: skip

@@ -429,3 +429,31 @@ def test_a_padded_transformer_batch_counts_real_tokens_only():
         assert stats.pairs == 17 * cfg.num_experts_per_tok == int(stats.tokens_per_expert.sum())
         assert stats.capacity == math.ceil(17 * cfg.num_experts_per_tok / cfg.n_routed_experts)
     assert torch.isfinite(out.aux_loss) and out.aux_loss.item() > 0
+
+
+def test_bf16_autocast_computes_the_experts_in_bf16_and_keeps_routing_and_gradients_fp32(monkeypatch):
+    from moray.model import experts as experts_module
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny"))
+    ids = torch.randint(3, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+    out32 = model(ids)
+    loss32 = out32.logits.float().log_softmax(-1).mean() + out32.aux_loss
+    grads32 = torch.autograd.grad(loss32, list(model.parameters()))
+
+    seen = []
+    apply = experts_module.SwiGLUExperts.apply
+    monkeypatch.setattr(
+        experts_module.SwiGLUExperts, "apply", lambda *a: seen.append(a[1].dtype) or apply(*a)
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out16 = model(ids)
+    loss16 = out16.logits.float().log_softmax(-1).mean() + out16.aux_loss
+    grads16 = torch.autograd.grad(loss16, list(model.parameters()))
+
+    assert seen and set(seen) == {torch.bfloat16}  # autocast does not reach into the Function itself
+    assert all(v.dtype == torch.float32 for v in out16.balance_losses.values())
+    assert float(loss16) == pytest.approx(float(loss32), rel=1e-2)
+    for g16, g32, p in zip(grads16, grads32, model.parameters()):
+        assert g16.dtype == p.dtype == torch.float32  # master weights and their gradients stay fp32
+        assert F.cosine_similarity(g16.flatten(), g32.flatten(), dim=0) > 0.98

@@ -47,6 +47,15 @@ def test_router_math_is_float32_and_weights_follow_the_input_dtype():
     assert r.weights.dtype == torch.bfloat16
 
 
+def test_router_math_stays_float32_under_autocast():
+    router = make_router()
+    x = random_logits(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = router(x)
+    assert r.logits.dtype == torch.float32 and r.scores.dtype == torch.float32
+    torch.testing.assert_close(r.logits, x)  # not rounded to bf16 (2^-8 relative) on the way
+
+
 def _group_limited_reference(scores: torch.Tensor, n_group: int, topk_group: int, k: int) -> list[set[int]]:
     out = []
     per = E // n_group

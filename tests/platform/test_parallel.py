@@ -36,6 +36,27 @@ def test_device_backend_and_precision_come_from_the_layout():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
 
 
+def test_precision_is_the_layouts_switch_and_auto_follows_the_hardware(monkeypatch):
+    from moray.platform import parallel
+
+    bf16 = ParallelLayout(precision="bf16")
+    assert (
+        bf16.compute_dtype == torch.bfloat16
+        and ParallelLayout(precision="fp32").compute_dtype == torch.float32
+    )
+    with bf16.autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    monkeypatch.setattr(parallel, "cpu_bf16_isa", lambda: None)
+    assert ParallelLayout(precision="auto").compute_dtype == torch.float32  # bf16 would be emulated
+    assert ParallelLayout(precision="auto", device_type="cuda").precision == "bf16"
+    monkeypatch.setattr(parallel, "cpu_bf16_isa", lambda: "amx_bf16")
+    layout = ParallelLayout.for_world(2, precision="auto")
+    assert (layout.precision, layout.compute_dtype) == ("bf16", torch.bfloat16)
+    assert layout.describe()["cpu_bf16"] == "amx_bf16" and layout.describe()["compute_dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match="precision='fp16': use one of"):
+        ParallelLayout(precision="fp16")
+
+
 def test_the_model_config_takes_its_expert_parallel_degree_from_the_layout():
     cfg = preset("tiny", max_devices_per_token=1, ep_size=2)
     assert ParallelLayout(dp=4, ep=2).configure_model(cfg).ep_size == 2

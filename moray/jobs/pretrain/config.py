@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from moray.model import ModelConfig
 from moray.platform.config import ConfigError, ModelSpec
 from moray.platform.data_contract import ContractError, Manifest, count_rows, read_manifest
-from moray.platform.parallel import ParallelLayout
+from moray.platform.parallel import PRECISIONS, ParallelLayout
 from moray.platform.pipeline_parallel import SCHEDULES, check_pipeline
 
 # Model fields that have one home elsewhere: the parallel layout, the train section.
@@ -82,6 +82,10 @@ class TrainSection:
     keep_checkpoints: int = 3
     log_every: int = 1
     peak_flops_per_worker: float = 140e9  # declared hardware peak for MFU (fp32 GEMM on 2 CPU cores)
+    # fp32 | bf16 | auto. bf16: matmuls in bf16, with fp32 master weights, optimizer state, router
+    # and loss. auto: bf16 on GPUs and on CPUs with AMX or AVX-512 BF16. null: the device's default,
+    # bf16 on GPUs and fp32 on the CPU, until bf16 is faster there end to end (bench_pretrain).
+    precision: str | None = None
 
     def __post_init__(self) -> None:
         def need(cond: bool, name: str, msg: str) -> None:
@@ -90,6 +94,7 @@ class TrainSection:
 
         need(self.max_steps > 0, "max_steps", "must be positive")
         need(self.optimizer in ("adamw", "lamb_adam"), "optimizer", "use 'adamw' or 'lamb_adam'")
+        need(self.precision in (None, *PRECISIONS), "precision", f"use one of {PRECISIONS} or null")
         need(self.lr > 0, "lr", "must be positive")
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "two values in [0, 1)")
@@ -170,11 +175,11 @@ class ParallelSection:
                 f"virtual_stages={self.virtual_stages}: virtual stages split pipeline ranks; set pp > 1"
             )
 
-    def layout(self, world_size: int, use_gpu: bool = False) -> ParallelLayout:
+    def layout(self, world_size: int, use_gpu: bool = False, precision: str | None = None) -> ParallelLayout:
         device = "cuda" if use_gpu else "cpu"
         try:
             return ParallelLayout.for_world(
-                world_size, pp=self.pp, tp=self.tp, ep=self.ep, device_type=device
+                world_size, pp=self.pp, tp=self.tp, ep=self.ep, device_type=device, precision=precision
             )
         except ValueError as e:
             raise ConfigError(f"scaling.num_workers={world_size}: {e}") from None
@@ -211,7 +216,7 @@ class Plan:
 def layout_for(cfg: PretrainConfig, world: int, model_config: ModelConfig) -> ParallelLayout:
     """The layout of exactly `world` ranks, checked against the model and the batch arithmetic."""
     g, micro = cfg.data.global_batch_size, cfg.data.micro_batch_size
-    layout = cfg.parallel.layout(world, cfg.scaling.use_gpu)
+    layout = cfg.parallel.layout(world, cfg.scaling.use_gpu, cfg.train.precision)
     if model_config.n_routed_experts % layout.ep:
         raise ConfigError(f"parallel.ep={layout.ep}: must divide n_routed_experts")
     # each rank takes g / dp sequences, in whole micro-batches of `micro`

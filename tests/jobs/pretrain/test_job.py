@@ -173,6 +173,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous(baseline, tmp_path, caplo
         ("model.preset=huge", "unknown model preset"),
         ("data.path=/nonexistent", "no manifest.json"),
         ("train.capacity_factor=9", "capacity_factor=9"),
+        ("train.precision=fp16", r"precision='fp16': use one of \('auto', 'fp32', 'bf16'\) or null"),
         # 3 sequences per rank do not make whole micro-batches of 4
         ("data.global_batch_size=6", "micro_batch_size=4"),
         # the curated tokenizer's ids and vocabulary are the model's: a different one is refused
