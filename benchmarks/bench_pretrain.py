@@ -90,6 +90,7 @@ def precision_steps(steps: int, threads: int) -> dict[str, float]:
 
     from moray.jobs.pretrain.optim import build_optimizer
     from moray.jobs.pretrain.step import ClipSettings, train_step
+    from moray.jobs.pretrain.working_weights import WorkingWeights
     from moray.model import Transformer, preset
     from moray.platform.parallel import ParallelLayout
 
@@ -98,15 +99,18 @@ def precision_steps(steps: int, threads: int) -> dict[str, float]:
     seqs = torch.randint(3, 512, (GLOBAL_BATCH, SEQ_LEN + 1), generator=g)
     micro = [(seqs[m : m + MICRO, :-1], seqs[m : m + MICRO, 1:]) for m in range(0, GLOBAL_BATCH, MICRO)]
 
-    def runner(precision: str):
+    def runner(precision: str, working: bool = True):
         torch.manual_seed(0)
         layout = ParallelLayout(precision=precision)
         model = Transformer(preset("small", vocab_size=512, capacity_factor=1.25))
         opt = build_optimizer(model, "adamw", 3e-4, 0.1)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        return lambda: train_step(model, opt, sched, micro, 0.001, ClipSettings(), autocast=layout.autocast)
+        ww = WorkingWeights.for_layout(model, layout) if working else None
+        return lambda: train_step(model, opt, sched, micro, 0.001, ClipSettings(), layout.autocast,
+                                  working_weights=ww)  # fmt: skip
 
-    return median_times({p: runner(p) for p in ("fp32", "bf16")}, reps=steps)
+    runners = {"fp32": runner("fp32"), "bf16": runner("bf16"), "bf16 autocast only": runner("bf16", False)}
+    return median_times(runners, reps=steps)
 
 
 # ---- parallel layouts, in spawned gloo processes ---------------------------------------------------

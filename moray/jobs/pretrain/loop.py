@@ -23,6 +23,7 @@ from moray.jobs.pretrain.parallel import parallelize
 from moray.jobs.pretrain.state import CapacityState, DataPosition, RNGState, TrainState
 from moray.jobs.pretrain.step import ClipSettings, all_reduce, lm_loss, moe_feedback, reduce_stats, train_step
 from moray.jobs.pretrain.tracker import Tracker, read_metrics
+from moray.jobs.pretrain.working_weights import WorkingWeights
 from moray.model import CapacityController, ModelConfig, Transformer
 from moray.model.accounting import account
 from moray.platform.config import from_dict
@@ -106,6 +107,7 @@ def train_func(loop_config: dict) -> None:
         tc.max_steps, tc.warmup_steps, tc.schedule, tc.min_lr_ratio, 0.2, tc.warmup_oscillation
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    working_weights = WorkingWeights.for_layout(model, w.layout)  # bf16 on one process: cast once a step
     controller = None
     if tc.capacity_factor is not None:
         controller = CapacityController(tc.capacity_factor, tc.capacity_target_drop_rate, *tc.capacity_bounds)
@@ -148,6 +150,7 @@ def train_func(loop_config: dict) -> None:
             clip,
             w.layout.autocast,
             w.layout.loss_parallel,
+            working_weights,
         )
         t_compute = time.perf_counter()
         reduced = reduce_stats(stats, w.layout.dp, w.dp_group, w.device)

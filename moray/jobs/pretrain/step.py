@@ -62,11 +62,13 @@ def train_step(
     clip: ClipSettings,
     autocast=contextlib.nullcontext,
     loss_parallel=contextlib.nullcontext,  # the layout's, around the loss and its backward
+    working_weights=None,  # WorkingWeights: bf16 copies cast once for the step's micro-batches
 ) -> StepStats:
     """A pipelined model (PipelinedModel) runs its micro-batches through its schedule and reports
     the whole pipeline's figures; its gradient norm is taken over every stage."""
     model.train()
-    stats = forward_backward(model, micro_batches, aux_loss_weight, autocast, loss_parallel)
+    with working_weights or contextlib.nullcontext():
+        stats = forward_backward(model, micro_batches, aux_loss_weight, autocast, loss_parallel)
     norms = clip_gradients(model, clip.per_layer, clip.per_expert, clip.global_norm, pipeline_group(model))
     stats.lr = optimizer.param_groups[0]["lr"]
     stats.grad_norm = norms["grad_norm"]

@@ -345,3 +345,22 @@ def test_layouts_the_model_or_worker_range_cannot_take_are_refused(packed_data, 
     """Before Ray starts, saying why."""
     with pytest.raises(ConfigError, match=match):
         run(_cfg(packed_data, "bad", *overrides))
+
+
+def test_bf16_precision_trains_one_worker_with_working_weights(ray_local, packed_data):
+    """train.precision=bf16 on one worker: the loop's bf16 working weights; the run's params say
+    what computed (and what the CPU offers), and the exported weights are the fp32 masters."""
+    import mlflow
+
+    from moray.model import load_pretrained
+    from moray.platform.parallel import cpu_bf16_isa
+
+    summary = run(_cfg(packed_data, "bf16", "train.precision=bf16", "scaling.num_workers=1",
+                       "train.max_steps=3", "train.checkpoint_every=3", "run.register_model=null"))  # fmt: skip
+    assert 0 < summary["final"]["loss"] < 10
+    mlflow.set_tracking_uri(summary["tracking_uri"])
+    params = mlflow.MlflowClient().get_run(summary["mlflow_run_id"]).data.params
+    assert params["layout.1.compute_dtype"] == "bfloat16" and params["config.train.precision"] == "bf16"
+    assert params["layout.1.cpu_bf16"] == (cpu_bf16_isa() or "none")
+    exported = load_pretrained(summary["hf_export"])
+    assert {p.dtype for p in exported.parameters()} == {torch.float32}
