@@ -4,6 +4,10 @@ HF runs twice: its default experts loop (one Python iteration per expert) and it
 experts implementation. Shapes are the `small` preset (hidden 512, 64 routed experts + 2 shared,
 top-6, expert width 256) on 2,048 tokens. Targets: >= 3x the loop, >= 1x grouped_mm.
 
+In bf16 (both modules cast whole to bf16, inputs too; moray's router still computes in fp32):
+moray against its own fp32 figure (target 2.5x) and against HF's grouped_mm in bf16 (target 1.5x),
+with the fraction of the measured bf16 GEMM peak.
+
 Also printed: the fraction of the CPU's fp32 peak each side reaches, counting the router, routed
 and shared expert matmuls (a multiply-add is 2 FLOPs; backward costs twice the forward).
 """
@@ -106,25 +110,45 @@ def main() -> list[Result]:
     )
     flops = fwd_bwd_flops_per_token(cfg)
 
-    def step(module):
-        xi = x.detach().requires_grad_(True)
+    def step(module, dtype=torch.float32):
+        xi = x.detach().to(dtype).requires_grad_(True)
         module.zero_grad(set_to_none=True)
-        module(xi).backward(grad_out)
+        module(xi).backward(grad_out.to(dtype))
 
-    reps = {"moray": 7, "hf loop": 3, "hf grouped_mm": 7}  # the loop takes seconds per step
-    seconds = median_times({name: (lambda m=module: step(m)) for name, module in sides.items()}, reps)
+    ours16, grouped16 = MoE(cfg).train(), hf_moe(cfg, "grouped_mm").train()
+    ours16.load_state_dict(ours.state_dict())
+    copy_weights(ours, grouped16)
+    bf16 = {"moray bf16": ours16.bfloat16(), "hf grouped_mm bf16": grouped16.bfloat16()}
+    steps = {name: (lambda m=module: step(m)) for name, module in sides.items()}
+    steps |= {name: (lambda m=module: step(m, torch.bfloat16)) for name, module in bf16.items()}
+    reps = {"moray": 7, "hf loop": 3, "hf grouped_mm": 7, "moray bf16": 7, "hf grouped_mm bf16": 7}
+    seconds = median_times(steps, reps)  # the loop takes seconds per step
     tokens_per_s = {name: TOKENS / s for name, s in seconds.items()}
+    peak16 = gemm_gflops(dtype=torch.bfloat16)
+    print(f"  1024^3 bf16 GEMM: {peak16:.1f} GFLOP/s")
     for name, tps in tokens_per_s.items():
         gflops = tps * flops / 1e9
+        measured = peak16 if name.endswith("bf16") else peak
         print(
-            f"  {name:14s} fwd+bwd {tps:8.0f} tokens/s  {gflops:6.1f} GFLOP/s = "
-            f"{gflops / peak:5.1%} of measured peak, {gflops / NOMINAL_PEAK_GFLOPS:5.1%} of nominal"
+            f"  {name:18s} fwd+bwd {tps:8.0f} tokens/s  {gflops:6.1f} GFLOP/s = "
+            f"{gflops / measured:5.1%} of measured peak in its dtype"
         )
     ours_tps = tokens_per_s["moray"]
     detail = f"{ours_tps:.0f} tok/s, {ours_tps * flops / 1e9 / peak:.0%} of GEMM peak"
     results = [
         Result("moe fwd+bwd vs hf loop", ours_tps / tokens_per_s["hf loop"], 3.0, detail),
         Result("moe fwd+bwd vs hf grouped_mm", ours_tps / tokens_per_s["hf grouped_mm"], 1.0, detail),
+    ]
+    ours16 = tokens_per_s["moray bf16"]
+    detail16 = f"{ours16:.0f} tok/s, {ours16 * flops / 1e9 / peak16:.0%} of bf16 GEMM peak"
+    results += [
+        Result("moe fwd+bwd bf16 vs moray fp32", ours16 / ours_tps, 2.5, detail16),
+        Result(
+            "moe fwd+bwd bf16 vs hf grouped_mm bf16",
+            ours16 / tokens_per_s["hf grouped_mm bf16"],
+            1.5,
+            detail16,
+        ),
     ]
     for r in results:
         print(f"  {r.name}: {r.ratio:.2f}x (target {r.target:g}x)")

@@ -457,3 +457,26 @@ def test_bf16_autocast_computes_the_experts_in_bf16_and_keeps_routing_and_gradie
     for g16, g32, p in zip(grads16, grads32, model.parameters()):
         assert g16.dtype == p.dtype == torch.float32  # master weights and their gradients stay fp32
         assert F.cosine_similarity(g16.flatten(), g32.flatten(), dim=0) > 0.98
+
+
+@pytest.mark.parametrize("skewed", [False, True])
+def test_bf16_grouped_products_equal_the_per_expert_loop(skewed):
+    """bf16 on the CPU takes one padded bmm (grouped_mm's kernel loops over the experts, 2-3x
+    slower at a few dozen rows each), unless padding would more than double the rows."""
+    from moray.model import experts as ex
+
+    g = torch.Generator().manual_seed(0)
+    counts = torch.tensor([40, 0, 3, 30, 9, 1, 8, 5]) if skewed else torch.tensor([9, 0, 7, 8, 6, 9, 8, 5])
+    P, E = int(counts.sum()), len(counts)
+    a = torch.randn(P, 32, generator=g).bfloat16()
+    b = torch.randn(E, 32, 24, generator=g).bfloat16()
+    rows = torch.randn(P, 24, generator=g).bfloat16()
+    assert (ex._padded_slots(a, counts) is None) == skewed
+    groups = a.split(counts.tolist())
+    want_mm = torch.cat([ai.float() @ bi.float() for ai, bi in zip(groups, b.unbind(0))])
+    want_outer = torch.stack(
+        [ai.float().t() @ ri.float() for ai, ri in zip(groups, rows.split(counts.tolist()))]
+    )
+    torch.testing.assert_close(ex.grouped_matmul(a, b, counts).float(), want_mm, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(ex.grouped_outer(a, rows, counts).float(), want_outer, rtol=1e-2, atol=1e-2)
+    assert not ex.grouped_outer(a, rows, counts)[1].any()  # an expert without rows: zeros
