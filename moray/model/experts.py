@@ -193,25 +193,21 @@ class RoutedExperts(nn.Module):
     ) -> torch.Tensor:
         pairs = sort_pairs(experts, weights, keep, self.n_experts)
         token_of_row, counts = pairs.token_of_row, pairs.counts
-        compute = autocast_dtype(x.device.type)
-        if compute is not None and self.beta is None and self.activation_scale is None:
-            # autocast does not reach into the Function: cast its operands as it would a linear's
-            # (the casts' backward brings the weights' gradients back to fp32)
-            out = SwiGLUExperts.apply(
-                x.to(compute), self.gate_up_proj.to(compute), self.down_proj.to(compute),
-                pairs.weights.to(compute), token_of_row, counts,
-            )  # fmt: skip
-            return out.to(x.dtype)
-        row_weights = pairs.weights.to(x.dtype)  # (P,)
 
         if self.beta is None and self.activation_scale is None:
+            # autocast does not reach into the Function: its operands are cast as a linear's would be
+            # (the casts' backward brings the weights' gradients back to fp32); no-ops otherwise
+            dtype = autocast_dtype(x.device.type) or x.dtype
+            xc, gate_up, down = x.to(dtype), self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
+            row_weights = pairs.weights.to(dtype)  # (P,)
             few_rows = len(token_of_row) <= self.FEW_ROWS_PER_EXPERT * self.n_experts
             if few_rows and x.device.type == "cpu" and not torch.is_grad_enabled():
-                out_rows = swiglu_experts_few_rows(x, token_of_row, self.gate_up_proj, self.down_proj, counts)
-                return torch.zeros_like(x).index_add_(0, token_of_row, out_rows * row_weights[:, None])
-            return SwiGLUExperts.apply(
-                x, self.gate_up_proj, self.down_proj, row_weights, token_of_row, counts
-            )
+                out_rows = swiglu_experts_few_rows(xc, token_of_row, gate_up, down, counts)
+                out = torch.zeros_like(xc).index_add_(0, token_of_row, out_rows * row_weights[:, None])
+            else:
+                out = SwiGLUExperts.apply(xc, gate_up, down, row_weights, token_of_row, counts)
+            return out.to(x.dtype)
+        row_weights = pairs.weights.to(x.dtype)  # (P,)
         out_rows = experts_ffn(
             x[token_of_row], pairs.expert_of_row, counts, self.gate_up_proj, self.down_proj, self.beta,
             self.activation_scale,
