@@ -1,7 +1,10 @@
 """Pre-training throughput of the `small` preset, in one run:
 
-1. Ray's overhead: the training step in one plain PyTorch process against Ray Train with 1 worker.
-2. Parallel layouts on the same 2 cores: one process, dp2, ep2 (dp2 with the experts split),
+1. Ray's overhead: the training step in one plain PyTorch process against Ray Train with 1 worker;
+   and data-parallel scaling: Ray Train with 2 workers of 1 thread against 1 worker of 2 (target
+   0.7x, issue 15).
+2. Parallel layouts on the same 2 cores: one process, dp2 (sharded by FSDP2, and replicated: each
+   rank a whole copy, gradients all-reduced once a step), ep2 (dp2 with the experts split),
    tp2, tp2 x ep2 (4 ranks) and pp2 (1F1B), each running the real step (`parallelize`,
    `train_step`) in spawned gloo processes. Per layout: tokens/s, MFU (against the declared peak
    of 140 GFLOP/s fp32 per 2 cores), the expert all-to-all's bytes and time per step, the share of
@@ -118,8 +121,9 @@ def precision_steps(steps: int, threads: int) -> dict[str, float]:
 
 
 # ---- parallel layouts, in spawned gloo processes ---------------------------------------------------
-LAYOUTS = {"1 process": {}, "dp2": {"dp": 2}, "ep2": {"dp": 2, "ep": 2}, "tp2": {"tp": 2},
-           "tp2 x ep2": {"dp": 2, "tp": 2, "ep": 2}, "pp2": {"pp": 2}}  # fmt: skip
+LAYOUTS = {"1 process": {}, "dp2 shard": {"dp": 2}, "dp2 replicate": {"dp": 2, "dp_mode": "replicate"},
+           "ep2": {"dp": 2, "ep": 2}, "tp2": {"tp": 2}, "tp2 x ep2": {"dp": 2, "tp": 2, "ep": 2},
+           "pp2": {"pp": 2}}  # fmt: skip
 
 
 def _local_bytes(tensors) -> int:
@@ -328,13 +332,15 @@ def main(argv: list[str] | None = None) -> list:
     # 4 logical CPUs on 2 cores: the worker takes 2 (its threads), Ray Data keeps 2 for reading.
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     ray1 = ray_train(data, args.steps, 1)
+    ray2 = ray_train(data, args.steps, 2)  # the config's default dp_mode: auto, replicate here
     ray.shutdown()
 
     tokens = GLOBAL_BATCH * SEQ_LEN
     print(f"\nsmall preset (vocab 512), seq {SEQ_LEN}, global batch {GLOBAL_BATCH}, fp32, "
           f"{flops / 1e9:.2f} GFLOP/token (fwd+bwd), 2 cores")  # fmt: skip
     print(f"{'setup':<32}{'tokens/s':>10}{'MFU':>7}")
-    for name, tps in [("plain PyTorch, 2 threads", plain), ("Ray Train, 1 worker x 2 threads", ray1)]:
+    for name, tps in [("plain PyTorch, 2 threads", plain), ("Ray Train, 1 worker x 2 threads", ray1),
+                      ("Ray Train, 2 workers x 1 thread", ray2)]:  # fmt: skip
         print(f"{name:<32}{tps:>10.0f}{100 * mfu(tps):>6.1f}%")
     print(f"Ray overhead (1 worker vs plain): {100 * (1 - ray1 / plain):.1f}%\n")
     print(f"{'precision (train_step)':<24}{'s/step':>8}{'tokens/s':>10}{'GEMM peak':>14}{'of peak':>9}")
@@ -366,7 +372,7 @@ def main(argv: list[str] | None = None) -> list:
         v = BUBBLE_SCHEDULES[name][1]
         print(f"{name:<18}" + "".join(f"{100 * per_m[m]:>13.1f}%{100 * bubble_formula(2, m, v):>8.1f}%"
                                       for m in BUBBLE_MICRO_BATCHES))  # fmt: skip
-    one, dp2, ep2 = tps["1 process"], tps["dp2"], tps["ep2"]
+    one, dp2, ep2 = tps["1 process"], tps["dp2 shard"], tps["ep2"]
     return [
         Result(
             "pretrain: Ray Train 1 worker vs plain PyTorch",
@@ -381,7 +387,19 @@ def main(argv: list[str] | None = None) -> list:
             f"{precision_tps['bf16']:.0f} vs {precision_tps['fp32']:.0f} tok/s; GEMM peaks "
             f"{peaks['bf16'] / 1e9:.0f} vs {peaks['fp32'] / 1e9:.0f} GF/s",
         ),
-        Result("pretrain: dp2 vs 1 process (same 2 cores)", dp2 / one, None, f"{dp2:.0f} vs {one:.0f} tok/s"),
+        Result(
+            "pretrain: Ray Train 2 workers vs 1 (same 2 cores)",
+            ray2 / ray1,
+            0.7,
+            f"{ray2:.0f} vs {ray1:.0f} tok/s",
+        ),
+        Result(
+            "pretrain: dp2 replicate vs 1 process",
+            tps["dp2 replicate"] / one,
+            0.7,
+            f"{tps['dp2 replicate']:.0f} vs {one:.0f} tok/s",
+        ),
+        Result("pretrain: dp2 shard vs 1 process", dp2 / one, None, f"{dp2:.0f} vs {one:.0f} tok/s"),
         Result("pretrain: ep2 vs dp2", ep2 / dp2, 2.0, f"{ep2:.0f} vs {dp2:.0f} tok/s"),
         Result("pretrain: ep2 vs 1 process", ep2 / one, 0.7, f"{ep2:.0f} vs {one:.0f} tok/s"),
         Result("pretrain: tp2 vs 1 process", tps["tp2"] / one, None, f"{tps['tp2']:.0f} tok/s"),

@@ -70,3 +70,20 @@ def test_a_single_process_without_a_process_group_has_no_mesh():
     assert ParallelLayout().build_mesh() is None
     with pytest.raises(RuntimeError, match="process group"):
         ParallelLayout(dp=2).build_mesh()
+
+
+def test_auto_replicates_a_small_pure_data_parallel_cpu_model_and_shards_elsewhere():
+    from moray.platform.parallel import REPLICATE_MAX_BYTES, resolve_dp_mode
+
+    small, too_big = 10**6, REPLICATE_MAX_BYTES // 16 + 1
+    assert resolve_dp_mode("auto", "cpu", tp=1, pp=1, ep=1, params=small) == "replicate"
+    assert resolve_dp_mode("auto", "cpu", tp=1, pp=1, ep=1, params=too_big) == "shard"
+    assert resolve_dp_mode("auto", "cuda", tp=1, pp=1, ep=1, params=small) == "shard"
+    for split in (dict(tp=2, pp=1, ep=1), dict(tp=1, pp=2, ep=1), dict(tp=1, pp=1, ep=2)):
+        assert resolve_dp_mode("auto", "cpu", params=small, **split) == "shard"
+    assert resolve_dp_mode("replicate", "cuda", tp=1, pp=1, ep=1, params=too_big) == "replicate"  # as asked
+    assert ParallelLayout.for_world(2, dp_mode="replicate").describe()["dp_mode"] == "replicate"
+    with pytest.raises(ValueError, match="dp_mode='replicate' takes pure data parallelism"):
+        ParallelLayout(dp=2, ep=2, dp_mode="replicate")
+    with pytest.raises(ValueError, match="dp_mode='zero2': use one of"):
+        resolve_dp_mode("zero2", "cpu", tp=1, pp=1, ep=1, params=small)

@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from moray.model import ModelConfig
+from moray.model.accounting import account
 from moray.platform.config import ConfigError, ModelSpec
 from moray.platform.data_contract import ContractError, Manifest, count_rows, read_manifest
-from moray.platform.parallel import PRECISIONS, ParallelLayout
+from moray.platform.parallel import DP_MODES, PRECISIONS, ParallelLayout, resolve_dp_mode
 from moray.platform.pipeline_parallel import SCHEDULES, check_pipeline
 
 # Model fields that have one home elsewhere: the parallel layout, the train section.
@@ -162,12 +163,18 @@ class ParallelSection:
     ep: int = 1
     virtual_stages: int = 1  # pipeline stages per pp rank (2 or more: interleaved_1f1b)
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b
+    # How data-parallel ranks hold the model: shard (FSDP2) | replicate (every rank a whole copy,
+    # gradients all-reduced once a step) | auto (replicate on the CPU for a pure data-parallel
+    # layout of a model that fits, shard elsewhere; moray.platform.parallel.resolve_dp_mode)
+    dp_mode: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "ep", "virtual_stages"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name}={v!r}: must be a positive integer")
+        if self.dp_mode not in DP_MODES:
+            raise ConfigError(f"dp_mode={self.dp_mode!r}: use one of {DP_MODES}")
         if self.pp_schedule not in SCHEDULES:
             raise ConfigError(f"pp_schedule={self.pp_schedule!r}: use one of {SCHEDULES}")
         if self.virtual_stages > 1 and self.pp == 1:
@@ -175,12 +182,14 @@ class ParallelSection:
                 f"virtual_stages={self.virtual_stages}: virtual stages split pipeline ranks; set pp > 1"
             )
 
-    def layout(self, world_size: int, use_gpu: bool = False, precision: str | None = None) -> ParallelLayout:
+    def layout(self, world_size: int, use_gpu: bool = False, precision: str | None = None,
+               params: int = 0) -> ParallelLayout:  # fmt: skip
+        """The layout of `world_size` ranks for a model of `params` parameters."""
         device = "cuda" if use_gpu else "cpu"
         try:
-            return ParallelLayout.for_world(
-                world_size, pp=self.pp, tp=self.tp, ep=self.ep, device_type=device, precision=precision
-            )
+            dp_mode = resolve_dp_mode(self.dp_mode, device, self.tp, self.pp, self.ep, params)
+            return ParallelLayout.for_world(world_size, pp=self.pp, tp=self.tp, ep=self.ep, device_type=device,
+                                            precision=precision, dp_mode=dp_mode)  # fmt: skip
         except ValueError as e:
             raise ConfigError(f"scaling.num_workers={world_size}: {e}") from None
 
@@ -216,7 +225,8 @@ class Plan:
 def layout_for(cfg: PretrainConfig, world: int, model_config: ModelConfig) -> ParallelLayout:
     """The layout of exactly `world` ranks, checked against the model and the batch arithmetic."""
     g, micro = cfg.data.global_batch_size, cfg.data.micro_batch_size
-    layout = cfg.parallel.layout(world, cfg.scaling.use_gpu, cfg.train.precision)
+    params = account(model_config).total_params
+    layout = cfg.parallel.layout(world, cfg.scaling.use_gpu, cfg.train.precision, params)
     if model_config.n_routed_experts % layout.ep:
         raise ConfigError(f"parallel.ep={layout.ep}: must divide n_routed_experts")
     # each rank takes g / dp sequences, in whole micro-batches of `micro`

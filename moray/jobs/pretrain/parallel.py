@@ -5,8 +5,9 @@
     3. pipeline split       contiguous layers per stage over "pp"; this rank keeps its stages
                             (a PipelinedModel: the same modules under the same names)
     4. activation checkpointing
-    5. FSDP2 `fully_shard`: routed experts over "dp_mod_ep" (the ranks that hold the same
-       experts), every transformer block over "dp", then the root (each pipeline stage's)
+    5. data parallelism, FSDP2 `fully_shard`: routed experts over "dp_mod_ep" (the ranks that hold
+       the same experts), every transformer block over "dp", then the root (each pipeline stage's);
+       or, with the layout's dp_mode "replicate", FSDP2's `replicate` (DDP) of each block and the root
 
 The model stays single-device code; the layout (moray.platform.parallel.ParallelLayout) says what
 to apply. Tensor and expert parallelism go first, on the whole model: the split keeps the modules
@@ -43,28 +44,55 @@ def parallelize(model: nn.Module, layout: ParallelLayout, mesh, pipeline: Pipeli
     if layout.pp > 1:
         model = PipelinedModel(model, layout, mesh, pipeline or PipelineOptions())
         roots = model.stages
-    if layout.dp > 1:
+    if layout.dp > 1 and layout.dp_mode == "replicate":
+        _apply_replicate(model, layout, mesh)
+    elif layout.dp > 1:
         _apply_fsdp(roots, layout, mesh)
     if layout.pp > 1:
         model.build_schedule(torch.device(device))
     return model
 
 
+def _mixed_precision(layout: ParallelLayout) -> dict:
+    """On GPUs the gathered (or replicated) parameters are cast to bf16 for compute; master weights,
+    gradient reduction and optimizer state stay fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if layout.compute_dtype == torch.float32:
+        return {}
+    return {"mp_policy": MixedPrecisionPolicy(param_dtype=layout.compute_dtype, reduce_dtype=torch.float32)}
+
+
+def _apply_replicate(model: nn.Module, layout: ParallelLayout, mesh) -> None:
+    """Every data-parallel rank holds the whole model and its optimizer state; each block's
+    gradients are all-reduced as its backward ends (overlapping the blocks before it), once per step
+    (`sync_gradients`)."""
+    from torch.distributed._composable.replicate_with_fsdp import replicate
+
+    for block in model.layers.children():
+        replicate(block, mesh=mesh["dp"], **_mixed_precision(layout))
+    replicate(model, mesh=mesh["dp"], **_mixed_precision(layout))
+
+
+def sync_gradients(model: nn.Module, now: bool) -> None:
+    """Whether the coming backward reduces gradients over the data-parallel ranks. A replicated
+    model accumulates its micro-batches locally and all-reduces after the last (DDP's `no_sync`);
+    a sharded one reduce-scatters each micro-batch (holding whole gradients would undo the sharding)."""
+    from torch.distributed._composable.replicate_with_fsdp import ReplicateModule
+
+    if isinstance(model, ReplicateModule):
+        model.set_requires_gradient_sync(now)
+
+
 def _apply_fsdp(roots: list[nn.Module], layout: ParallelLayout, mesh) -> None:
-    """Shard parameters, gradients and optimizer state over the data-parallel ranks. On GPUs the
-    all-gathered parameters are cast to bf16 for compute; master weights, gradient reduction and
-    optimizer state stay fp32.
+    """Shard parameters, gradients and optimizer state over the data-parallel ranks.
 
     Expert shards are sharded over "dp_mod_ep" only (the other ranks hold other experts). Their
     gradients arrive summed over the ep ranks that sent them tokens, so FSDP divides their sum over
     "dp_mod_ep" by the whole dp, not by its own size: the mean over every data-parallel rank."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
-    options = {}
-    if layout.compute_dtype != torch.float32:
-        options["mp_policy"] = MixedPrecisionPolicy(
-            param_dtype=layout.compute_dtype, reduce_dtype=torch.float32
-        )
+    options = _mixed_precision(layout)
     for root in roots:
         for block in root.layers.children():
             if layout.ep > 1 and isinstance(block.mlp, MoE):

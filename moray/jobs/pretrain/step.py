@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from moray.jobs.pretrain.optim import clip_gradients
+from moray.jobs.pretrain.parallel import sync_gradients
 from moray.model.transformer import lm_loss  # noqa: F401 (the loop's and the tests' import)
 from moray.platform.pipeline_parallel import PipelinedModel, pipeline_group
 
@@ -93,7 +94,8 @@ def forward_backward(
     losses: dict[str, float] = {"loss": 0.0, "lm_loss": 0.0}
     tokens: dict[int, torch.Tensor] = {}
     dropped = pairs = 0.0
-    for inputs, targets in micro_batches:
+    for k, (inputs, targets) in enumerate(micro_batches):
+        sync_gradients(model, now=k == n - 1)
         with loss_parallel():
             with autocast():
                 out = model(inputs)

@@ -174,6 +174,8 @@ def test_corrupt_checkpoint_falls_back_to_the_previous(baseline, tmp_path, caplo
         ("data.path=/nonexistent", "no manifest.json"),
         ("train.capacity_factor=9", "capacity_factor=9"),
         ("train.precision=fp16", r"precision='fp16': use one of \('auto', 'fp32', 'bf16'\) or null"),
+        ("parallel.dp_mode=zero3", r"dp_mode='zero3': use one of \('auto', 'shard', 'replicate'\)"),
+        (("parallel.tp=2", "parallel.dp_mode=replicate"), "dp_mode='replicate' takes pure data parallelism"),
         # 3 sequences per rank do not make whole micro-batches of 4
         ("data.global_batch_size=6", "micro_batch_size=4"),
         # the curated tokenizer's ids and vocabulary are the model's: a different one is refused
@@ -189,7 +191,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous(baseline, tmp_path, caplo
 )
 def test_bad_configs_are_refused_before_cluster_work(packed_data, override, match):
     with pytest.raises(ConfigError, match=match):
-        run(_cfg(packed_data, "bad", override))
+        run(_cfg(packed_data, "bad", *([override] if isinstance(override, str) else override)))
 
 
 def test_resume_from_refusals(baseline, capsys):

@@ -1,7 +1,7 @@
 """Parallel layouts of pre-training, loss-equal to one process (gloo, fp32, deterministic).
 
 Five steps of the real step (`train_step`, `reduce_stats`, `moe_feedback`) on the tiny model, two
-micro-batches each, through `parallelize` (FSDP2; tensor-parallel DTensors with the loss on
+micro-batches each, through `parallelize` (FSDP2, sharded or replicated; tensor-parallel DTensors with the loss on
 vocab-sharded logits; expert shards with all-to-all dispatch; pipeline stages under 1F1B, up to
 pp2 x tp2 x ep2 on 8 ranks), with AdamW and with LAMB (adaptive weight decay on),
 against one process on the whole batch: capacity binding (tokens are dropped, and the controller
@@ -41,6 +41,7 @@ LAYOUTS = {
     "one": ParallelLayout(),
     "dp2": ParallelLayout(dp=2),
     "dp4": ParallelLayout(dp=4),
+    "dp2-replicate": ParallelLayout(dp=2, dp_mode="replicate"),  # DDP: gradients all-reduced once a step
     "dp2-ep2": ParallelLayout(dp=2, ep=2),
     "tp2": ParallelLayout(tp=2),
     "tp2-ep2": ParallelLayout(dp=2, tp=2, ep=2),  # 4 ranks: 2 data-parallel x 2 tensor-parallel
@@ -182,7 +183,19 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "name", ["dp2", "dp2-ep2", "tp2", "tp2-ep2", "pp2", "pp2-dp2", "pp2-ep2", "pp2-tp2", "pp2-tp2-ep2"]
+    "name",
+    [
+        "dp2",
+        "dp2-replicate",
+        "dp2-ep2",
+        "tp2",
+        "tp2-ep2",
+        "pp2",
+        "pp2-dp2",
+        "pp2-ep2",
+        "pp2-tp2",
+        "pp2-tp2-ep2",
+    ],
 )
 def test_layout_equals_one_process(runs, name):
     for optimizer in OPTIMIZERS:
@@ -231,4 +244,5 @@ def test_checkpoints_move_between_layouts(runs):
         runs, "tp2-ep2", [("one", "adamw"), ("tp2", "lamb_adam"), ("dp2-ep2", "adamw"), ("dp2", "lamb_adam")]
     )
     _loads(runs, "dp4", [("pp2-tp2", "adamw"), ("pp2-tp2-ep2", "lamb_adam"), ("tp2-ep2", "adamw")])
+    _loads(runs, "dp2-replicate", [("tp2-ep2", "lamb_adam"), ("dp2", "adamw")])
     _loads(runs, "pp2-ep2", [("pp2-tp2", "lamb_adam"), ("one", "adamw"), ("tp2-ep2", "lamb_adam")])
