@@ -175,6 +175,8 @@ class RoutedExperts(nn.Module):
     # Up to this many rows per expert on average, CPU inference takes the per-expert W @ x.T loop
     # (swiglu_experts_few_rows): decode, small batches. Beyond it the grouped GEMM wins.
     FEW_ROWS_PER_EXPERT = 4
+    # bf16 decode weights over all experts (moray.model.decode_weights.for_decode sets them)
+    dense_decode = None
 
     def __init__(self, n_experts: int, hidden: int, width: int, learned_beta: bool, activation_scale: bool):
         super().__init__()
@@ -201,7 +203,10 @@ class RoutedExperts(nn.Module):
             xc, gate_up, down = x.to(dtype), self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
             row_weights = pairs.weights.to(dtype)  # (P,)
             few_rows = len(token_of_row) <= self.FEW_ROWS_PER_EXPERT * self.n_experts
-            if few_rows and x.device.type == "cpu" and not torch.is_grad_enabled():
+            inference = few_rows and x.device.type == "cpu" and not torch.is_grad_enabled()
+            if inference and self.dense_decode is not None and self.dense_decode.worth_it(len(token_of_row)):
+                out = self.dense_decode(xc, experts, weights, keep)
+            elif inference:
                 out_rows = swiglu_experts_few_rows(xc, token_of_row, gate_up, down, counts)
                 out = torch.zeros_like(xc).index_add_(0, token_of_row, out_rows * row_weights[:, None])
             else:

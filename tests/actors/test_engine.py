@@ -286,3 +286,17 @@ def test_chunked_prefill_interleaves_with_decode(model):
     while e.has_work():
         e.step()
     assert b.output_ids == ref
+
+
+def test_bf16_engine_runs_and_mostly_agrees(model, prompts, reference):
+    from moray.model.decode_weights import onednn_bf16
+
+    if not onednn_bf16():
+        pytest.skip("this CPU has no native bf16 (oneDNN)")
+    e = Engine(model, config=EngineConfig(bf16=True))
+    assert e.pool.data.dtype == torch.bfloat16  # the latent cache in bf16 too: half the bytes per token
+    out = e.generate(prompts, GREEDY)
+    assert sum(a[0] == b[0] for a, b in zip(out, reference)) >= len(prompts) - 1
+    assert next(model.parameters()).dtype == torch.float32  # the engine decodes a bf16 copy
+    with pytest.raises(ValueError, match="bf16 and quantize_int8: choose one"):
+        EngineConfig(bf16=True, quantize_int8=True)

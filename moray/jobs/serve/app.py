@@ -145,8 +145,9 @@ class ServeSettings:
         if self.cpus <= 0:
             raise ValueError(f"cpus={self.cpus}: must be positive")
         actors = "expert shards" if self.mode in SHARDED else "pipeline stages"
-        if self.mode != "vertical" and self.engine.quantize_int8:
-            raise ValueError(f"mode={self.mode}: the {actors} serve fp32/bf16 weights, not quantize_int8")
+        for fmt in ("quantize_int8", "bf16"):
+            if self.mode != "vertical" and getattr(self.engine, fmt):
+                raise ValueError(f"mode={self.mode}: the {actors} serve the model's own weights, not {fmt}")
         if self.mode != "vertical" and self.device != "cpu":
             raise ValueError(f"mode={self.mode}: {actors} run on CPUs for now (device=cpu)")
 

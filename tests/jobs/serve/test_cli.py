@@ -74,6 +74,7 @@ def test_a_horizontal_layout_the_model_cannot_use_is_refused_before_ray(tiny_mod
         (["--expert-loads", str(loads)], "do not give one count per expert (8)"),
         (["--expert-loads", str(tmp_path / "none.json")], "expert_shards.loads"),
         (["--int8"], "not quantize_int8"),
+        (["--bf16"], "the expert shards serve the model's own weights, not bf16"),
     ):
         assert main(horizontal + extra) == 2, extra
         assert message in capsys.readouterr().err, extra
@@ -93,7 +94,7 @@ def test_a_pipeline_the_model_cannot_use_is_refused_before_ray(tiny_model_dir, c
             ["--stages", str(layers + 1)],
             f"pipeline.num_stages: {layers + 1} pipeline stages: the model has {layers}",
         ),
-        (["--int8"], "the pipeline stages serve fp32/bf16 weights, not quantize_int8"),
+        (["--int8"], "the pipeline stages serve the model's own weights, not quantize_int8"),
         (["--device", "cuda"], "pipeline stages run on CPUs"),
     ):
         assert main(pipeline + extra) == 2, extra

@@ -1,0 +1,111 @@
+"""bf16 weights laid out for decode on the CPU: what `generate` and the engine stream each step.
+
+A decode step multiplies a handful of rows by every weight it touches, so its speed is how fast
+the weights stream from memory. Plain bf16 `F.linear` streams a (32000, 512) head at about 17 GB/s
+for 8 rows; the same weight reordered once into oneDNN's blocked layout streams at about 33
+(benchmarks/bench_decode.py measures the whole step). So `for_decode`:
+
+- casts the model to bf16 (the latent cache follows the weights' dtype: half the bytes too);
+- keeps the output head as a `PackedLinear` (the blocked copy, beside the plain weight that a
+  tied embedding and weight loading still read);
+- gives each plain routed-expert stack a `DenseDecodeExperts`: the E experts as two blocked
+  matrices, so that once the step's tokens hit many experts the whole layer is two products over
+  every expert (the unrouted ones weighted zero) instead of two small products per hit expert,
+  whose per-call cost dominates at decode sizes (3x at 8 tokens x top-6 of 64).
+
+Inference only: the blocked copies are not parameters, and training or autograd never sees them.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moray.model.experts import RoutedExperts
+
+
+def onednn_bf16() -> bool:
+    """Whether this CPU build runs oneDNN's bf16 kernels on native instructions."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _blocked(weight: torch.Tensor, rows_hint: int = 8) -> torch.Tensor:
+    """weight (out, in) bf16 reordered into oneDNN's layout for products with about rows_hint rows."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), rows_hint)
+
+
+def _blocked_linear(x: torch.Tensor, blocked: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (..., in) @ the blocked weight's (out, in).T (+ bias): (..., out)."""
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), blocked, bias, "none", [], "")
+    return out.view(*x.shape[:-1], -1)
+
+
+class PackedLinear(nn.Module):
+    """A bf16 linear with a blocked copy of its weight for CPU inference; autograd and other
+    devices use the plain weight."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias  # the same Parameters (a tied head stays tied)
+        self.blocked = _blocked(linear.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or x.device.type != "cpu":
+            return F.linear(x, self.weight, self.bias)
+        return _blocked_linear(x.to(torch.bfloat16), self.blocked, self.bias)
+
+
+class DenseDecodeExperts:
+    """Routed experts (E, 2I, H) and (E, H, I) as two blocked matrices over all of them:
+    gate_up (E·2I, H) and down (H, E·I). For N tokens with top-k experts each:
+
+        h   = x @ gate_up.T                         (N, E, 2I)  every expert on every token
+        a   = silu(h[..., :I]) * h[..., I:] * w     (N, E, I)   w: the combine weight, 0 if unrouted
+        out = a.flatten(1) @ down.T                 (N, H)      the weighted sum over experts
+    """
+
+    def __init__(self, experts: RoutedExperts):
+        E, two_i, H = experts.gate_up_proj.shape
+        self.n_experts, self.width = E, two_i // 2
+        self.gate_up = _blocked(experts.gate_up_proj.detach().reshape(E * two_i, H))
+        self.down = _blocked(experts.down_proj.detach().permute(1, 0, 2).reshape(H, E * self.width))
+
+    def worth_it(self, pairs: int) -> bool:
+        """Streaming every expert beats the per-expert loop once the pairs could hit half of them."""
+        return 2 * pairs >= self.n_experts
+
+    def __call__(
+        self,
+        x: torch.Tensor,  # (N, H)
+        experts: torch.Tensor,  # (N, k)
+        weights: torch.Tensor,  # (N, k)
+        keep: torch.Tensor | None,  # (N, k) bool
+    ) -> torch.Tensor:
+        N, I = x.shape[0], self.width  # noqa: E741
+        x = x.to(torch.bfloat16)
+        if keep is not None:
+            weights = weights * keep
+        w = x.new_zeros(N, self.n_experts).scatter_(1, experts, weights.to(x.dtype))  # (N, E)
+        h = _blocked_linear(x, self.gate_up, None).view(N, self.n_experts, 2 * I)
+        a = F.silu(h[..., :I]) * h[..., I:] * w[..., None]  # (N, E, I)
+        return _blocked_linear(a.flatten(1), self.down, None)  # (N, H)
+
+
+@torch.no_grad()
+def for_decode(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """The model (a copy unless inplace) in bf16 with its head and routed experts laid out for CPU
+    decode. Without native bf16 (oneDNN), only the cast."""
+    model = (model if inplace else copy.deepcopy(model)).to(torch.bfloat16)
+    if not onednn_bf16():
+        return model
+    if isinstance(getattr(model, "lm_head", None), nn.Linear):
+        model.lm_head = PackedLinear(model.lm_head)
+    for module in model.modules():
+        plain = type(module) is RoutedExperts and module.beta is None and module.activation_scale is None
+        if plain and module.gate_up_proj.device.type == "cpu":
+            module.dense_decode = DenseDecodeExperts(module)
+    return model
