@@ -86,6 +86,13 @@ def median_times(fns: dict[str, Callable[[], object]], reps: dict[str, int] | in
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def memory_gbs(mib: int = 1024, reps: int = 5) -> float:
+    """GB/s this process's threads read from memory: the sum of an fp32 tensor too large for cache."""
+    x = torch.ones(mib << 18)
+    seconds = median_time(lambda: x.sum(), reps=reps, warmup=1)
+    return x.nbytes / seconds / 1e9
+
+
 def gemm_gflops(n: int = 1024, reps: int = 20, dtype: torch.dtype = torch.float32) -> float:
     """GFLOP/s of one n x n x n matmul in `dtype` on this process's threads: the practical peak."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)

@@ -6,8 +6,9 @@ for 8 rows; the same weight reordered once into oneDNN's blocked layout streams 
 (benchmarks/bench_decode.py measures the whole step). So `for_decode`:
 
 - casts the model to bf16 (the latent cache follows the weights' dtype: half the bytes too);
-- keeps the output head as a `PackedLinear` (the blocked copy, beside the plain weight that a
-  tied embedding and weight loading still read);
+- keeps each linear (the output head, attention's projections, dense and shared MLPs) as a
+  `PackedLinear`: the blocked copy, beside the plain weight that a tied embedding and MLA's
+  absorbed attention still read;
 - gives each plain routed-expert stack a `DenseDecodeExperts`: the E experts as two blocked
   matrices, so that once the step's tokens hit many experts the whole layer is two products over
   every expert (the unrouted ones weighted zero) instead of two small products per hit expert,
@@ -102,8 +103,10 @@ def for_decode(model: nn.Module, inplace: bool = False) -> nn.Module:
     model = (model if inplace else copy.deepcopy(model)).to(torch.bfloat16)
     if not onednn_bf16():
         return model
-    if isinstance(getattr(model, "lm_head", None), nn.Linear):
-        model.lm_head = PackedLinear(model.lm_head)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and child.weight.device.type == "cpu":
+                setattr(parent, name, PackedLinear(child))
     for module in model.modules():
         plain = type(module) is RoutedExperts and module.beta is None and module.activation_scale is None
         if plain and module.gate_up_proj.device.type == "cpu":
