@@ -15,6 +15,8 @@ for 8 rows; the same weight reordered once into oneDNN's blocked layout streams 
   whose per-call cost dominates at decode sizes (3x at 8 tokens x top-6 of 64).
 
 Inference only: the blocked copies are not parameters, and training or autograd never sees them.
+They are a snapshot of the weights when `for_decode` ran (load new weights into the model first),
+and they sit beside the bf16 weights, so the whole takes about the memory of fp32 weights.
 """
 
 from __future__ import annotations
