@@ -193,6 +193,11 @@ class RoutedExperts(nn.Module):
         weights: torch.Tensor,  # (N, k)
         keep: torch.Tensor | None = None,  # (N, k) bool: pairs that fit in capacity
     ) -> torch.Tensor:
+        if self.dense_decode is not None and x.device.type == "cpu" and not torch.is_grad_enabled():
+            routed = experts.numel() if keep is None else int(keep.sum())
+            few_rows = routed <= self.FEW_ROWS_PER_EXPERT * self.n_experts
+            if few_rows and self.dense_decode.worth_it(routed):  # it needs the pairs in no order: no sort
+                return self.dense_decode(x, experts, weights, keep).to(x.dtype)
         pairs = sort_pairs(experts, weights, keep, self.n_experts)
         token_of_row, counts = pairs.token_of_row, pairs.counts
 
@@ -203,10 +208,7 @@ class RoutedExperts(nn.Module):
             xc, gate_up, down = x.to(dtype), self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
             row_weights = pairs.weights.to(dtype)  # (P,)
             few_rows = len(token_of_row) <= self.FEW_ROWS_PER_EXPERT * self.n_experts
-            inference = few_rows and x.device.type == "cpu" and not torch.is_grad_enabled()
-            if inference and self.dense_decode is not None and self.dense_decode.worth_it(len(token_of_row)):
-                out = self.dense_decode(xc, experts, weights, keep)
-            elif inference:
+            if few_rows and x.device.type == "cpu" and not torch.is_grad_enabled():
                 out_rows = swiglu_experts_few_rows(xc, token_of_row, gate_up, down, counts)
                 out = torch.zeros_like(xc).index_add_(0, token_of_row, out_rows * row_weights[:, None])
             else:
