@@ -65,8 +65,8 @@ def _mixed_precision(layout: ParallelLayout) -> dict:
 
 def _apply_replicate(model: nn.Module, layout: ParallelLayout, mesh) -> None:
     """Every data-parallel rank holds the whole model and its optimizer state; each block's
-    gradients are all-reduced as its backward ends (overlapping the blocks before it), once per step
-    (`sync_gradients`)."""
+    gradients are all-reduced as its backward ends, once per step (`sync_gradients`). On the CPU
+    (no streams) each all-reduce blocks the backward: DDP's bucketed Reducer overlaps them."""
     from torch.distributed._composable.replicate_with_fsdp import replicate
 
     for block in model.layers.children():
