@@ -55,7 +55,7 @@ def resolve_dp_mode(mode: str, device_type: str, tp: int, pp: int, ep: int, para
     """How data-parallel ranks hold the model. "shard": FSDP2 (parameters, gradients and optimizer
     state split over the ranks; each block's parameters gathered for its forward and again for its
     backward, gradients reduce-scattered). "replicate": every rank holds the whole model and its
-    optimizer (FSDP2's `replicate`, i.e. DDP), gradients all-reduced once per step.
+    optimizer (DDP), gradients all-reduced once per step, overlapping the backward.
 
     "auto" replicates on the CPU, for a model whose replica fits (REPLICATE_MAX_BYTES), in a pure
     data-parallel layout: gloo all-reduces a tensor twice as fast as it all-gathers and then
