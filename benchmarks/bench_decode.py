@@ -1,5 +1,6 @@
-"""Greedy decode tokens/s: moray's `generate` over the latent cache, in fp32 and with the bf16 decode
-weights (`moray.model.decode_weights.for_decode`), against Hugging Face `generate` in fp32 (as a
+"""Greedy decode tokens/s: moray's `generate` over the latent cache, in fp32, with the bf16 decode
+weights (`moray.model.decode_weights.for_decode`) and with int8 weights (`moray.model.quant`, the
+fused weight-only kernel, output head included), against Hugging Face `generate` in fp32 (as a
 user would run it on a CPU), at batch 1, 8 and 32.
 
 One random HF DeepseekV2ForCausalLM with the `small` preset's shapes is saved with HF's
@@ -14,7 +15,7 @@ lookup), of the routed experts only those its tokens hit (expected for uniform t
 and the latent cache. limit tokens/s = batch * (read GB/s measured in this run) / (bytes per step),
 counted in the dtype each side computes in.
 
-Greedy fp32 moray tokens must equal HF's at batch 1. bf16 against fp32 is reported: free-running
+Greedy fp32 moray tokens must equal HF's at batch 1. bf16 and int8 against fp32 are reported: free-running
 greedy token agreement, and on fp32's greedy sequences the next-token agreement and the relative
 logit error. Targets (issue 15) at batch 8: bf16 at least 5x HF, and at least 50% of its limit.
 """
@@ -28,6 +29,7 @@ from common import Result, median_times, memory_gbs, random_hf_model, setup
 
 from moray.model import SamplingParams, generate, load_pretrained
 from moray.model.decode_weights import for_decode
+from moray.model.quant import quantize_int8
 
 CONTEXT = 512
 NEW_TOKENS = 32
@@ -35,9 +37,9 @@ BATCHES = (1, 8, 32)
 REPS = {1: 3, 8: 3, 32: 2}
 
 
-def step_bytes(model, batch: int, context: int, bytes_per_value: int) -> float:
+def step_bytes(model, batch: int, context: int, weight_bytes: int, cache_bytes: int) -> float:
     """What one decode step of `batch` tokens must read: weights (routed experts: the expected share
-    hit) and the latent cache, at bytes_per_value each."""
+    hit) at weight_bytes a value, and the latent cache at cache_bytes a value."""
     c = model.config
     E, k = c.n_routed_experts, c.num_experts_per_tok
     hit = 1 - (1 - k / E) ** batch  # expected share of one layer's experts the batch hits
@@ -46,17 +48,17 @@ def step_bytes(model, batch: int, context: int, bytes_per_value: int) -> float:
         if name.startswith("embed_tokens"):
             continue
         values += p.numel() * (hit if ".experts." in name else 1)
-    values += batch * context * c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim)
-    return values * bytes_per_value
+    cache = batch * context * c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim)
+    return values * weight_bytes + cache * cache_bytes
 
 
 @torch.no_grad()
-def agreement(fp32, bf16, prompt: torch.Tensor, fp32_tokens: torch.Tensor, bf16_tokens: torch.Tensor) -> dict:
+def agreement(fp32, other, prompt: torch.Tensor, fp32_tokens: torch.Tensor, other_tokens: torch.Tensor) -> dict:
     seq = torch.cat([prompt, fp32_tokens], dim=1)[:, :-1]
     want = fp32(seq).logits[:, CONTEXT - 1 :].float()
-    got = bf16(seq).logits[:, CONTEXT - 1 :].float()
+    got = other(seq).logits[:, CONTEXT - 1 :].float()
     return {
-        "greedy": (fp32_tokens == bf16_tokens).float().mean().item(),
+        "greedy": (fp32_tokens == other_tokens).float().mean().item(),
         "next_token": (got.argmax(-1) == want.argmax(-1)).float().mean().item(),
         "logit_error": ((got - want).norm() / want.norm()).item(),
     }
@@ -70,6 +72,7 @@ def main() -> list[Result]:
         hf.save_pretrained(tmp)
         ours = load_pretrained(tmp)
     ours_bf16 = for_decode(ours)
+    ours_int8 = quantize_int8(ours, include_head=True)
     bandwidth = memory_gbs()
     print(
         f"  HF attention: {hf.config._attn_implementation}, experts: {hf.config._experts_implementation}; "
@@ -85,41 +88,50 @@ def main() -> list[Result]:
         params = lambda n: SamplingParams(max_new_tokens=n, stop_token_ids=(-1,))  # noqa: E731
         return lambda prompt, n: torch.tensor(generate(model, prompt, params(n)))
 
-    sides = {"moray bf16": (runner(ours_bf16), 2), "moray fp32": (runner(ours), 4), "hf": (run_hf, 4)}
+    # side: (generate, bytes a weight value, bytes a cache value)
+    sides = {
+        "moray bf16": (runner(ours_bf16), 2, 2),
+        "moray int8": (runner(ours_int8), 1, 4),
+        "moray fp32": (runner(ours), 4, 4),
+        "hf": (run_hf, 4, 4),
+    }
     results = []
     for B in BATCHES:
         prompt = torch.randint(3, hf.config.vocab_size, (B, CONTEXT))
-        tokens = {side: fn(prompt, NEW_TOKENS) for side, (fn, _) in sides.items()}
+        tokens = {side: fn(prompt, NEW_TOKENS) for side, (fn, *_) in sides.items()}
         assert all(t.shape == (B, NEW_TOKENS) for t in tokens.values()), "a side stopped early or ran long"
         agree = (tokens["hf"] == tokens["moray fp32"]).float().mean().item()
         print(f"  batch {B}: moray fp32 greedy tokens identical to HF for {agree:.1%} of positions")
         if B == 1:
             assert agree == 1.0, "batch-1 greedy tokens differ from HF"
-        a = agreement(ours, ours_bf16, prompt, tokens["moray fp32"], tokens["moray bf16"])
-        print(f"  batch {B}: bf16 against fp32: greedy tokens equal at {a['greedy']:.1%} of positions; "
-              f"on fp32's sequences the same next token at {a['next_token']:.1%}, "
-              f"relative logit error {a['logit_error']:.2e}")  # fmt: skip
+        for name, model in (("bf16", ours_bf16), ("int8", ours_int8)):
+            a = agreement(ours, model, prompt, tokens["moray fp32"], tokens[f"moray {name}"])
+            print(f"  batch {B}: {name} against fp32: greedy tokens equal at {a['greedy']:.1%} of positions; "
+                  f"on fp32's sequences the same next token at {a['next_token']:.1%}, "
+                  f"relative logit error {a['logit_error']:.2e}")  # fmt: skip
 
         fns = {
             f"{side} {n}": (lambda f=fn, n=n, p=prompt: f(p, n))
-            for side, (fn, _) in sides.items()
+            for side, (fn, *_) in sides.items()
             for n in (1, 1 + NEW_TOKENS)
         }
         t = median_times(fns, REPS[B])
         tps = {}
-        for side, (_, bytes_per_value) in sides.items():
+        for side, (_, weight_bytes, cache_bytes) in sides.items():
             prefill, total = t[f"{side} 1"], t[f"{side} {1 + NEW_TOKENS}"]
             tps[side] = B * NEW_TOKENS / (total - prefill)
-            limit = B * bandwidth * 1e9 / step_bytes(ours, B, CONTEXT + NEW_TOKENS // 2, bytes_per_value)
+            limit = B * bandwidth * 1e9 / step_bytes(ours, B, CONTEXT + NEW_TOKENS // 2, weight_bytes, cache_bytes)
             print(
                 f"  batch {B} {side:10s}: prefill+1 token {prefill * 1e3:7.0f} ms, "
                 f"decode {tps[side]:7.1f} tokens/s ({(total - prefill) / NEW_TOKENS * 1e3:5.1f} ms/step), "
                 f"{tps[side] / limit:5.1%} of the bandwidth limit ({limit:.0f} tokens/s)"
             )
-        bf16_limit = B * bandwidth * 1e9 / step_bytes(ours, B, CONTEXT + NEW_TOKENS // 2, 2)
+        bf16_limit = B * bandwidth * 1e9 / step_bytes(ours, B, CONTEXT + NEW_TOKENS // 2, 2, 2)
         results += [
             Result(f"decode batch {B}: moray bf16 vs hf generate fp32", tps["moray bf16"] / tps["hf"],
                    5.0 if B == 8 else None, f"{tps['moray bf16']:.0f} vs {tps['hf']:.0f} tok/s"),
+            Result(f"decode batch {B}: moray int8 vs hf generate fp32", tps["moray int8"] / tps["hf"],
+                   None, f"{tps['moray int8']:.0f} vs {tps['hf']:.0f} tok/s"),
             Result(f"decode batch {B}: moray fp32 vs hf generate fp32", tps["moray fp32"] / tps["hf"],
                    3.0 if B == 8 else None, f"{tps['moray fp32']:.0f} vs {tps['hf']:.0f} tok/s"),
             Result(f"decode batch {B}: moray bf16, fraction of the bandwidth limit", tps["moray bf16"] / bf16_limit,

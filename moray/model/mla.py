@@ -143,16 +143,36 @@ class MultiHeadLatentAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return out[..., : self.dv] if pad > 0 else out
 
+    def _absorbed_weights(self, H: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK (H, dn, c) and W_UV transposed (H, c, dv) from kv_b_proj, each contiguous (a strided
+        batch is copied by every bmm). Without autograd, a parameter's are kept until it changes
+        (a weight computed per call, as int8's dequantized one, has no version to key them on)."""
+        weight = self.kv_b_proj.weight
+        keep = not torch.is_grad_enabled() and type(weight) is nn.Parameter  # not DTensors either
+        key = (weight.data_ptr(), weight._version, weight.dtype) if keep else None
+        if not keep or getattr(self, "_absorbed_cache", (None,))[0] != key:
+            w = weight.view(H, self.dn + self.dv, self.c)
+            pair = (w[:, : self.dn].contiguous(), w[:, self.dn :].transpose(1, 2).contiguous())
+            if not keep:
+                return pair
+            self._absorbed_cache = (key, *pair)
+        return self._absorbed_cache[1], self._absorbed_cache[2]
+
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask, keys=None):
+        # The products are laid out for the CPU's small-batch matmuls: heads first for the weight
+        # products (one (B*T, d) x (d, c) per head), the cache as the left operand of the scores.
+        # einsum's layouts and bmm against the transposed cache copy their operands first, which
+        # cost 3-4x the products themselves in bf16 at decode sizes.
         B, H, T, _ = q_nope.shape
-        w = self.kv_b_proj.weight.view(H, self.dn + self.dv, self.c)
-        w_uk, w_uv = w[:, : self.dn], w[:, self.dn :]  # (H, dn, c), (H, dv, c)
-        q_lat = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)  # (B, H, T, c)
-        if k_pe.shape[1] == 1:  # shared rope key: one bmm over [latent | rope] for all heads
+        w_uk, w_uv_t = self._absorbed_weights(H)  # (H, dn, c), (H, c, dv)
+        q_lat = torch.bmm(q_nope.transpose(0, 1).reshape(H, B * T, self.dn), w_uk)  # (H, B*T, c)
+        q_lat = q_lat.view(H, B, T, self.c).transpose(0, 1)  # (B, H, T, c)
+        if k_pe.shape[1] == 1:  # shared rope key: one product over [latent | rope] for all heads
             q_cat = torch.cat([q_lat, q_pe], dim=-1).reshape(B, H * T, -1)  # (B, H*T, c + r)
             if keys is None:
                 keys = torch.cat([c_kv, k_pe[:, 0]], dim=-1)  # (B, S, c + r)
-            scores = torch.bmm(q_cat, keys.transpose(1, 2)).view(B, H, T, -1)  # (B, H, T, S)
+            scores = torch.matmul(keys, q_cat.transpose(1, 2)).transpose(1, 2)  # (B, H*T, S)
+            scores = scores.reshape(B, H, T, -1)  # (B, H, T, S)
         else:
             scores = q_lat @ c_kv[:, None].transpose(-1, -2) + q_pe @ k_pe.transpose(-1, -2)
         scores = scores * self.scale
@@ -160,4 +180,5 @@ class MultiHeadLatentAttention(nn.Module):
             scores = scores + mask
         probs = scores.softmax(dim=-1, dtype=torch.float32).to(q_nope.dtype)
         o_lat = torch.bmm(probs.view(B, H * T, -1), c_kv).view(B, H, T, self.c)  # (B, H, T, c)
-        return torch.einsum("bhtc,hvc->bhtv", o_lat, w_uv)  # (B, H, T, dv)
+        out = torch.bmm(o_lat.transpose(0, 1).reshape(H, B * T, self.c), w_uv_t)  # (H, B*T, dv)
+        return out.view(H, B, T, self.dv).transpose(0, 1)  # (B, H, T, dv)

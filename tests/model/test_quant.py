@@ -1,6 +1,7 @@
 import torch
 
 from moray.model import Transformer, preset
+from moray.model.experts import RoutedExperts
 from moray.model.quant import (
     Int8Linear,
     Int8RoutedExperts,
@@ -38,3 +39,36 @@ def test_quantized_model_generates():
     q = quantize_int8(Transformer(preset("tiny")).eval())
     out = generate(q, [[5, 6, 7]], SamplingParams(max_new_tokens=5, stop_token_ids=(-1,)))
     assert len(out[0]) == 5
+
+
+@torch.inference_mode()
+def test_fused_int8_linear_matches_the_dequantized_product():
+    linear = torch.nn.Linear(64, 96, bias=True)
+    q = Int8Linear(linear)
+    x = torch.randn(4, 64)  # a decode step's rows: the fused kernel, activations in bf16
+    want = torch.nn.functional.linear(x, q.weight, q.bias)
+    got = q(x)
+    assert got.dtype == torch.float32
+    assert (got - want).norm() / want.norm() < 1e-2  # bf16 activations and output
+    many = torch.randn(100, 64)  # prefill-sized (past FUSED_MAX_ROWS): the dequantized GEMM, exact
+    torch.testing.assert_close(q(many), torch.nn.functional.linear(many, q.weight, q.bias))
+
+
+def test_int8_experts_decode_never_expands_a_stack(monkeypatch):
+    model = Transformer(preset("tiny")).eval()
+    layer = next(m for m in model.modules() if type(m).__name__ == "MoE")
+    experts = Int8RoutedExperts(layer.experts)
+    x = torch.randn(4, model.config.hidden_size)
+    top = torch.randn(4, experts.n_experts).topk(model.config.num_experts_per_tok)
+    weights = top.values.softmax(-1)
+    with torch.no_grad():
+        want = RoutedExperts.forward(experts, x, top.indices, weights)  # on the dequantized stacks
+
+    def expanded(self):
+        raise AssertionError("a decode step dequantized a whole expert stack")
+
+    monkeypatch.setattr(Int8RoutedExperts, "gate_up_proj", property(expanded))
+    monkeypatch.setattr(Int8RoutedExperts, "down_proj", property(expanded))
+    with torch.inference_mode():
+        got = experts(x, top.indices, weights)
+    assert (got - want).norm() / want.norm() < 1e-2
