@@ -53,7 +53,9 @@ def step_bytes(model, batch: int, context: int, weight_bytes: int, cache_bytes: 
 
 
 @torch.no_grad()
-def agreement(fp32, other, prompt: torch.Tensor, fp32_tokens: torch.Tensor, other_tokens: torch.Tensor) -> dict:
+def agreement(
+    fp32, other, prompt: torch.Tensor, fp32_tokens: torch.Tensor, other_tokens: torch.Tensor
+) -> dict:
     seq = torch.cat([prompt, fp32_tokens], dim=1)[:, :-1]
     want = fp32(seq).logits[:, CONTEXT - 1 :].float()
     got = other(seq).logits[:, CONTEXT - 1 :].float()
@@ -120,7 +122,8 @@ def main() -> list[Result]:
         for side, (_, weight_bytes, cache_bytes) in sides.items():
             prefill, total = t[f"{side} 1"], t[f"{side} {1 + NEW_TOKENS}"]
             tps[side] = B * NEW_TOKENS / (total - prefill)
-            limit = B * bandwidth * 1e9 / step_bytes(ours, B, CONTEXT + NEW_TOKENS // 2, weight_bytes, cache_bytes)
+            read = step_bytes(ours, B, CONTEXT + NEW_TOKENS // 2, weight_bytes, cache_bytes)
+            limit = B * bandwidth * 1e9 / read
             print(
                 f"  batch {B} {side:10s}: prefill+1 token {prefill * 1e3:7.0f} ms, "
                 f"decode {tps[side]:7.1f} tokens/s ({(total - prefill) / NEW_TOKENS * 1e3:5.1f} ms/step), "
