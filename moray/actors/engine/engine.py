@@ -125,6 +125,8 @@ class Batch:
 
     def last_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, keep, V) -> (B, V): each row's last real token's."""
+        if logits.shape[1] == 1:  # decode: a view, not a gathered copy of every row's logits
+            return logits[:, 0]
         return logits[torch.arange(len(self.starts), device=logits.device), self.last.to(logits.device)]
 
 
@@ -346,9 +348,8 @@ class Engine:
         rows = [i for i, w in enumerate(works) if w.sample]
         if not rows:
             return []
-        logits = (
-            logits[rows].float().cpu()
-        )  # (n, V); sampled on the CPU, where the per-request generators live
+        if len(rows) < len(works):
+            logits = logits[rows]  # (n, V)
         sampled = self._sample([works[i].request for i in rows], logits)
         outs = []
         for j, i in enumerate(rows):
@@ -366,7 +367,7 @@ class Engine:
             r.last_token_time = now
             lp = []
             if r.params.logprobs is not None:
-                lp = [self._logprob(logits[j], tok, r.params.logprobs)]
+                lp = [self._logprob(logits[j].float().cpu(), tok, r.params.logprobs)]
             reason = None
             if (tok in self.stop_ids and not r.params.ignore_eos) or tok in r.params.stop_token_ids:
                 reason = "stop"
@@ -399,13 +400,15 @@ class Engine:
 
     @staticmethod
     def _sample(requests: list[Request], logits: torch.Tensor) -> list[int]:
+        """logits (n, V) in the model's dtype and device: greedy rows take the argmax there (casting
+        to fp32 changes no order); sampled rows go to fp32 on the CPU, where their generators live."""
         out = logits.argmax(dim=-1).tolist()
         for j, r in enumerate(requests):
             p = r.params
             if not p.greedy:
                 sp = SamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p)
                 try:
-                    out[j] = int(sample(logits[j : j + 1], sp, r.generator)[0])
+                    out[j] = int(sample(logits[j : j + 1].float().cpu(), sp, r.generator)[0])
                 except RuntimeError:  # a degenerate distribution (inf/nan): keep the argmax
                     pass
         return out
