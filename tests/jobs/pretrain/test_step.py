@@ -10,6 +10,7 @@ from moray.jobs.pretrain.optim import Schedule, build_optimizer
 from moray.jobs.pretrain.state import CapacityState, DataPosition, RNGState, TrainState
 from moray.jobs.pretrain.step import ClipSettings, moe_feedback, reduce_stats, train_step
 from moray.model import CapacityController, Transformer, preset
+from tests.fixtures.markov import markov_batches
 
 
 def _setup(seed=0, steps=10, warmup=2, lr=1e-2, **overrides):
@@ -94,21 +95,6 @@ def test_train_state_round_trips_through_json_and_restores_the_run():
         DataPosition(global_batch=16).load_state_dict({"step": 5, "samples_consumed": 40})
     with pytest.raises(ValueError, match="lacks \\['capacity'\\]"):
         state2.load_state_dict({k: v for k, v in saved.items() if k != "capacity"})
-
-
-def markov_batches(
-    steps: int, batch: int = 4, length: int = 33, states: int = 64, branching: int = 4, seed=0
-):
-    """Token streams of a random Markov chain over `states` tokens, each followed by one of
-    `branching` others: the best loss is log(branching), not 0 (nothing to memorize), and the
-    curve has room to differ."""
-    g = torch.Generator().manual_seed(seed)
-    table = torch.randint(3, 3 + states, (3 + states, branching), generator=g)
-    seqs = torch.empty(steps, batch, length, dtype=torch.long)
-    seqs[:, :, 0] = torch.randint(3, 3 + states, (steps, batch), generator=g)
-    for t in range(1, length):
-        seqs[:, :, t] = table[seqs[:, :, t - 1], torch.randint(0, branching, (steps, batch), generator=g)]
-    return seqs
 
 
 def test_bf16_training_follows_the_fp32_loss_curve():
