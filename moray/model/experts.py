@@ -48,8 +48,8 @@ def _padded_slots(a: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, 
     training micro-batch one padded bmm is 2-3x faster in bf16 (benchmarks/bench_moe.py), and
     slower in fp32. None (use grouped_mm) elsewhere, or where padding would more than double the rows.
     """
-    if a.device.type != "cpu" or a.dtype != torch.bfloat16 or len(counts) < 2:
-        return None
+    if a.device.type != "cpu" or a.dtype != torch.bfloat16 or len(counts) < 2 or a.shape[0] == 0:
+        return None  # (no rows: every pair dropped, or a pipeline stage's shape probe)
     C = int(counts.max())
     if C * len(counts) > 2 * a.shape[0]:
         return None

@@ -480,3 +480,14 @@ def test_bf16_grouped_products_equal_the_per_expert_loop(skewed):
     torch.testing.assert_close(ex.grouped_matmul(a, b, counts).float(), want_mm, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(ex.grouped_outer(a, rows, counts).float(), want_outer, rtol=1e-2, atol=1e-2)
     assert not ex.grouped_outer(a, rows, counts)[1].any()  # an expert without rows: zeros
+
+
+def test_bf16_grouped_products_of_no_rows():
+    """Every pair dropped (or a pipeline stage's shape probe): no rows, an empty product, and zero
+    weight gradients."""
+    from moray.model import experts as ex
+
+    counts = torch.zeros(8, dtype=torch.long)
+    a, b = torch.zeros(0, 32).bfloat16(), torch.randn(8, 32, 24).bfloat16()
+    assert ex.grouped_matmul(a, b, counts).shape == (0, 24)
+    assert ex.grouped_outer(a, torch.zeros(0, 24).bfloat16(), counts).abs().sum() == 0
