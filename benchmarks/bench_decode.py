@@ -118,18 +118,18 @@ def main() -> list[Result]:
             for n in (1, 1 + NEW_TOKENS)
         }
         t = median_times(fns, REPS[B])
-        tps = {}
+        tps, limits = {}, {}
         for side, (_, weight_bytes, cache_bytes) in sides.items():
             prefill, total = t[f"{side} 1"], t[f"{side} {1 + NEW_TOKENS}"]
             tps[side] = B * NEW_TOKENS / (total - prefill)
             read = step_bytes(ours, B, CONTEXT + NEW_TOKENS // 2, weight_bytes, cache_bytes)
-            limit = B * bandwidth * 1e9 / read
+            limits[side] = limit = B * bandwidth * 1e9 / read
             print(
                 f"  batch {B} {side:10s}: prefill+1 token {prefill * 1e3:7.0f} ms, "
                 f"decode {tps[side]:7.1f} tokens/s ({(total - prefill) / NEW_TOKENS * 1e3:5.1f} ms/step), "
                 f"{tps[side] / limit:5.1%} of the bandwidth limit ({limit:.0f} tokens/s)"
             )
-        bf16_limit = B * bandwidth * 1e9 / step_bytes(ours, B, CONTEXT + NEW_TOKENS // 2, 2, 2)
+        bf16_limit = limits["moray bf16"]
         results += [
             Result(f"decode batch {B}: moray bf16 vs hf generate fp32", tps["moray bf16"] / tps["hf"],
                    5.0 if B == 8 else None, f"{tps['moray bf16']:.0f} vs {tps['hf']:.0f} tok/s"),

@@ -27,6 +27,11 @@ from moray.model.norm import swish
 from moray.model.precision import autocast_dtype
 
 
+def cpu_inference(x: torch.Tensor) -> bool:
+    """The decode paths' condition: CPU tensors and no autograd graph to keep."""
+    return x.device.type == "cpu" and not torch.is_grad_enabled()
+
+
 def _aligned(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0 and all(s == 1 or s * t.element_size() % 16 == 0 for s in t.stride())
 
@@ -186,6 +191,19 @@ class RoutedExperts(nn.Module):
         self.beta = nn.Parameter(torch.ones(n_experts)) if learned_beta else None
         self.activation_scale = nn.Parameter(torch.ones(n_experts)) if activation_scale else None
 
+    def few_rows_ffn(
+        self,
+        x: torch.Tensor,  # (N, H)
+        token_of_row: torch.Tensor,  # (P,) pairs sorted by expert
+        counts: torch.Tensor,  # (E,)
+    ) -> torch.Tensor:
+        """Each pair's row through its expert when experts get a handful of rows each, in
+        inference on the CPU: (P, H), unweighted. Subclasses with other weight storage (int8)
+        override this and keep the rest of forward."""
+        dtype = autocast_dtype(x.device.type) or x.dtype
+        gate_up, down = self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
+        return swiglu_experts_few_rows(x.to(dtype), token_of_row, gate_up, down, counts)
+
     def forward(
         self,
         x: torch.Tensor,  # (N, H)
@@ -193,7 +211,7 @@ class RoutedExperts(nn.Module):
         weights: torch.Tensor,  # (N, k)
         keep: torch.Tensor | None = None,  # (N, k) bool: pairs that fit in capacity
     ) -> torch.Tensor:
-        if self.dense_decode is not None and x.device.type == "cpu" and not torch.is_grad_enabled():
+        if self.dense_decode is not None and cpu_inference(x):
             routed = experts.numel() if keep is None else int(keep.sum())
             few_rows = routed <= self.FEW_ROWS_PER_EXPERT * self.n_experts
             if few_rows and self.dense_decode.worth_it(routed):  # it needs the pairs in no order: no sort
@@ -202,17 +220,17 @@ class RoutedExperts(nn.Module):
         token_of_row, counts = pairs.token_of_row, pairs.counts
 
         if self.beta is None and self.activation_scale is None:
+            few_rows = len(token_of_row) <= self.FEW_ROWS_PER_EXPERT * self.n_experts
+            if few_rows and cpu_inference(x):
+                out_rows = self.few_rows_ffn(x, token_of_row, counts)  # (P, H)
+                row_weights = pairs.weights.to(out_rows.dtype)[:, None]
+                out = out_rows.new_zeros(x.shape).index_add_(0, token_of_row, out_rows * row_weights)
+                return out.to(x.dtype)
             # autocast does not reach into the Function: its operands are cast as a linear's would be
             # (the casts' backward brings the weights' gradients back to fp32); no-ops otherwise
             dtype = autocast_dtype(x.device.type) or x.dtype
             xc, gate_up, down = x.to(dtype), self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
-            row_weights = pairs.weights.to(dtype)  # (P,)
-            few_rows = len(token_of_row) <= self.FEW_ROWS_PER_EXPERT * self.n_experts
-            if few_rows and x.device.type == "cpu" and not torch.is_grad_enabled():
-                out_rows = swiglu_experts_few_rows(xc, token_of_row, gate_up, down, counts)
-                out = torch.zeros_like(xc).index_add_(0, token_of_row, out_rows * row_weights[:, None])
-            else:
-                out = SwiGLUExperts.apply(xc, gate_up, down, row_weights, token_of_row, counts)
+            out = SwiGLUExperts.apply(xc, gate_up, down, pairs.weights.to(dtype), token_of_row, counts)
             return out.to(x.dtype)
         row_weights = pairs.weights.to(x.dtype)  # (P,)
         out_rows = experts_ffn(

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moray.model.experts import RoutedExperts, sort_pairs
+from moray.model.experts import RoutedExperts, cpu_inference
 
 
 def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,10 +41,6 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
 # weight for an fp32 product takes 54-68 ms). Past it (prefill) the product is compute-bound:
 # dequantize and run the GEMM.
 FUSED_MAX_ROWS = 64
-
-
-def cpu_inference(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and not torch.is_grad_enabled()
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale_bf16: torch.Tensor) -> torch.Tensor:
@@ -92,20 +88,18 @@ def int8_experts_few_rows(
     for e, n in enumerate(counts.tolist()):
         if n == 0:
             continue
-        h = torch._weight_int8pack_mm(
+        h = int8_linear(
             rows[start : start + n], experts.q_gate_up_proj[e], experts.bf16_scale_gate_up_proj[e]
         )
         act = F.silu(h[:, :I]) * h[:, I:]  # (n, I)
-        out[start : start + n] = torch._weight_int8pack_mm(
-            act, experts.q_down_proj[e], experts.bf16_scale_down_proj[e]
-        )
+        out[start : start + n] = int8_linear(act, experts.q_down_proj[e], experts.bf16_scale_down_proj[e])
         start += n
     return out.to(x.dtype)
 
 
 class Int8RoutedExperts(RoutedExperts):
     """RoutedExperts whose stacked weights live in int8. Decode on the CPU runs the fused kernel
-    per hit expert; anything else is RoutedExperts' forward on the dequantized stacks."""
+    per hit expert (few_rows_ffn); anything else runs on the dequantized stacks."""
 
     def __init__(self, experts: RoutedExperts):
         nn.Module.__init__(self)  # not RoutedExperts.__init__: no fp32 weights are allocated
@@ -128,15 +122,8 @@ class Int8RoutedExperts(RoutedExperts):
     def down_proj(self) -> torch.Tensor:  # (E, H, I)
         return dequantize(self.q_down_proj, self.scale_down_proj, self.dtype)
 
-    def forward(self, x, experts, weights, keep=None):
-        plain = self.beta is None and self.activation_scale is None
-        routed = experts.numel() if keep is None else int(keep.sum())
-        if not (plain and cpu_inference(x) and routed <= self.FEW_ROWS_PER_EXPERT * self.n_experts):
-            return super().forward(x, experts, weights, keep)
-        pairs = sort_pairs(experts, weights, keep, self.n_experts)
-        out_rows = int8_experts_few_rows(x, pairs.token_of_row, self, pairs.counts)  # (P, H)
-        row_weights = pairs.weights.to(x.dtype)[:, None]
-        return torch.zeros_like(x).index_add_(0, pairs.token_of_row, out_rows * row_weights)  # (N, H)
+    def few_rows_ffn(self, x, token_of_row, counts):  # decode: the fused kernel per hit expert
+        return int8_experts_few_rows(x, token_of_row, self, counts)
 
 
 def quantize_int8(model: nn.Module, include_head: bool = False, inplace: bool = False) -> nn.Module:
