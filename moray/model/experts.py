@@ -46,33 +46,11 @@ def _has_grouped_mm(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == torch.bfloat16
 
 
-def _padded_slots(a: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, int] | None:
-    """For bf16 on the CPU: each row's slot in an (E, C) grid of groups padded to the largest, C.
-
-    F.grouped_mm's CPU kernel runs one GEMM per group; at the few dozen rows per expert of a
-    training micro-batch one padded bmm is 2-3x faster in bf16 (benchmarks/bench_moe.py), and
-    slower in fp32. None (use grouped_mm) elsewhere, or where padding would more than double the rows.
-    """
-    if a.device.type != "cpu" or a.dtype != torch.bfloat16 or len(counts) < 2 or a.shape[0] == 0:
-        return None  # (no rows: every pair dropped, or a pipeline stage's shape probe)
-    C = int(counts.max())
-    if C * len(counts) > 2 * a.shape[0]:
-        return None
-    group = torch.repeat_interleave(torch.arange(len(counts)), counts)  # (P,)
-    first = counts.cumsum(0) - counts  # (E,) each group's first row
-    return group * C + torch.arange(a.shape[0]) - first[group], C
-
-
-def _pad(rows: torch.Tensor, slots: torch.Tensor, C: int, E: int) -> torch.Tensor:
-    return rows.new_zeros(E * C, rows.shape[1]).index_copy_(0, slots, rows).view(E, C, -1)
-
-
 def grouped_matmul(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of a (P, K), grouped by `counts` (E,), each times its group's b (E, K, M): (P, M)."""
-    padded = _padded_slots(a, counts)
-    if padded is not None:
-        slots, C = padded
-        return torch.bmm(_pad(a, slots, C, len(counts)), b).flatten(0, 1).index_select(0, slots)
+    C = _uniform(a, counts)
+    if C is not None:
+        return torch.bmm(a.view(len(counts), C, -1), b).flatten(0, 1)
     if _has_grouped_mm(a, b):
         return F.grouped_mm(a, b, offs=counts.cumsum(0).to(torch.int32))
     # Fallback: unbind's backward is one stack, not E scatters.
@@ -82,14 +60,20 @@ def grouped_matmul(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> to
 def grouped_outer(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Per group e, a_e.T @ b_e for rows a (P, K), b (P, M) grouped by `counts`: (E, K, M).
     This is the weight gradient of a grouped matmul; an empty group gives zeros."""
-    padded = _padded_slots(a, counts)
-    if padded is not None:  # padding rows are zeros: they add nothing
-        slots, C = padded
+    C = _uniform(a, counts)
+    if C is not None:
         E = len(counts)
-        return torch.bmm(_pad(a, slots, C, E).transpose(1, 2), _pad(b, slots, C, E))
+        return torch.bmm(a.view(E, C, -1).transpose(1, 2), b.view(E, C, -1))
     if _has_grouped_mm(a, b):
         return F.grouped_mm(a.t(), b, offs=counts.cumsum(0).to(torch.int32))
     return torch.stack([ai.t() @ bi for ai, bi in zip(a.split(counts.tolist()), b.split(counts.tolist()))])
+
+
+def _uniform(a: torch.Tensor, counts: torch.Tensor) -> int | None:
+    """C when every group has the same C > 0 rows (padded pairs): one bmm over (E, C, K) views."""
+    E, P = len(counts), a.shape[0]
+    C = P // E if E else 0
+    return C if C > 0 and C * E == P and bool((counts == C).all()) else None
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -230,14 +214,18 @@ class RoutedExperts(nn.Module):
             # (the casts' backward brings the weights' gradients back to fp32); no-ops otherwise
             dtype = autocast_dtype(x.device.type) or x.dtype
             xc, gate_up, down = x.to(dtype), self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
-            out = SwiGLUExperts.apply(xc, gate_up, down, pairs.weights.to(dtype), token_of_row, counts)
+            pairs = padded_for_bmm(pairs, xc)
+            out = SwiGLUExperts.apply(
+                xc, gate_up, down, pairs.weights.to(dtype), pairs.token_of_row, pairs.counts
+            )
             return out.to(x.dtype)
-        row_weights = pairs.weights.to(x.dtype)  # (P,)
+        pairs = padded_for_bmm(pairs, x)
         out_rows = experts_ffn(
-            x[token_of_row], pairs.expert_of_row, counts, self.gate_up_proj, self.down_proj, self.beta,
+            x[pairs.token_of_row], pairs.expert_of_row, pairs.counts, self.gate_up_proj, self.down_proj, self.beta,
             self.activation_scale,
         )  # fmt: skip
-        return torch.zeros_like(x).index_add_(0, token_of_row, out_rows * row_weights[:, None])  # (N, H)
+        row_weights = pairs.weights.to(x.dtype)[:, None]  # (P, 1)
+        return torch.zeros_like(x).index_add_(0, pairs.token_of_row, out_rows * row_weights)  # (N, H)
 
 
 @dataclass
@@ -266,6 +254,39 @@ def sort_pairs(
     expert_of_row = flat_experts[order]
     counts = torch.bincount(expert_of_row, minlength=n_experts)
     return SortedPairs(pair_token[order], expert_of_row, flat_weights[order], counts)
+
+
+def padded_for_bmm(pairs: SortedPairs, like: torch.Tensor) -> SortedPairs:
+    """For bf16 on the CPU (`like` is the rows' tensor): the pairs laid out as an (E, C) grid of
+    groups padded to the largest, C, so that every grouped product is one bmm over views.
+
+    F.grouped_mm's CPU kernel runs one GEMM per group; at the few dozen to few hundred rows per
+    expert of a training micro-batch one padded bmm is 2-3x faster in bf16, and slower in fp32
+    (benchmarks/bench_moe.py). Padding the pairs once, and not each product's operands, saves the
+    zero-filling, copying in and copying out around every product (a quarter of a bf16 MoE step).
+    A padding slot repeats token 0 with combine weight 0: it adds nothing to the output or to any
+    gradient. Elsewhere, or where padding would more than double the rows, the pairs are returned
+    as they are. The weights' padding is differentiable (router gradients flow back to the pairs).
+    """
+    counts = pairs.counts
+    P, E = len(pairs.token_of_row), len(counts)
+    if like.device.type != "cpu" or like.dtype != torch.bfloat16 or E < 2 or P == 0:
+        return pairs  # (no rows: every pair dropped, or a pipeline stage's shape probe)
+    C = int(counts.max())
+    if C * E > 2 * P:
+        return pairs
+    first = counts.cumsum(0) - counts  # (E,) each group's first row
+    slots = (
+        pairs.expert_of_row * C + torch.arange(P, device=counts.device) - first[pairs.expert_of_row]
+    )  # (P,)
+
+    def spread(v: torch.Tensor) -> torch.Tensor:  # (P,) -> (E*C,), zeros in the padding
+        return v.new_zeros(E * C).index_copy(0, slots, v)
+
+    expert_of_slot = torch.arange(E, device=counts.device).repeat_interleave(C)
+    return SortedPairs(
+        spread(pairs.token_of_row), expert_of_slot, spread(pairs.weights), torch.full_like(counts, C)
+    )
 
 
 def experts_ffn(

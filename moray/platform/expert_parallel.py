@@ -29,7 +29,14 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import nn
 
-from moray.model.experts import RoutedExperts, SwiGLUExperts, experts_ffn, sort_pairs
+from moray.model.experts import (
+    RoutedExperts,
+    SortedPairs,
+    SwiGLUExperts,
+    experts_ffn,
+    padded_for_bmm,
+    sort_pairs,
+)
 
 
 class GlobalTokens:
@@ -166,8 +173,10 @@ class ExpertShard(nn.Module):
         gate_up, down = self._local("gate_up_proj"), self._local("down_proj")
         if self.beta is None and self.activation_scale is None:
             # The fused forward/backward: gathers rows by expert and scatters the results back.
-            ones = rows.new_ones(len(rows))
-            return SwiGLUExperts.apply(rows, gate_up, down, ones, by_expert, local_counts)
+            pairs = padded_for_bmm(
+                SortedPairs(by_expert, expert_of_sorted, rows.new_ones(len(rows)), local_counts), rows
+            )
+            return SwiGLUExperts.apply(rows, gate_up, down, pairs.weights, pairs.token_of_row, pairs.counts)
         out_sorted = experts_ffn(rows.index_select(0, by_expert), expert_of_sorted, local_counts, gate_up, down,
                                  self._local("beta"), self._local("activation_scale"))  # fmt: skip
         return torch.zeros_like(rows).index_add_(0, by_expert, out_sorted)

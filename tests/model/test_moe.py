@@ -460,26 +460,50 @@ def test_bf16_autocast_computes_the_experts_in_bf16_and_keeps_routing_and_gradie
 
 
 @pytest.mark.parametrize("skewed", [False, True])
-def test_bf16_grouped_products_equal_the_per_expert_loop(skewed):
-    """bf16 on the CPU takes one padded bmm (grouped_mm's kernel loops over the experts, 2-3x
-    slower at a few dozen rows each), unless padding would more than double the rows."""
-    from moray.model import experts as ex
+def test_bf16_padded_pairs_give_fp32s_outputs_and_gradients(skewed):
+    """bf16 on the CPU lays the pairs out once as an (E, C) grid padded to the largest group, so each
+    grouped product is one bmm (grouped_mm's kernel loops over the experts, 2-3x slower at a few
+    dozen rows each), unless padding would more than double the rows. Padding slots add nothing:
+    the output and the gradients of x, the weights and the combine weights equal fp32's on the same
+    bf16-rounded values (bf16 bounds)."""
+    import copy
+
+    from moray.model.experts import RoutedExperts, padded_for_bmm, sort_pairs
 
     g = torch.Generator().manual_seed(0)
-    counts = torch.tensor([40, 0, 3, 30, 9, 1, 8, 5]) if skewed else torch.tensor([9, 0, 7, 8, 6, 9, 8, 5])
-    P, E = int(counts.sum()), len(counts)
-    a = torch.randn(P, 32, generator=g).bfloat16()
-    b = torch.randn(E, 32, 24, generator=g).bfloat16()
-    rows = torch.randn(P, 24, generator=g).bfloat16()
-    assert (ex._padded_slots(a, counts) is None) == skewed
-    groups = a.split(counts.tolist())
-    want_mm = torch.cat([ai.float() @ bi.float() for ai, bi in zip(groups, b.unbind(0))])
-    want_outer = torch.stack(
-        [ai.float().t() @ ri.float() for ai, ri in zip(groups, rows.split(counts.tolist()))]
-    )
-    torch.testing.assert_close(ex.grouped_matmul(a, b, counts).float(), want_mm, rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(ex.grouped_outer(a, rows, counts).float(), want_outer, rtol=1e-2, atol=1e-2)
-    assert not ex.grouped_outer(a, rows, counts)[1].any()  # an expert without rows: zeros
+    N, E, k = 24, 8, 2
+    experts = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)])  # (N, k)
+    if skewed:
+        experts[:, 0] = 0
+    weights = torch.rand(N, k, generator=g)
+    x = torch.randn(N, H, generator=g).bfloat16().float()
+    probe = torch.randn(N, H, generator=g)
+    m16 = RoutedExperts(E, H, I, learned_beta=False, activation_scale=False)
+    with torch.no_grad():
+        for p in m16.parameters():
+            p.normal_(0.0, 0.3, generator=g)
+    m16 = m16.bfloat16()
+    m32 = copy.deepcopy(m16).float()
+
+    pairs = sort_pairs(experts, weights, None, E)
+    padded = padded_for_bmm(pairs, x.bfloat16())
+    C = int(pairs.counts.max())
+    assert (padded is pairs) == skewed
+    if not skewed:
+        assert len(padded.token_of_row) == C * E and (padded.counts == C).all()
+        assert float(padded.weights.sum()) == pytest.approx(float(weights.sum()))  # padding weighs 0
+
+    def run(module, dtype):
+        x_, w_ = x.to(dtype).requires_grad_(True), weights.clone().requires_grad_(True)
+        out = module(x_, experts, w_)
+        (out.float() * probe).sum().backward()
+        return {"out": out, "x": x_.grad, "w": w_.grad, **{n: p.grad for n, p in module.named_parameters()}}
+
+    got, want = run(m16, torch.bfloat16), run(m32, torch.float32)
+    for name in want:
+        assert got[name].dtype == (torch.float32 if name == "w" else torch.bfloat16)
+        err = (got[name].float() - want[name]).abs().max() / want[name].abs().max()
+        assert err < 2e-2, name
 
 
 def test_bf16_grouped_products_of_no_rows():
