@@ -1,6 +1,6 @@
 """Greedy decode tokens/s: moray's `generate` over the latent cache, in fp32, with the bf16 decode
-weights (`moray.model.decode_weights.for_decode`) and with int8 weights (`moray.model.quant`, the
-fused weight-only kernel, output head included), against Hugging Face `generate` in fp32 (as a
+weights (`moray.model.decode_weights.for_decode`) and with int8 and int4 weights (`moray.model.quant`,
+the fused weight-only kernels, output head included), against Hugging Face `generate` in fp32 (as a
 user would run it on a CPU), at batch 1, 8 and 32.
 
 One random HF DeepseekV2ForCausalLM with the `small` preset's shapes is saved with HF's
@@ -15,7 +15,7 @@ lookup), of the routed experts only those its tokens hit (expected for uniform t
 and the latent cache. limit tokens/s = batch * (read GB/s measured in this run) / (bytes per step),
 counted in the dtype each side computes in.
 
-Greedy fp32 moray tokens must equal HF's at batch 1. bf16 and int8 against fp32 are reported: free-running
+Greedy fp32 moray tokens must equal HF's at batch 1. bf16, int8 and int4 against fp32 are reported: free-running
 greedy token agreement, and on fp32's greedy sequences the next-token agreement and the relative
 logit error. Targets (issue 15) at batch 8: bf16 at least 5x HF, and at least 50% of its limit.
 """
@@ -29,7 +29,7 @@ from common import Result, median_times, memory_gbs, random_hf_model, setup
 
 from moray.model import SamplingParams, generate, load_pretrained
 from moray.model.decode_weights import for_decode
-from moray.model.quant import quantize_int8
+from moray.model.quant import quantize, weight_bytes
 
 CONTEXT = 512
 NEW_TOKENS = 32
@@ -74,7 +74,9 @@ def main() -> list[Result]:
         hf.save_pretrained(tmp)
         ours = load_pretrained(tmp)
     ours_bf16 = for_decode(ours)
-    ours_int8 = quantize_int8(ours, include_head=True)
+    quantized = {fmt: quantize(ours, fmt, include_head=True) for fmt in ("int8", "int4")}
+    for name, model in (("fp32", ours), ("bf16", ours_bf16), *quantized.items()):
+        print(f"  {name} weights: {weight_bytes(model) / 2**20:.0f} MiB")
     bandwidth = memory_gbs()
     print(
         f"  HF attention: {hf.config._attn_implementation}, experts: {hf.config._experts_implementation}; "
@@ -93,7 +95,8 @@ def main() -> list[Result]:
     # side: (generate, bytes a weight value, bytes a cache value)
     sides = {
         "moray bf16": (runner(ours_bf16), 2, 2),
-        "moray int8": (runner(ours_int8), 1, 4),
+        "moray int8": (runner(quantized["int8"]), 1, 4),
+        "moray int4": (runner(quantized["int4"]), 0.5 + 4 / 32, 4),  # a bf16 scale and zero per 32 weights
         "moray fp32": (runner(ours), 4, 4),
         "hf": (run_hf, 4, 4),
     }
@@ -106,7 +109,7 @@ def main() -> list[Result]:
         print(f"  batch {B}: moray fp32 greedy tokens identical to HF for {agree:.1%} of positions")
         if B == 1:
             assert agree == 1.0, "batch-1 greedy tokens differ from HF"
-        for name, model in (("bf16", ours_bf16), ("int8", ours_int8)):
+        for name, model in (("bf16", ours_bf16), *quantized.items()):
             a = agreement(ours, model, prompt, tokens["moray fp32"], tokens[f"moray {name}"])
             print(f"  batch {B}: {name} against fp32: greedy tokens equal at {a['greedy']:.1%} of positions; "
                   f"on fp32's sequences the same next token at {a['next_token']:.1%}, "
@@ -119,10 +122,10 @@ def main() -> list[Result]:
         }
         t = median_times(fns, REPS[B])
         tps, limits = {}, {}
-        for side, (_, weight_bytes, cache_bytes) in sides.items():
+        for side, (_, value_bytes, cache_bytes) in sides.items():
             prefill, total = t[f"{side} 1"], t[f"{side} {1 + NEW_TOKENS}"]
             tps[side] = B * NEW_TOKENS / (total - prefill)
-            read = step_bytes(ours, B, CONTEXT + NEW_TOKENS // 2, weight_bytes, cache_bytes)
+            read = step_bytes(ours, B, CONTEXT + NEW_TOKENS // 2, value_bytes, cache_bytes)
             limits[side] = limit = B * bandwidth * 1e9 / read
             print(
                 f"  batch {B} {side:10s}: prefill+1 token {prefill * 1e3:7.0f} ms, "
@@ -135,6 +138,8 @@ def main() -> list[Result]:
                    5.0 if B == 8 else None, f"{tps['moray bf16']:.0f} vs {tps['hf']:.0f} tok/s"),
             Result(f"decode batch {B}: moray int8 vs hf generate fp32", tps["moray int8"] / tps["hf"],
                    None, f"{tps['moray int8']:.0f} vs {tps['hf']:.0f} tok/s"),
+            Result(f"decode batch {B}: moray int4 vs hf generate fp32", tps["moray int4"] / tps["hf"],
+                   None, f"{tps['moray int4']:.0f} vs {tps['hf']:.0f} tok/s"),
             Result(f"decode batch {B}: moray fp32 vs hf generate fp32", tps["moray fp32"] / tps["hf"],
                    3.0 if B == 8 else None, f"{tps['moray fp32']:.0f} vs {tps['hf']:.0f} tok/s"),
             Result(f"decode batch {B}: moray bf16, fraction of the bandwidth limit", tps["moray bf16"] / bf16_limit,

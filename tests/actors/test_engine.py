@@ -149,10 +149,23 @@ def test_stop_strings_with_tokenizer(model, tiny_model_dir):
 
 
 def test_int8_engine_runs_and_mostly_agrees(model, prompts, reference):
-    e = Engine(model, config=EngineConfig(quantize_int8=True))
+    e = Engine(model, config=EngineConfig(quantize="int8"))
     out = e.generate(prompts, GREEDY)
     agree = sum(a[0] == b[0] for a, b in zip(out, reference))
     assert agree >= len(prompts) - 1  # first tokens rarely flip under int8 weights
+
+
+def test_int4_engine_equals_generate_on_the_same_int4_weights(model, prompts):
+    """The engine's paged, continuously batched steps through the int4 kernel give the tokens that
+    `generate` gives one prompt at a time over the same int4 model (greedy)."""
+    from moray.model.quant import QuantizedRoutedExperts, quantize
+
+    e = Engine(model, config=EngineConfig(quantize="int4"))
+    assert any(isinstance(m, QuantizedRoutedExperts) for m in e.runner.model.modules())
+    q = quantize(model, "int4")
+    no_stop = SamplingParams(max_new_tokens=20, stop_token_ids=(-1,))
+    want = [generate(q, [p], no_stop)[0] for p in prompts]
+    assert [o[:20] for o in e.generate(prompts, GREEDY)] == want
 
 
 def test_refusals_are_typed(model):
@@ -298,5 +311,7 @@ def test_bf16_engine_runs_and_mostly_agrees(model, prompts, reference):
     out = e.generate(prompts, GREEDY)
     assert sum(a[0] == b[0] for a, b in zip(out, reference)) >= len(prompts) - 1
     assert next(model.parameters()).dtype == torch.float32  # the engine decodes a bf16 copy
-    with pytest.raises(ValueError, match="bf16 and quantize_int8: choose one"):
-        EngineConfig(bf16=True, quantize_int8=True)
+    with pytest.raises(ValueError, match="bf16 and quantize=int8: choose one"):
+        EngineConfig(bf16=True, quantize="int8")
+    with pytest.raises(ValueError, match="quantize='int3': one of int8, int4, or null"):
+        EngineConfig(quantize="int3")

@@ -59,7 +59,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # tokens per step (decodes + prefill chunks)
     prefill_chunk: int = 256  # longest prompt piece in one step
     max_waiting: int = 256  # queue beyond which requests are refused with Overloaded (HTTP 429)
-    quantize_int8: bool = False
+    # weight-only quantization (moray.model.quant): None, "int8" (per-channel) or "int4" (group-wise)
+    quantize: str | None = None
     # bf16 weights laid out for CPU decode (moray.model.decode_weights): about 2x fp32's decode steps
     bf16: bool = False
 
@@ -75,8 +76,12 @@ class EngineConfig:
                 raise ValueError(f"{name}={getattr(self, name)}: must be positive")
         if self.max_waiting < 0:
             raise ValueError(f"max_waiting={self.max_waiting}: must be >= 0")
-        if self.bf16 and self.quantize_int8:
-            raise ValueError("bf16 and quantize_int8: choose one weight format")
+        from moray.model.quant import FORMATS
+
+        if self.quantize is not None and self.quantize not in FORMATS:
+            raise ValueError(f"quantize={self.quantize!r}: one of {', '.join(FORMATS)}, or null")
+        if self.bf16 and self.quantize:
+            raise ValueError(f"bf16 and quantize={self.quantize}: choose one weight format")
 
 
 @dataclass
@@ -163,10 +168,10 @@ class Engine:
         """`runner` computes the forwards (default: ModelRunner over `model`); a PipelineRunner
         sends them through pipeline stage actors, and `model` then holds only the embedding and head."""
         self.config = config or EngineConfig()
-        if self.config.quantize_int8:
-            from moray.model.quant import quantize_int8
+        if self.config.quantize:
+            from moray.model.quant import quantize
 
-            model = quantize_int8(model)
+            model = quantize(model, self.config.quantize)
         if self.config.bf16:
             from moray.model.decode_weights import for_decode
 

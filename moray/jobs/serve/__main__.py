@@ -82,7 +82,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--kv-cache-mb", type=_int_in(1), default=64, help="paged latent cache per replica, MiB")
     p.add_argument("--max-request-mb", type=_int_in(1), default=8, help="larger request bodies get a 413")
-    p.add_argument("--int8", action="store_true", help="int8 weight-only quantization")
+    p.add_argument(
+        "--quantize", default=None, choices=["int8", "int4"],
+        help="weight-only quantization: int8 per channel, or int4 in groups of 32 (CPU, vertical mode)",
+    )  # fmt: skip
     p.add_argument("--bf16", action="store_true", help="bf16 weights laid out for CPU decode (vertical mode)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: one GPU per replica, bf16")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for models:/ (default: moray's)")
@@ -115,7 +118,7 @@ def settings_from_args(args: argparse.Namespace):
             "cpus": args.stage_cpus,
             "threads": max(1, int(args.stage_cpus)),
         },  # fmt: skip
-        "engine": {"kv_cache_bytes": args.kv_cache_mb << 20, "quantize_int8": args.int8, "bf16": args.bf16},
+        "engine": {"kv_cache_bytes": args.kv_cache_mb << 20, "quantize": args.quantize, "bf16": args.bf16},
     }
     if args.name:
         s["served_model_name"] = args.name

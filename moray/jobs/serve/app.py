@@ -145,9 +145,13 @@ class ServeSettings:
         if self.cpus <= 0:
             raise ValueError(f"cpus={self.cpus}: must be positive")
         actors = "expert shards" if self.mode in SHARDED else "pipeline stages"
-        for fmt in ("quantize_int8", "bf16"):
+        for fmt in ("quantize", "bf16"):
             if self.mode != "vertical" and getattr(self.engine, fmt):
-                raise ValueError(f"mode={self.mode}: the {actors} serve the model's own weights, not {fmt}")
+                raise ValueError(
+                    f"mode={self.mode}: the {actors} serve the model's own weights, not {fmt}={getattr(self.engine, fmt)}"
+                )
+        if self.engine.quantize == "int4" and self.device != "cpu":
+            raise ValueError(f"device={self.device}: int4 weights run on the CPU's kernel only")
         if self.mode != "vertical" and self.device != "cpu":
             raise ValueError(f"mode={self.mode}: {actors} run on CPUs for now (device=cpu)")
 

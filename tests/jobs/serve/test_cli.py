@@ -63,7 +63,7 @@ def test_an_unreadable_key_file_is_one_line(tiny_model_dir, tmp_path, capsys):
 
 def test_a_horizontal_layout_the_model_cannot_use_is_refused_before_ray(tiny_model_dir, tmp_path, capsys):
     """More shards than experts, spare copies that do not divide over the shards, a loads file that
-    does not match the model or is missing, int8 weights in shards: each refused with exit 2, naming
+    does not match the model or is missing, quantized weights in shards: each refused with exit 2, naming
     what is wrong."""
     horizontal = ["--model", str(tiny_model_dir), "--mode", "horizontal"]
     loads = tmp_path / "loads.json"
@@ -73,7 +73,7 @@ def test_a_horizontal_layout_the_model_cannot_use_is_refused_before_ray(tiny_mod
         (["--expert-shards", "3"], "must divide evenly over 3 shards"),
         (["--expert-loads", str(loads)], "do not give one count per expert (8)"),
         (["--expert-loads", str(tmp_path / "none.json")], "expert_shards.loads"),
-        (["--int8"], "not quantize_int8"),
+        (["--quantize", "int8"], "not quantize=int8"),
         (["--bf16"], "the expert shards serve the model's own weights, not bf16"),
     ):
         assert main(horizontal + extra) == 2, extra
@@ -84,7 +84,7 @@ def test_a_horizontal_layout_the_model_cannot_use_is_refused_before_ray(tiny_mod
 
 
 def test_a_pipeline_the_model_cannot_use_is_refused_before_ray(tiny_model_dir, capsys):
-    """More stages than layers, int8 weights in stages: refused with exit 2, naming what is wrong."""
+    """More stages than layers, quantized weights in stages: refused with exit 2, naming what is wrong."""
     from moray.jobs.serve.loading import model_config
 
     layers = model_config(str(tiny_model_dir)).num_hidden_layers
@@ -94,7 +94,7 @@ def test_a_pipeline_the_model_cannot_use_is_refused_before_ray(tiny_model_dir, c
             ["--stages", str(layers + 1)],
             f"pipeline.num_stages: {layers + 1} pipeline stages: the model has {layers}",
         ),
-        (["--int8"], "the pipeline stages serve the model's own weights, not quantize_int8"),
+        (["--quantize", "int4"], "the pipeline stages serve the model's own weights, not quantize=int4"),
         (["--device", "cuda"], "pipeline stages run on CPUs"),
     ):
         assert main(pipeline + extra) == 2, extra

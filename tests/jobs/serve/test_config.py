@@ -61,10 +61,12 @@ def test_cli_flags():
     from moray.platform.cli import JOBS
 
     assert JOBS["serve"][0] == "moray.jobs.serve.__main__"
-    args = add_arguments(argparse.ArgumentParser()).parse_args(["--model", "d", "--api-key", "k", "--int8"])
+    args = add_arguments(argparse.ArgumentParser()).parse_args(
+        ["--model", "d", "--api-key", "k", "--quantize", "int8"]
+    )
     assert args.host == "127.0.0.1" and args.port == 8000 and args.grpc_port == 0
     s = settings_from_args(args)
-    assert s.api_keys == ["k"] and s.engine.quantize_int8 and s.engine.kv_cache_bytes == 64 << 20
+    assert s.api_keys == ["k"] and s.engine.quantize == "int8" and s.engine.kv_cache_bytes == 64 << 20
 
 
 def test_grafana_dashboard_queries_only_metrics_the_engine_exports():
