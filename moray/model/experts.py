@@ -182,7 +182,7 @@ class RoutedExperts(nn.Module):
         counts: torch.Tensor,  # (E,)
     ) -> torch.Tensor:
         """Each pair's row through its expert when experts get a handful of rows each, in
-        inference on the CPU: (P, H), unweighted. Subclasses with other weight storage (int8)
+        inference on the CPU: (P, H), unweighted. Subclasses with other weight storage (quantized)
         override this and keep the rest of forward."""
         dtype = autocast_dtype(x.device.type) or x.dtype
         gate_up, down = self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
