@@ -186,8 +186,6 @@ class ModelConfig:
             need(self.rope_type in ("default", "yarn"), "rope_scaling",
                  f"type {self.rope_type!r} is not supported (use 'yarn')")  # fmt: skip
             if self.rope_type == "yarn":
-                need(not self.rope_per_head_base, "rope_per_head_base",
-                     "per-head RoPE bases do not combine with yarn scaling")  # fmt: skip
                 f = self.rope_scaling.get("factor")
                 need(isinstance(f, (int, float)) and f >= 1, "rope_scaling", "yarn needs factor >= 1")
                 need("original_max_position_embeddings" in self.rope_scaling, "rope_scaling",

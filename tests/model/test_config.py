@@ -82,7 +82,6 @@ BAD = {
     # q_pos - k_pos < 0 is a future key: causal attention never sees it, the bias would be dead.
     "relative_offset_negative": (dict(relative_bias_offsets=[1, -1]), "relative_bias_offsets"),
     "relative_offset_float": (dict(relative_bias_offsets=[1.5]), "relative_bias_offsets"),
-    "per_head_base_with_yarn": (dict(rope_per_head_base=True, rope_scaling=YARN), "rope_per_head_base"),
 }
 
 

@@ -292,3 +292,21 @@ def test_learned_wavelengths_start_at_the_rope_frequencies():
     assert "rotary.log_inv_freq" in params
     assert torch.allclose(model.rotary.inv_freq, default_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta))
     assert "rotary._inv_freq" not in dict(model.named_buffers())
+
+
+def test_yarn_blend_is_yarn_without_truncation_on_the_default_frequencies():
+    """The extras' YaRN (from each frequency's rotations over the original context) equals the
+    published index form with its ramp left untruncated, and it applies per head."""
+    from moray.model.rope import yarn_blend, yarn_inv_freq
+
+    scaling = {"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 4096, "truncate": False}
+    want, _ = yarn_inv_freq(32, 10000.0, scaling)
+    torch.testing.assert_close(yarn_blend(default_inv_freq(32, 10000.0), scaling), want)
+
+    cfg = tiny(rope_per_head_base=True, rope_scaling={**scaling, "original_max_position_embeddings": 16})
+    rotary = RotaryEmbedding(cfg)
+    plain = RotaryEmbedding(tiny(rope_per_head_base=True))
+    torch.testing.assert_close(rotary.inv_freq, plain.inv_freq)  # the bases as trained; YaRN on top
+    cos, _ = rotary(torch.arange(5)[None])
+    assert cos.shape == (1, cfg.num_attention_heads, 5, cfg.qk_rope_head_dim // 2)
+    assert rotary.attention_scaling > 1 and not torch.allclose(cos, plain(torch.arange(5)[None])[0])
