@@ -23,7 +23,7 @@ EXPERIMENT = "moray-eval"
 
 
 def build_tasks(config: EvalConfig) -> dict[str, Task]:
-    from moray.jobs.eval.sandbox import SandboxLimits
+    from moray.platform.sandbox import SandboxLimits
     from moray.jobs.eval.tasks.humaneval import HumanEval
 
     tasks = registry()

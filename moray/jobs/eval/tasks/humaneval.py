@@ -1,7 +1,7 @@
 """HumanEval, pass@k: lm-eval's `humaneval` (lm_eval/tasks/humaneval/humaneval.yaml) with the
 unbiased pass@k estimator of Chen et al. (2021). The completion is cut at the first new top-level
 statement; prompt + completion + the problem's tests then run in the sandbox
-(`moray.jobs.eval.sandbox`): another process, time and memory limits, no network."""
+(`moray.platform.sandbox`): another process, time and memory limits, no network."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ class HumanEval:
 
     # pass@k is named pass_at_k: MLflow refuses "@" in metric names
     def score(self, docs: list[dict], answers: list[list]) -> TaskResult:
-        from moray.jobs.eval.sandbox import SandboxLimits, run_programs
+        from moray.platform.sandbox import SandboxLimits, run_programs
 
         programs = [program(doc, c) for doc, (completions,) in zip(docs, answers) for c in completions]
         results = iter(run_programs(programs, self.limits or SandboxLimits()))

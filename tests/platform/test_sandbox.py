@@ -1,4 +1,4 @@
-"""The code-execution sandbox (moray/jobs/eval/sandbox.py): outcomes, limits and isolation.
+"""The code-execution sandbox (moray/platform/sandbox.py): outcomes, limits and isolation.
 
 Every test starts real child interpreters (~0.2 s each) and none asserts on timing: the machine is
 shared and noisy, so only outcomes are checked."""
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from moray.jobs.eval import sandbox
-from moray.jobs.eval.sandbox import SandboxLimits, SandboxResult, run_program, run_programs
+from moray.platform import sandbox
+from moray.platform.sandbox import SandboxLimits, SandboxResult, run_program, run_programs
 
-HUMANEVAL = Path(__file__).resolve().parents[4] / "shared" / "data" / "eval" / "humaneval.jsonl.gz"
+HUMANEVAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "eval" / "humaneval.jsonl.gz"
 QUICK = SandboxLimits(timeout_s=5.0, memory_mb=512)
 
 
@@ -235,7 +235,7 @@ def test_the_evaluators_state_is_untouched(tmp_path, monkeypatch):
     )
     assert result.passed, result.stderr
     assert Path.cwd() == tmp_path and list(tmp_path.iterdir()) == []
-    assert sys.modules.keys() >= modules.keys() and sys.modules["moray.jobs.eval.sandbox"] is sandbox
+    assert sys.modules.keys() >= modules.keys() and sys.modules["moray.platform.sandbox"] is sandbox
     assert not Path(result.stdout.strip()).exists()  # the sandbox's directory is gone
 
 

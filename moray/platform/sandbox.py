@@ -1,4 +1,5 @@
-"""Run untrusted, model-generated Python (a HumanEval completion and its unit tests) in a sandbox.
+"""Run untrusted Python in a sandbox: a model's HumanEval completion and its unit tests (evaluation),
+or a crawled code document and its doctests (curation's code-execution labels).
 
 Code-generation benchmarks score a completion by *executing* it, so the evaluator has to run text a
 model wrote. That text may loop forever, allocate all memory, delete files, open sockets or kill
@@ -197,11 +198,13 @@ def _moray_sandbox_guard():
             if hasattr(module, name):
                 setattr(module, name, disabled(f"socket.{name}", OSError))
 
+    # os.putenv stays (human-eval's guard removes it): it changes only this child's own environment,
+    # and numpy sets variables on import, so without it no program that uses numpy could run.
     for name in ("kill", "killpg", "system", "popen", "fork", "forkpty", "posix_spawn", "posix_spawnp",
                  "execv", "execve", "execl", "execle", "execlp", "execlpe", "execvp", "execvpe",
                  "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe",
                  "remove", "unlink", "rmdir", "removedirs", "rename", "renames", "replace", "truncate",
-                 "chmod", "fchmod", "lchmod", "chown", "fchown", "lchown", "chroot", "setuid", "putenv"):
+                 "chmod", "fchmod", "lchmod", "chown", "fchown", "lchown", "chroot", "setuid"):
         if hasattr(os, name):
             setattr(os, name, disabled(f"os.{name}", PermissionError))
     for name in ("rmtree", "move", "chown"):
