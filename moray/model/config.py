@@ -15,6 +15,7 @@ from typing import Any
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
 ATTENTION_LAYER_TYPES = ("full", "local", "strided")
+AUX_HEADS = ("nsp", "span_boundary", "code_exec")
 
 
 @dataclass
@@ -80,6 +81,12 @@ class ModelConfig:
     rope_per_head_base_spread: float = 4.0  # bases range over rope_theta / s .. rope_theta * s
     rope_learned_wavelengths: bool = False  # RoPE inverse frequencies become parameters
     relative_bias_offsets: list[int] = field(default_factory=list)  # learned per-head logit biases
+    # How "local" / "strided" layers are computed, not what: block-sparsely where that is exact
+    # (moray/model/sparse_attention.py: no cache, no padding), else with the dense mask.
+    block_sparse_attention: bool = True
+    # Auxiliary training heads (moray.model.aux_heads): any of "nsp", "span_boundary", "code_exec".
+    aux_heads: list[str] = field(default_factory=list)
+    span_boundary_max_len: int = 10  # the longest masked span the span-boundary head has offsets for
 
     # ------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -177,6 +184,10 @@ class ModelConfig:
         need(self.sliding_window > 0, "sliding_window", "must be positive")
         need(self.attention_stride > 0, "attention_stride", "must be positive")
         need(self.num_global_tokens >= 0, "num_global_tokens", "must be >= 0")
+        need(isinstance(self.block_sparse_attention, bool), "block_sparse_attention", "must be true or false")
+        bad = [h for h in self.aux_heads if h not in AUX_HEADS]
+        need(not bad, "aux_heads", f"unknown heads {bad}; use any of {AUX_HEADS}")
+        need(self.span_boundary_max_len > 0, "span_boundary_max_len", "must be positive")
         need(self.rope_per_head_base_spread >= 1, "rope_per_head_base_spread", "must be >= 1")
         # An offset is q_pos - k_pos: a negative one names a future key, which causal attention never
         # sees, so its bias would be a dead parameter (no effect, no gradient).

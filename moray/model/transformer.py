@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moray.model.aux_heads import AuxHeads
 from moray.model.cache import LatentCache
 from moray.model.config import ModelConfig
 from moray.model.linear import SmallBatchLinear
@@ -31,6 +32,7 @@ class ModelOutput:
     aux_loss: torch.Tensor  # weighted sum of the balance losses over MoE layers (0 in eval)
     balance_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted, summed
     router_stats: dict[int, RouterStats] = field(default_factory=dict)  # layer index -> stats
+    hidden: torch.Tensor | None = None  # (B, T, H) the final normed hidden states, for the aux heads
 
 
 class Block(nn.Module):
@@ -167,6 +169,7 @@ class Transformer(HoldsMoE, nn.Module):
         self.lm_head = SmallBatchLinear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.aux_heads = AuxHeads(config) if config.aux_heads else None  # training-only heads
         # Sparse layer patterns and relative biases live in the attention mask: never skip it.
         self._needs_mask = bool(config.relative_bias_offsets) or any(
             config.attention_layer_type(i) != "full" for i in range(config.num_hidden_layers)
@@ -177,6 +180,8 @@ class Transformer(HoldsMoE, nn.Module):
     def reset_parameters(self) -> None:
         std = self.config.initializer_range
         for name, p in self.named_parameters():
+            if name.startswith("aux_heads."):
+                continue  # their own init, below
             if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
                 p.fill_(1.0)
             elif name.endswith(("beta", "activation_scale")):
@@ -185,6 +190,8 @@ class Transformer(HoldsMoE, nn.Module):
                 continue  # zeros / the RoPE frequencies they start from
             else:
                 p.normal_(0.0, std)
+        if self.aux_heads is not None:
+            self.aux_heads.reset_parameters(std)
 
     def forward(
         self,
@@ -203,14 +210,16 @@ class Transformer(HoldsMoE, nn.Module):
         x = self.embed_tokens(input_ids)  # (B, T, H)
         for block in self.layers:
             x = block(x, inp, token_mask)
-        x = self.norm(x)
+        x = hidden = self.norm(x)
         if num_logits_to_keep:
             x = x[:, -num_logits_to_keep:]
         logits = self.lm_head(x)  # (B, T', vocab)
         if cache is not None:
             cache.lengths = new_lengths
-        return self._output(logits)
+        return self._output(logits, hidden if self.aux_heads is not None else None)
 
-    def _output(self, logits: torch.Tensor) -> ModelOutput:
+    def _output(self, logits: torch.Tensor, hidden: torch.Tensor | None = None) -> ModelOutput:
         aux, totals, stats = router_outputs(self.config, self.moe_layers(), logits.device)
-        return ModelOutput(logits=logits, aux_loss=aux, balance_losses=totals, router_stats=stats)
+        return ModelOutput(
+            logits=logits, aux_loss=aux, balance_losses=totals, router_stats=stats, hidden=hidden
+        )

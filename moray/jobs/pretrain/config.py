@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from moray.jobs.pretrain.objectives import ObjectivesSection
 from moray.model import ModelConfig
 from moray.model.accounting import account
 from moray.platform.config import ConfigError, ModelSpec
@@ -17,13 +18,23 @@ from moray.platform.parallel import DP_MODES, PRECISIONS, ParallelLayout, resolv
 from moray.platform.pipeline_parallel import SCHEDULES, check_pipeline
 
 # Model fields that have one home elsewhere: the parallel layout, the train section.
-SET_ELSEWHERE = {"capacity_factor": "train.capacity_factor", "ep_size": "parallel.ep"}
+SET_ELSEWHERE = {
+    "capacity_factor": "train.capacity_factor",
+    "ep_size": "parallel.ep",
+    "aux_heads": "objectives.<name>.enabled",
+    "span_boundary_max_len": "objectives.span_boundary.max_span",
+}
 
 
-def build_model_config(spec: ModelSpec, manifest: Manifest, capacity_factor: float | None) -> ModelConfig:
+def build_model_config(
+    spec: ModelSpec,
+    manifest: Manifest,
+    capacity_factor: float | None,
+    objectives: ObjectivesSection | None = None,
+) -> ModelConfig:
     """The preset with the overrides, the tokenizer's vocabulary size and special-token ids from
-    the manifest (an override that disagrees is refused, naming both values), and the initial
-    capacity factor from the train section."""
+    the manifest (an override that disagrees is refused, naming both values), the initial
+    capacity factor from the train section, and the heads of the enabled auxiliary objectives."""
     for name, home in SET_ELSEWHERE.items():
         if name in spec.overrides:
             raise ConfigError(f"model.overrides.{name}: set it as {home} (one place for each setting)")
@@ -35,7 +46,9 @@ def build_model_config(spec: ModelSpec, manifest: Manifest, capacity_factor: flo
                 f"model.overrides.{name}={got!r} conflicts with the curated data's {name}={want} "
                 "(manifest.json and tokenizer.json); drop the override"
             )
-    return spec.build(**contract, capacity_factor=capacity_factor)
+    objectives = objectives or ObjectivesSection()
+    heads = dict(aux_heads=objectives.enabled, span_boundary_max_len=objectives.span_boundary.max_span)
+    return spec.build(**contract, capacity_factor=capacity_factor, **heads)
 
 
 @dataclass
@@ -211,6 +224,7 @@ class PretrainConfig:
     scaling: ScalingSection = field(default_factory=ScalingSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     run: RunSection = field(default_factory=RunSection)
+    objectives: ObjectivesSection = field(default_factory=ObjectivesSection)
 
 
 @dataclass
@@ -264,6 +278,28 @@ def run_layout(cfg: PretrainConfig, workers: int, model_config: ModelConfig) -> 
     raise first_error or ConfigError(f"scaling.num_workers={workers}: fewer workers than pp x tp = {per_dp}")
 
 
+def _check_objectives(cfg: PretrainConfig, manifest: Manifest) -> None:
+    on = cfg.objectives.enabled
+    if not on:
+        return
+    p = cfg.parallel
+    if p.tp > 1 or p.pp > 1:
+        raise ConfigError(
+            f"objectives {on}: the auxiliary heads run with data and expert parallelism only (parallel.tp and "
+            "parallel.pp must be 1)"
+        )
+    if cfg.objectives.nsp.enabled and cfg.data.global_batch_size // max(cfg.scaling.worker_range) < 2:
+        raise ConfigError(
+            "objectives.nsp: next-sentence negatives come from another sequence of the rank's batch; "
+            f"data.global_batch_size={cfg.data.global_batch_size} leaves fewer than 2 per data-parallel rank"
+        )
+    if cfg.objectives.code_exec.enabled and not manifest.exec_labels:
+        raise ConfigError(
+            f"objectives.code_exec: the data at {cfg.data.path} has no code-execution labels; curate it with "
+            "code_exec.enabled: true"
+        )
+
+
 def validate(cfg: PretrainConfig) -> Plan:
     """Everything checkable before the cluster: the data contract, the model, the layouts of every
     world size the run may take, the batch arithmetic."""
@@ -271,7 +307,8 @@ def validate(cfg: PretrainConfig) -> Plan:
         manifest = read_manifest(cfg.data.path)
     except ContractError as e:
         raise ConfigError(f"data.path={cfg.data.path!r}: {e}") from None
-    model_config = build_model_config(cfg.model, manifest, cfg.train.capacity_factor)
+    model_config = build_model_config(cfg.model, manifest, cfg.train.capacity_factor, cfg.objectives)
+    _check_objectives(cfg, manifest)
     if manifest.seq_len > model_config.max_position_embeddings:
         raise ConfigError(
             f"data: seq_len {manifest.seq_len} exceeds model max_position_embeddings "

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from moray.platform.data_contract import TOKENS_COLUMN, shard_files
+from moray.platform.data_contract import EXEC_LABELS_COLUMN, TOKENS_COLUMN, shard_files
 
 # CPUs a read task asks Ray for. Reading token ids is light, and Ray Train's workers hold their CPUs
 # away from Ray Data while every worker runs its own read of the split: a whole CPU per read task
@@ -30,8 +30,8 @@ from moray.platform.data_contract import TOKENS_COLUMN, shard_files
 READ_TASK_CPUS = 0.25
 
 
-def read_split(data_path: str, split: str):
-    """A Ray Dataset over one split's shards, in file order."""
+def read_split(data_path: str, split: str, exec_labels: bool = False):
+    """A Ray Dataset over one split's shards, in file order (with the code-execution labels)."""
     import ray.data
 
     # Ray Data's newer Parquet path lists files in tasks of a whole CPU each, whatever `num_cpus`
@@ -40,7 +40,10 @@ def read_split(data_path: str, split: str):
     saved, context.use_datasource_v2 = context.use_datasource_v2, False
     try:
         ds = ray.data.read_parquet(
-            shard_files(data_path, split), columns=[TOKENS_COLUMN], shuffle=None, num_cpus=READ_TASK_CPUS
+            shard_files(data_path, split),
+            columns=[TOKENS_COLUMN, *([EXEC_LABELS_COLUMN] if exec_labels else [])],
+            shuffle=None,
+            num_cpus=READ_TASK_CPUS,
         )
     finally:
         context.use_datasource_v2 = saved
@@ -55,6 +58,7 @@ class Batch:
     inputs: torch.Tensor  # (b, seq_len) tokens
     targets: torch.Tensor  # (b, seq_len) next tokens
     first_sample: int  # global index (within the epoch order) of this rank's first sequence
+    exec_labels: torch.Tensor | None = None  # (b, seq_len + 1) int8, where the data carries them
 
 
 def step_batches(
@@ -78,9 +82,14 @@ def step_batches(
         for i, batch in enumerate(iterate_epoch()):
             if i < skip:
                 continue
-            tokens = np.stack(list(batch[TOKENS_COLUMN]))[rank * per_rank : (rank + 1) * per_rank]
-            seqs = torch.from_numpy(tokens.astype(np.int64))  # (b, seq_len + 1)
-            yield Batch(step, seqs[:, :-1], seqs[:, 1:], i * global_batch + rank * per_rank)
+            mine = slice(rank * per_rank, (rank + 1) * per_rank)
+            seqs = torch.from_numpy(
+                np.stack(list(batch[TOKENS_COLUMN]))[mine].astype(np.int64)
+            )  # (b, seq_len + 1)
+            labels = None
+            if EXEC_LABELS_COLUMN in batch:
+                labels = torch.from_numpy(np.stack(list(batch[EXEC_LABELS_COLUMN]))[mine].astype(np.int8))
+            yield Batch(step, seqs[:, :-1], seqs[:, 1:], i * global_batch + rank * per_rank, labels)
             step += 1
             if step >= max_steps:
                 return

@@ -167,6 +167,7 @@ def run(
     connect()
 
     lo, hi = cfg.scaling.worker_range
+    labels = cfg.objectives.code_exec.enabled  # read the code-execution labels only when trained on
     loop_config = {
         "config": dataclasses.asdict(cfg),
         "model_config": model_config.to_dict(),
@@ -197,7 +198,7 @@ def run(
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
-        datasets={"train": read_split(cfg.data.path, "train"), "val": read_split(cfg.data.path, "val")},
+        datasets={split: read_split(cfg.data.path, split, labels) for split in ("train", "val")},
         dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=options),
     )
     try:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from moray.jobs.pretrain import checkpoint as ckpt
 from moray.jobs.pretrain.config import PretrainConfig, run_layout
 from moray.jobs.pretrain.data import iterate_split, step_batches
+from moray.jobs.pretrain.objectives import prepare as prepare_objectives
 from moray.jobs.pretrain.optim import Schedule, build_optimizer
 from moray.jobs.pretrain.parallel import parallelize
 from moray.jobs.pretrain.state import CapacityState, DataPosition, RNGState, TrainState
@@ -126,6 +127,7 @@ def train_func(loop_config: dict) -> None:
                            tc.max_steps, steps_per_epoch, global_batch, w.dp_rank, w.layout.dp)  # fmt: skip
     callbacks = loop_config.get("callbacks") or []
     clip = ClipSettings(tc.clip_per_layer, tc.clip_per_expert, tc.clip_global)
+    objectives = cfg.objectives
     # whole global batches only: a validation split smaller than one (curation allows it) is skipped
     val_batches = min(tc.val_batches, loop_config["val_sequences"] // global_batch)
 
@@ -137,9 +139,21 @@ def train_func(loop_config: dict) -> None:
         ALL_TO_ALL.reset()
         t0 = time.perf_counter()
         data_s = t0 - t_done  # waiting for Ray Data (and the callbacks)
-        inputs, targets = batch.inputs.to(w.device), batch.targets.to(w.device)
+        inputs, targets = batch.inputs, batch.targets
+        aux = None
+        if objectives.enabled:  # corrupted inputs and the objectives' labels, the same on a resume
+            generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + batch.first_sample)
+            seqs = torch.cat([inputs, targets[:, -1:]], dim=1)  # (b, T + 1) the packed windows
+            inputs, targets, aux = prepare_objectives(objectives, seqs, batch.exec_labels, model_config.pad_token_id,
+                                                      generator)  # fmt: skip
+        inputs, targets = inputs.to(w.device), targets.to(w.device)
         micro_batches = [
-            (inputs[m : m + micro], targets[m : m + micro]) for m in range(0, len(inputs), micro)
+            (
+                inputs[m : m + micro],
+                targets[m : m + micro],
+                *([aux.rows(m, m + micro).to(w.device)] if aux else []),
+            )
+            for m in range(0, len(inputs), micro)
         ]
         stats = train_step(
             model,
@@ -151,6 +165,7 @@ def train_func(loop_config: dict) -> None:
             w.layout.autocast,
             w.layout.loss_parallel,
             working_weights,
+            objectives,
         )
         t_compute = time.perf_counter()
         reduced = reduce_stats(stats, w.layout.dp, w.dp_group, w.device)

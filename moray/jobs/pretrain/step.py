@@ -1,7 +1,8 @@
 """One optimizer step of pre-training, and the MoE feedback that follows it. Plain PyTorch: no Ray.
 
 train_step      grad-accumulated micro-batches: LM loss + lambda * the model's weighted balance
-                losses; clipping; optimizer and schedule. Returns this rank's statistics.
+                losses (+ the enabled auxiliary objectives, each weighted); clipping; optimizer
+                and schedule. Returns this rank's statistics.
 reduce_stats    sums those statistics over the data-parallel group, so every rank sees the same.
 moe_feedback    the capacity-factor controller and the aux-loss-free router bias, fed by the
                 reduced statistics: every rank takes the same decision.
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from moray.jobs.pretrain.objectives import losses as objective_losses
+from moray.jobs.pretrain.objectives import weighted
 from moray.jobs.pretrain.optim import clip_gradients
 from moray.jobs.pretrain.parallel import sync_gradients
 from moray.model.transformer import lm_loss  # noqa: F401 (the loop's and the tests' import)
@@ -58,18 +61,19 @@ def train_step(
     model,
     optimizer: torch.optim.Optimizer,
     scheduler,
-    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],  # [(inputs (b, T), targets (b, T))]
+    micro_batches: list[tuple],  # [(inputs (b, T), targets (b, T))], or (.., AuxTargets) with objectives
     aux_loss_weight: float,
     clip: ClipSettings,
     autocast=contextlib.nullcontext,
     loss_parallel=contextlib.nullcontext,  # the layout's, around the loss and its backward
     working_weights=None,  # WorkingWeights: bf16 copies cast once for the step's micro-batches
+    objectives=None,  # ObjectivesSection: the auxiliary objectives' weights
 ) -> StepStats:
     """A pipelined model (PipelinedModel) runs its micro-batches through its schedule and reports
     the whole pipeline's figures; its gradient norm is taken over every stage."""
     model.train()
     with working_weights or contextlib.nullcontext():
-        stats = forward_backward(model, micro_batches, aux_loss_weight, autocast, loss_parallel)
+        stats = forward_backward(model, micro_batches, aux_loss_weight, autocast, loss_parallel, objectives)
     norms = clip_gradients(model, clip.per_layer, clip.per_expert, clip.global_norm, pipeline_group(model))
     stats.lr = optimizer.param_groups[0]["lr"]
     stats.grad_norm = norms["grad_norm"]
@@ -85,6 +89,7 @@ def forward_backward(
     aux_loss_weight: float,
     autocast=contextlib.nullcontext,
     loss_parallel=contextlib.nullcontext,
+    objectives=None,
 ) -> StepStats:
     """Gradients of the micro-batches' mean loss, accumulated; this rank's statistics (the whole
     pipeline's, for a pipelined model)."""
@@ -94,17 +99,18 @@ def forward_backward(
     losses: dict[str, float] = {"loss": 0.0, "lm_loss": 0.0}
     tokens: dict[int, torch.Tensor] = {}
     dropped = pairs = 0.0
-    for k, (inputs, targets) in enumerate(micro_batches):
+    for k, (inputs, targets, *aux_targets) in enumerate(micro_batches):
         sync_gradients(model, now=k == n - 1)
         with loss_parallel():
             with autocast():
                 out = model(inputs)
+                named = objective_losses(objectives, model, out, aux_targets[0]) if aux_targets else {}
             lm = lm_loss(out.logits, targets)
-            loss = lm + aux_loss_weight * out.aux_loss
+            loss = lm + aux_loss_weight * out.aux_loss + weighted(objectives, named)
             (loss / n).backward()
         losses["loss"] += float(loss.detach()) / n
         losses["lm_loss"] += float(lm.detach()) / n
-        for name, v in out.balance_losses.items():
+        for name, v in [*out.balance_losses.items(), *named.items()]:
             losses[name] = losses.get(name, 0.0) + float(v.detach()) / n
         for i, st in out.router_stats.items():
             tokens[i] = tokens.get(i, 0) + st.tokens_per_expert.detach().float().cpu()
