@@ -23,8 +23,8 @@ EXPERIMENT = "moray-eval"
 
 
 def build_tasks(config: EvalConfig) -> dict[str, Task]:
-    from moray.platform.sandbox import SandboxLimits
     from moray.jobs.eval.tasks.humaneval import HumanEval
+    from moray.platform.sandbox import SandboxLimits
 
     tasks = registry()
     tasks["humaneval"] = HumanEval(
