@@ -83,8 +83,8 @@ def span_boundary_loss(
     spans: torch.Tensor,  # (n, 3) long: row, start, end — the span is start..end-1, 1 <= start < end < T
     tokens: torch.Tensor,  # (B, T) the original (unmasked) input tokens
 ) -> torch.Tensor:
-    if spans.numel() == 0:
-        return hidden.sum() * 0.0  # keeps the graph (and DDP's view of used parameters) whole
+    if spans.numel() == 0:  # a zero that still reaches the head: data parallelism expects its gradients
+        return sum(p.sum() for p in heads.span_boundary.parameters()) * 0.0 + hidden.sum() * 0.0
     lengths = spans[:, 2] - spans[:, 1]  # (n,)
     span_of = torch.repeat_interleave(torch.arange(len(spans), device=spans.device), lengths)  # (m,)
     first = torch.repeat_interleave(spans[:, 1], lengths)

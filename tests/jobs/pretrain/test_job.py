@@ -366,3 +366,35 @@ def test_bf16_precision_trains_one_worker_with_working_weights(ray_local, packed
     assert params["layout.1.cpu_bf16"] == (cpu_bf16_isa() or "none")
     exported = load_pretrained(summary["hf_export"])
     assert {p.dtype for p in exported.parameters()} == {torch.float32}
+
+
+def test_auxiliary_objectives_train_under_ray_train_and_log_each_loss(ray_local, tmp_path):
+    """All three objectives on 2 data-parallel workers (DDP): each loss logged on its own, the heads
+    in the export; code-execution labels read from the data's optional column. Refusals first: no
+    labels in the data, and a layout the heads do not run under."""
+    from tests.fixtures.packed_data import write_packed_dataset
+
+    on = [
+        "objectives.nsp.enabled=true",
+        "objectives.span_boundary.enabled=true",
+        "objectives.code_exec.enabled=true",
+    ]
+    plain = write_packed_dataset(tmp_path / "plain")
+    with pytest.raises(ConfigError, match="no code-execution labels"):
+        run(_cfg(plain, "aux-nolabels", *on))
+    with pytest.raises(ConfigError, match="parallel.tp and parallel.pp must be 1"):
+        run(_cfg(plain, "aux-tp", "objectives.nsp.enabled=true", "parallel.tp=2"))
+
+    data = write_packed_dataset(tmp_path / "labelled", exec_labels=True)
+    summary = run(
+        _cfg(data, "aux", *on, "train.max_steps=3", "train.checkpoint_every=3", "run.register_model=null")
+    )
+    metrics = read_metrics(Path(summary["run_dir"]))
+    for name in ("nsp_loss", "span_boundary_loss", "code_exec_loss"):
+        values = [m[name] for m in metrics]
+        assert len(values) == 3 and all(math.isfinite(v) and v > 0 for v in values), (name, values)
+    from moray.model import load_pretrained
+
+    exported = load_pretrained(summary["hf_export"])
+    assert exported.config.aux_heads == ["nsp", "span_boundary", "code_exec"]
+    assert exported.aux_heads.nsp is not None
