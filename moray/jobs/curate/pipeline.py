@@ -10,9 +10,12 @@ row per input record: that is the ledger.
     perplexity  bigram proxy LM on a seeded reference slice -> per-domain head/middle/tail, drop tail cut
     dedup       exact (normalized text) -> code (normalized Python) -> MinHash-LSH near duplicates
     semdedup    MiniLM embeddings in an actor pool -> k-means -> cosine >= 1 - eps
+    crosslingual  translations paired from the texts (names, numbers, structure, a lexicon it
+                learns) -> `pair_id` per translation group; runs only where two languages of
+                `crosslingual.domains` have `min_docs` kept documents each
     mix         copies per document for the target token shares
     tokenizer   byte-level BPE on a seeded sample of the mix -> <out>/tokenizer.json
-    pack        tokenize -> seq_len + 1 windows -> <out>/train, <out>/val Parquet shards
+    pack        tokenize -> seq_len + 1 windows (a translation group together) -> <out>/train, <out>/val
 
 Then the ledger is checked (every record accounted for), and the manifest (the data contract's
 `Manifest`), the report and the MLflow run are written. Seeds come from the config sections
@@ -32,6 +35,7 @@ import pyarrow.parquet as pq
 
 from moray.jobs.curate import (
     code_norm,
+    crosslingual,
     dedup,
     dedup_exact,
     langid,
@@ -83,6 +87,7 @@ class CurateConfig:
     code_norm: code_norm.CodeNormConfig = field(default_factory=code_norm.CodeNormConfig)
     minhash: minhash.MinHashConfig = field(default_factory=minhash.MinHashConfig)
     semdedup: semdedup.SemDedupConfig = field(default_factory=semdedup.SemDedupConfig)
+    crosslingual: crosslingual.CrossLingualConfig = field(default_factory=crosslingual.CrossLingualConfig)
     mix: mixing.MixConfig = field(default_factory=mixing.MixConfig)
     tokenizer: tok_mod.TokenizerConfig = field(default_factory=tok_mod.TokenizerConfig)
     pack: pack.PackConfig = field(default_factory=pack.PackConfig)
@@ -175,6 +180,13 @@ class Curation:
             "semdedup", self.cfg.semdedup, lambda: semdedup.stage(ds, self.cfg.semdedup)
         )
 
+    def crosslingual(self, ds):
+        """Off, or no two languages to pair in its domains (no multilingual data): no stage at all."""
+        c = self.cfg.crosslingual
+        if not crosslingual.worth_running(ds, c):
+            return ds
+        return self.cache.dataset("crosslingual", c, lambda: crosslingual.stage(ds, c))
+
     def mix(self, ds):
         return self.cache.dataset("mix", self.cfg.mix, lambda: mixing.stage(ds, self.cfg.mix))
 
@@ -201,7 +213,7 @@ class Curation:
         ds = self.prepare()
         records_read = self.documents_in = ds.count()
         self.quarantine(ds)
-        ds = self.mix(self.semdedup(self.dedup(self.perplexity(ds))))
+        ds = self.mix(self.crosslingual(self.semdedup(self.dedup(self.perplexity(ds)))))
 
         frame = columns(ds, LEDGER_SOURCE)
         schema = pa.schema([ROW_SCHEMA.field(c) for c in LEDGER_SOURCE])
@@ -223,6 +235,8 @@ class Curation:
                 f"sequence of seq_len + 1 = {self.cfg.pack.seq_len + 1} tokens (lower pack.seq_len, or add data)"
             ))  # fmt: skip
 
+        if extra["crosslingual"]:  # how many translation groups packing kept in one sequence
+            extra["crosslingual"]["packing"] = packed.get("translation_groups", {})
         extra.update(self._mix_data(packed), tokenizer_training=self.cache.extras.get("tokenizer", {}),
                      stages_skipped_on_resume=self.cache.skipped, timings_s=self.cache.timings,
                      seconds=time.perf_counter() - t0)  # fmt: skip
@@ -267,6 +281,7 @@ class Curation:
             "skipped_files_by_reason": by_reason,
             "dedup": {k: self.cache.extras.get(k, {}) for k in ("dedup", "semdedup")},
             "perplexity": self.cache.extras.get("perplexity", {}),
+            "crosslingual": dict(self.cache.extras.get("crosslingual", {})),
             # code's `lang` is its programming language: not a language-id label
             "langid_accuracy": langid.accuracy_on_labels(
                 (r["lang"], r["lang_pred"]) for r in langs if r["domain"] != "code"
@@ -322,6 +337,13 @@ class Curation:
             metrics.update({f"mix.{d}.achieved": m["achieved"] for d, m in manifest["mix"].items()})
             metrics.update({f"tokens.{s}": v["tokens"] for s, v in manifest["splits"].items()})
             metrics["seconds"] = manifest["seconds"]
+            x = manifest.get("crosslingual") or {}
+            metrics.update(
+                {f"crosslingual.{k}": v for k, v in x.items() if k in ("groups", "paired_documents")}
+            )
+            for dom, info in x.get("per_domain", {}).items():  # against ground truth, where ids give one
+                for lp, s in info.get("ground_truth", {}).get("per_language_pair", {}).items():
+                    metrics.update({f"crosslingual.{dom}.{lp}.{k}": s[k] for k in ("precision", "recall")})
             mlflow.log_metrics({k.replace("#", "_"): float(v) for k, v in metrics.items()})
             for name in (MANIFEST_FILE, "report.md"):
                 if (self.out / name).exists():
