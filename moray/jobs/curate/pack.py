@@ -116,6 +116,7 @@ def pack(
     eos: int,
     ratios: dict[str, float],
     groups: dict[str, str] | None = None,
+    exec_labels: dict[str, int] | None = None,
 ) -> dict:
     """[(uid, domain, ids)] -> {split: {"seqs": (N, seq_len+1) int32, "domains": [...], "tokens": {domain: n},
     "dropped_tokens": {domain: n}, "translation_groups": {"laid_out": n, "in_one_sequence": n}}}.
@@ -124,15 +125,21 @@ def pack(
     `ratios[domain]` is the mix's sampling ratio: the domain's documents are laid out ceil(ratio)
     times (each pass in a fresh seeded order) and the first round(ratio * tokens / width) windows
     are kept, so the mix is met at sequence granularity even when one document is a whole book.
-    `groups` ({uid: pair_id}) keeps each translation group's documents together (module doc)."""
+    `groups` ({uid: pair_id}) keeps each translation group's documents together (module doc).
+    `exec_labels` ({uid: 0 or 1}, curation's code_exec stage): each split also gets "exec_labels",
+    (N, seq_len+1) int8 aligned with "seqs": the document's label on its closing EOS, -1 elsewhere."""
     groups = groups or {}
+    labels = exec_labels or {}
     width = cfg.seq_len + 1
     units: dict[tuple[str, str], dict[str, list]] = {}
     for uid, domain, ids in sorted(docs, key=lambda d: d[0]):
         key = groups.get(uid) or uid  # a translation group is one unit: one split, laid out together
         split = split_of(key, cfg.val_fraction, cfg.seed)
-        units.setdefault((split, domain), {}).setdefault(key, []).append(ids)
-    out = {s: {"seqs": [], "domains": [], "dropped_tokens": {}, "tokens": {},
+        # (n + 1, 2): the ids with their EOS, beside the labels (-1, or the document's on its EOS)
+        doc = np.full((len(ids) + 1, 2), -1, np.int32)
+        doc[:-1, 0], doc[-1, 0], doc[-1, 1] = ids, eos, labels.get(uid, -1)
+        units.setdefault((split, domain), {}).setdefault(key, []).append(doc)
+    out = {s: {"seqs": [], "labels": [], "domains": [], "dropped_tokens": {}, "tokens": {},
                "translation_groups": {"laid_out": 0, "in_one_sequence": 0}} for s in ("train", "val")}  # fmt: skip
     for (split, domain), by_key in sorted(units.items()):
         ratio = ratios.get(domain, 1.0)
@@ -146,9 +153,9 @@ def pack(
                 members = items[i]
                 if len(members) > 1:  # a group: its documents in a seeded order (no draw for one)
                     members = [members[k] for k in rng.permutation(len(members))]
-                order.append([np.append(ids, np.int32(eos)) for ids in members])
+                order.append(members)
         passes, placed = lay_out(order, width)
-        stream = np.concatenate(passes).astype(np.int32)
+        stream, stream_labels = np.concatenate(passes).T  # (n,), (n,)
         once = len(stream) / math.ceil(ratio)
         n_seq = min(len(stream) // width, round(ratio * once / width))
         o = out[split]
@@ -156,6 +163,7 @@ def pack(
         o["translation_groups"]["laid_out"] += len(kept)
         o["translation_groups"]["in_one_sequence"] += sum(p // width == (p + n - 1) // width for p, n in kept)
         o["seqs"].append(stream[: n_seq * width].reshape(n_seq, width))
+        o["labels"].append(stream_labels[: n_seq * width].reshape(n_seq, width).astype(np.int8))
         o["domains"] += [domain] * n_seq
         o["dropped_tokens"][domain] = int(len(stream) - n_seq * width)
         o["tokens"][domain] = int(n_seq * width)
@@ -164,11 +172,14 @@ def pack(
         perm = np.random.default_rng([cfg.seed, 7 if split == "train" else 11]).permutation(len(seqs))
         o["seqs"] = seqs[perm]
         o["domains"] = [o["domains"][i] for i in perm]
+        labels_of = np.concatenate(o.pop("labels")) if o["labels"] else np.zeros((0, width), np.int8)
+        if exec_labels is not None:
+            o["exec_labels"] = labels_of[perm]
     return out
 
 
 def write_shards(
-    out_dir: Path, split: str, seqs: np.ndarray, domains: list[str], cfg: PackConfig
+    out_dir: Path, split: str, seqs: np.ndarray, domains: list[str], cfg: PackConfig, labels=None
 ) -> list[dict]:
     """One split's sequences -> `<out>/<split>/<split>-NNNNN.parquet` in the data contract's schema.
     A split without sequences still gets one (empty) shard: the output then says "0 sequences"
@@ -181,17 +192,19 @@ def write_shards(
     for k, start in enumerate(range(0, max(len(seqs), 1), cfg.rows_per_shard)):
         part = seqs[start : start + cfg.rows_per_shard]
         path = d / f"{split}-{k:05d}.parquet"
-        pq.write_table(packed_table(part, domains[start : start + cfg.rows_per_shard]), path)
+        part_labels = None if labels is None else labels[start : start + cfg.rows_per_shard]
+        pq.write_table(packed_table(part, domains[start : start + cfg.rows_per_shard], part_labels), path)
         shards.append({"path": f"{split}/{path.name}", "rows": len(part), "tokens": int(part.size),
                        "bytes": path.stat().st_size, "sha256": sha256_file(path)})  # fmt: skip
     return shards
 
 
 def stage(
-    ds, tokenizer_path: Path, cfg: PackConfig, mix: MixConfig, out_dir: Path
+    ds, tokenizer_path: Path, cfg: PackConfig, mix: MixConfig, out_dir: Path, exec_labels: dict | None = None
 ) -> tuple[dict, list[Path]]:
-    """The kept documents in the mix -> tokenized -> packed -> train/val shards. The mix is planned
-    again on real token counts. Returns (report data, the shard files)."""
+    """The kept documents in the mix -> tokenized -> packed -> train/val shards (with the code-execution
+    labels column when `exec_labels` is given). The mix is planned again on real token counts.
+    Returns (report data, the shard files)."""
     from tokenizers import Tokenizer
 
     tokenizer_json = Path(tokenizer_path).read_text()
@@ -214,13 +227,13 @@ def stage(
         available[d] = available.get(d, 0.0) + len(ids) + 1
     mix_plan = plan(available, mix) if mix.enabled else {}
     ratios = {d: p["ratio"] for d, p in mix_plan.items()} if mix_plan else {d: 1.0 for d in available}
-    packed = pack(docs, cfg, special.eos, ratios, groups)
+    packed = pack(docs, cfg, special.eos, ratios, groups, exec_labels)
     translation_groups = {"groups": len(set(groups.values())), "documents": len(groups),
                           "laid_out": sum(o["translation_groups"]["laid_out"] for o in packed.values()),
                           "in_one_sequence": sum(o["translation_groups"]["in_one_sequence"] for o in packed.values())}  # fmt: skip
     splits, files = {}, []
     for split, o in packed.items():
-        shards = write_shards(out_dir, split, o["seqs"], o["domains"], cfg)
+        shards = write_shards(out_dir, split, o["seqs"], o["domains"], cfg, o.get("exec_labels"))
         files += [out_dir / s["path"] for s in shards]
         splits[split] = {"sequences": int(len(o["seqs"])), "tokens": int(o["seqs"].size), "shards": shards,
                          "tokens_per_domain": o["tokens"], "dropped_tail_tokens": o["dropped_tokens"]}  # fmt: skip

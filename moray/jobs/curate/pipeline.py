@@ -14,8 +14,11 @@ row per input record: that is the ledger.
                 learns) -> `pair_id` per translation group; runs only where two languages of
                 `crosslingual.domains` have `min_docs` kept documents each
     mix         copies per document for the target token shares
+    code_exec   (off by default) each code document in the mix run in the sandbox, doctests included
+                -> <out>/code_exec/labels.parquet, for pre-training's code-execution objective
     tokenizer   byte-level BPE on a seeded sample of the mix -> <out>/tokenizer.json
-    pack        tokenize -> seq_len + 1 windows (a translation group together) -> <out>/train, <out>/val
+    pack        tokenize -> seq_len + 1 windows (a translation group together; the code-execution
+                labels on each code document's closing EOS) -> <out>/train, <out>/val
 
 Then the ledger is checked (every record accounted for), and the manifest (the data contract's
 `Manifest`), the report and the MLflow run are written. Seeds come from the config sections
@@ -34,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from moray.jobs.curate import (
+    code_exec,
     code_norm,
     crosslingual,
     dedup,
@@ -89,6 +93,7 @@ class CurateConfig:
     semdedup: semdedup.SemDedupConfig = field(default_factory=semdedup.SemDedupConfig)
     crosslingual: crosslingual.CrossLingualConfig = field(default_factory=crosslingual.CrossLingualConfig)
     mix: mixing.MixConfig = field(default_factory=mixing.MixConfig)
+    code_exec: code_exec.CodeExecConfig = field(default_factory=code_exec.CodeExecConfig)
     tokenizer: tok_mod.TokenizerConfig = field(default_factory=tok_mod.TokenizerConfig)
     pack: pack.PackConfig = field(default_factory=pack.PackConfig)
     num_blocks: int = 8  # hash partitions for the dedup groupings
@@ -194,13 +199,18 @@ class Curation:
         c = self.cfg.tokenizer
         return self.cache.files("tokenizer", c, lambda: tok_mod.stage(ds, c, self.out / TOKENIZER_FILE))
 
+    def code_exec(self, ds) -> dict:
+        c = self.cfg.code_exec
+        return self.cache.files("code_exec", c, lambda: code_exec.stage(ds, c, self.out)) if c.enabled else {}
+
     def pack(self, ds) -> dict:
         c = self.cfg
+        labels = code_exec.read_labels(self.out) if c.code_exec.enabled else None
         # the mix is planned again on real token counts here, so its config is part of this stage's too
         return self.cache.files(
             "pack",
-            [c.pack, c.mix],
-            lambda: pack.stage(ds, self.out / TOKENIZER_FILE, c.pack, c.mix, self.out),
+            [c.pack, c.mix, c.code_exec],
+            lambda: pack.stage(ds, self.out / TOKENIZER_FILE, c.pack, c.mix, self.out, labels),
         )
 
     def run(self) -> dict:
@@ -228,6 +238,7 @@ class Curation:
         if not in_mix:
             self._fail(extra, rows, self._nothing_kept(records_read, counts, extra["reasons"]))
         self.tokenizer(ds)
+        extra["code_exec"] = self.code_exec(ds)
         packed = self.pack(ds)
         if not packed["splits"]["train"]["sequences"]:
             self._fail(extra, rows, (
@@ -246,6 +257,7 @@ class Curation:
             special_tokens=SpecialTokens(**packed["special_tokens"]),
             splits=packed["splits"],
             extra=extra,
+            exec_labels=self.cfg.code_exec.enabled,
         )
         write_manifest(self.out, manifest)
         data = manifest.to_json()
