@@ -19,6 +19,7 @@ import bench_kv_cache
 import bench_moe
 import bench_pretrain
 import bench_serve
+import bench_sparse_attention
 from common import Result
 
 BENCHMARKS = {
@@ -30,6 +31,7 @@ BENCHMARKS = {
     "serve": bench_serve,
     "eval": bench_eval,
     "expert_dispatch": bench_expert_dispatch,
+    "sparse_attention": bench_sparse_attention,
 }
 
 

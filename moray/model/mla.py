@@ -8,6 +8,9 @@ own low-rank bottleneck (q_lora_rank). Two ways to compute the same attention:
 - absorbed (decode): fold W_UK into the query and W_UV into the output, and attend directly over
   the cached latents, so nothing per-head is ever materialized for the context.
 
+"local" and "strided" layers run the expanded form block-sparsely where the keys are the queries'
+own positions 0..T-1 (moray/model/sparse_attention.py); elsewhere they mask densely.
+
 Shapes: B batch, T new tokens, S keys, H heads, c kv_lora_rank, r qk_rope_head_dim,
 dn qk_nope_head_dim, dv v_head_dim.
 """
@@ -25,6 +28,7 @@ from moray.model.linear import SmallBatchLinear
 from moray.model.masks import additive_mask, allowed_keys, relative_bias
 from moray.model.norm import RMSNorm
 from moray.model.rope import apply_rope
+from moray.model.sparse_attention import grouped_attention, groups_for
 
 
 @dataclass
@@ -39,7 +43,9 @@ class AttentionInputs:
     key_len: int = 0  # keys to read from the cache after this step's write
     absorb: bool = False  # use the absorbed (decode) formulation
     plain_causal: bool = False  # no padding, no cache, no extras: SDPA's is_causal fast path
-    masks: dict = field(default_factory=dict)  # layer type -> additive mask, shared by the layers
+    # layer type -> (Groups or None, additive mask), shared by the layers: the block-sparse groups and
+    # their (n, 1, Lq, Sk) mask, or None and the dense (B, 1, T, S) one
+    masks: dict = field(default_factory=dict)
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -104,27 +110,33 @@ class MultiHeadLatentAttention(nn.Module):
         # SDPA's is_causal fast path only where it is exactly this layer's mask: a full layer without
         # relative biases, in the expanded form (the absorbed form takes an explicit mask).
         fast = inp.plain_causal and self.layer_type == "full" and not self.config.relative_bias_offsets
-        mask = None
+        groups, mask = None, None
         if not (fast and not inp.absorb):
-            mask = inp.masks.get(self.layer_type)
-            if mask is None:
-                allowed = allowed_keys(self.config, self.layer_type, inp.q_pos, k_pos, inp.k_valid)
-                mask = additive_mask(allowed, q.dtype)  # (B, 1, T, S), the same for every such layer
-                inp.masks[self.layer_type] = mask
+            if self.layer_type not in inp.masks:  # the first layer of this type builds it for all
+                # Block-sparse groups (local / strided, expanded form, keys = queries at 0..T-1) get
+                # the same rule on their own positions; anything else the dense (B, 1, T, S) mask.
+                if not inp.absorb:
+                    groups = groups_for(self.config, self.layer_type, inp.q_pos, k_pos.shape[1], inp.k_valid)
+                if groups is None:
+                    q_at, k_at, valid = inp.q_pos, k_pos, inp.k_valid  # (B, T), (B, S)
+                else:
+                    q_at, k_at, valid = groups.q_pos, groups.k_pos, groups.k_valid  # (n, Lq), (n, Sk)
+                allowed = allowed_keys(self.config, self.layer_type, q_at, k_at, valid)
+                inp.masks[self.layer_type] = (groups, additive_mask(allowed, q.dtype))
+            groups, mask = inp.masks[self.layer_type]
             if self.config.relative_bias_offsets:
-                mask = mask + relative_bias(
-                    self.config.relative_bias_offsets, self.relative_bias, inp.q_pos, k_pos
-                )
+                q_at, k_at = (inp.q_pos, k_pos) if groups is None else (groups.q_pos, groups.k_pos)
+                mask = mask + relative_bias(self.config.relative_bias_offsets, self.relative_bias, q_at, k_at)
 
         if inp.absorb:
             # A shared rope key: [c_kv | k_pe] is `latent` itself, the keys of one bmm for all heads.
             keys = latent if k_pe.shape[1] == 1 else None
             out = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask, keys)
         else:
-            out = self._expanded(q_nope, q_pe, c_kv, k_pe, mask)  # (B, H, T, dv)
+            out = self._expanded(q_nope, q_pe, c_kv, k_pe, mask, groups)  # (B, H, T, dv)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, H * dv) -> (B, T, hidden)
 
-    def _expanded(self, q_nope, q_pe, c_kv, k_pe, mask):
+    def _expanded(self, q_nope, q_pe, c_kv, k_pe, mask, groups=None):
         B, H, T, _ = q_nope.shape
         S = c_kv.shape[1]
         kv = self.kv_b_proj(c_kv).view(B, S, -1, self.dn + self.dv).transpose(1, 2)  # (B, H, S, dn + dv)
@@ -137,7 +149,9 @@ class MultiHeadLatentAttention(nn.Module):
         pad = q.shape[-1] - self.dv
         if pad > 0:
             v = F.pad(v, (0, pad))  # (B, H, S, dn + r)
-        if mask is None:
+        if groups is not None:
+            out = grouped_attention(q, k, v, groups, mask, self.scale)
+        elif mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
@@ -182,3 +196,4 @@ class MultiHeadLatentAttention(nn.Module):
         o_lat = torch.bmm(probs.view(B, H * T, -1), c_kv).view(B, H, T, self.c)  # (B, H, T, c)
         out = torch.bmm(o_lat.transpose(0, 1).reshape(H, B * T, self.c), w_uv_t)  # (H, B*T, dv)
         return out.view(H, B, T, self.dv).transpose(0, 1)  # (B, H, T, dv)
+
