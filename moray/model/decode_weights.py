@@ -10,7 +10,7 @@ for 8 rows; the same weight reordered once into oneDNN's blocked layout streams 
   `PackedLinear`: the blocked copy, beside the plain weight that a tied embedding and MLA's
   absorbed attention still read;
 - gives each plain routed-expert stack a `DenseDecodeExperts`. Where moray's expert kernel builds
-  (`moray.model.expert_kernel`: AVX-512 BF16, compiled on first use), it reads only the hit
+  (`moray.model.cpu_kernels`: AVX-512 BF16, compiled on first use), it reads only the hit
   experts, each once, from the bf16 stacks themselves. Elsewhere, the E experts as two blocked
   matrices, so that once the step's tokens hit many experts the whole layer is two products over
   every expert (the unrouted ones weighted zero) instead of two small products per hit expert,
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moray.model import expert_kernel
+from moray.model import cpu_kernels
 from moray.model.experts import RoutedExperts
 
 
@@ -78,9 +78,9 @@ class DenseDecodeExperts:
         E, two_i, H = experts.gate_up_proj.shape
         self.n_experts, self.width = E, two_i // 2
         # Where moray's expert kernel builds, it reads only the hit experts, from the bf16 stacks
-        # themselves (moray.model.expert_kernel): faster at every decode size, and no blocked copy.
+        # themselves (moray.model.cpu_kernels): faster at every decode size, and no blocked copy.
         self.stacks = None
-        if expert_kernel.usable(experts.gate_up_proj, experts.down_proj):
+        if cpu_kernels.usable(experts.gate_up_proj, experts.down_proj):
             self.stacks = (experts.gate_up_proj, experts.down_proj)
             return
         self.gate_up = _blocked(experts.gate_up_proj.detach().reshape(E * two_i, H))
@@ -99,7 +99,7 @@ class DenseDecodeExperts:
         keep: torch.Tensor | None,  # (N, k) bool
     ) -> torch.Tensor:
         if self.stacks is not None:
-            return expert_kernel.hit_experts_ffn(x, experts, weights, keep, *self.stacks)
+            return cpu_kernels.hit_experts_ffn(x, experts, weights, keep, *self.stacks)
         N, I = x.shape[0], self.width  # noqa: E741
         x = x.to(torch.bfloat16)
         if keep is not None:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moray.model import cpu_kernels
 from moray.model.config import ModelConfig
 from moray.model.linear import SmallBatchLinear
 from moray.model.masks import additive_mask, allowed_keys, relative_bias
@@ -185,15 +186,24 @@ class MultiHeadLatentAttention(nn.Module):
             q_cat = torch.cat([q_lat, q_pe], dim=-1).reshape(B, H * T, -1)  # (B, H*T, c + r)
             if keys is None:
                 keys = torch.cat([c_kv, k_pe[:, 0]], dim=-1)  # (B, S, c + r)
-            scores = torch.matmul(keys, q_cat.transpose(1, 2)).transpose(1, 2)  # (B, H*T, S)
-            scores = scores.reshape(B, H, T, -1)  # (B, H, T, S)
+            if cpu_kernels.attention_usable(q_cat, keys, mask, self.c):
+                # moray's kernels read each cached latent once for all heads (cpu_kernels.py)
+                o_lat = cpu_kernels.latent_attention(q_cat, keys, mask, self.scale, self.c)  # (B, H*T, c)
+            else:
+                scores = torch.matmul(keys, q_cat.transpose(1, 2)).transpose(1, 2)  # (B, H*T, S)
+                o_lat = self._softmax_values(scores.reshape(B, H, T, -1), mask, c_kv)
         else:
             scores = q_lat @ c_kv[:, None].transpose(-1, -2) + q_pe @ k_pe.transpose(-1, -2)
-        scores = scores * self.scale
-        if mask is not None:
-            scores = scores + mask
-        probs = scores.softmax(dim=-1, dtype=torch.float32).to(q_nope.dtype)
-        o_lat = torch.bmm(probs.view(B, H * T, -1), c_kv).view(B, H, T, self.c)  # (B, H, T, c)
+            o_lat = self._softmax_values(scores, mask, c_kv)
+        o_lat = o_lat.to(q_nope.dtype).view(B, H, T, self.c)
         out = torch.bmm(o_lat.transpose(0, 1).reshape(H, B * T, self.c), w_uv_t)  # (H, B*T, dv)
         return out.view(H, B, T, self.dv).transpose(0, 1)  # (B, H, T, dv)
 
+    def _softmax_values(self, scores, mask, c_kv):
+        """scores (B, H, T, S) -> the attention-weighted latents (B, H*T, c)."""
+        B, H, T, _ = scores.shape
+        scores = scores * self.scale
+        if mask is not None:
+            scores = scores + mask
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(c_kv.dtype)
+        return torch.bmm(probs.view(B, H * T, -1), c_kv)

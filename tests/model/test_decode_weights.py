@@ -36,12 +36,12 @@ def test_packed_linear_equals_the_plain_bf16_linear_and_autograd_uses_the_plain_
 @pytest.mark.parametrize("form", ["kernel", "dense"])
 def test_decode_experts_equal_the_per_expert_loop(tokens, form, monkeypatch):
     """Both decode forms: moray's hit-expert kernel (where it builds) and the dense blocked products."""
-    from moray.model import expert_kernel
+    from moray.model import cpu_kernels
 
-    if form == "kernel" and expert_kernel.kernel() is None:
+    if form == "kernel" and cpu_kernels.kernel() is None:
         pytest.skip("the expert kernel does not build on this machine")
     if form == "dense":
-        monkeypatch.setattr(expert_kernel, "usable", lambda *a: False)
+        monkeypatch.setattr(cpu_kernels, "usable", lambda *a: False)
     torch.manual_seed(tokens)
     E, H, I, k = 16, 64, 32, 4  # noqa: E741
     experts = RoutedExperts(E, H, I, learned_beta=False, activation_scale=False)

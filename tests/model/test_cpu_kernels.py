@@ -1,0 +1,62 @@
+"""moray's CPU decode kernels against PyTorch: the latent attention (the expert kernel is tested with
+the decode experts, tests/model/test_decode_weights.py)."""
+
+import pytest
+import torch
+
+from moray.model import Transformer, cpu_kernels, preset
+from moray.model.cache import LatentCache
+from moray.model.decode_weights import for_decode
+from moray.model.masks import additive_mask
+
+needs_kernel = pytest.mark.skipif(
+    cpu_kernels.kernel() is None, reason="moray's CPU kernels do not build on this machine"
+)
+
+
+@needs_kernel
+@torch.no_grad()
+@pytest.mark.parametrize("T", [1, 3])
+def test_latent_attention_equals_softmax_attention_in_fp32(T):
+    torch.manual_seed(T)
+    B, H, S, c, r = 3, 4, 37, 64, 32
+    cache = torch.randn(B, S + 11, c + r).bfloat16()
+    keys = cache[:, :S]  # a slice of a longer cache, read in place
+    q = torch.randn(B, H * T, c + r).bfloat16()
+    allowed = torch.rand(B, 1, T, S) > 0.3
+    allowed[..., 0] = True
+    mask = additive_mask(allowed, torch.bfloat16)  # (B, 1, T, S) as the model builds it
+    got = cpu_kernels.latent_attention(q, keys, mask, 0.1, c)
+
+    scores = 0.1 * q.float() @ keys.float().transpose(1, 2)  # (B, H*T, S)
+    scores = scores + mask[:, 0].float().repeat(1, H, 1)  # row r is token r % T
+    want = scores.softmax(-1) @ keys[..., :c].float()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    unmasked = cpu_kernels.latent_attention(q, keys, None, 0.1, c)
+    torch.testing.assert_close(
+        unmasked, (0.1 * q.float() @ keys.float().mT).softmax(-1) @ keys[..., :c].float()
+    )
+
+
+@needs_kernel
+@torch.no_grad()
+def test_bf16_decode_with_the_kernel_follows_pytorch_attention(monkeypatch):
+    """A bf16 model's decode steps with the kernel against the same model's PyTorch attention: the
+    kernel keeps scores and probabilities in fp32 (PyTorch's bf16 bmm rounds them), so the logits
+    differ by bf16 rounding only."""
+    config = preset("tiny", kv_lora_rank=96, qk_rope_head_dim=32, capacity_factor=None)
+    torch.manual_seed(0)
+    model = for_decode(Transformer(config).eval())
+    ids = torch.randint(3, 512, (2, 9))
+    steps = torch.randint(3, 512, (2, 4))
+
+    def decode():
+        cache = LatentCache(config, 2, 16, dtype=torch.bfloat16)
+        model(ids, cache=cache)
+        return torch.stack([model(steps[:, i : i + 1], cache=cache).logits[:, -1] for i in range(4)])
+
+    with_kernel = decode()
+    monkeypatch.setattr(cpu_kernels, "attention_usable", lambda *a: False)
+    without = decode()
+    err = ((with_kernel.float() - without.float()).norm() / without.float().norm()).item()
+    assert err < 2e-2, err
