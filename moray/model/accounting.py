@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from moray.model.config import ModelConfig
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
@@ -109,15 +111,35 @@ class BlockFlops:
         return self.split + self.replicated
 
 
+def mean_keys(c: ModelConfig, layer_idx: int, seq_len: int) -> float:
+    """Keys a query attends in this layer, averaged over the positions of a seq_len sequence: the
+    causal context (seq_len / 2) in a full layer; in a local or strided one the keys its rule
+    allows (masks.allowed_keys), the global tokens it would not see otherwise included."""
+    kind = c.attention_layer_type(layer_idx)
+    if kind == "full":
+        return seq_len / 2
+    t = np.arange(seq_len)[:, None]  # queries
+    g = np.arange(c.num_global_tokens)[None]  # global tokens
+    if kind == "local":
+        seen = np.minimum(t + 1, c.sliding_window)[:, 0]
+        by_rule = t - g < c.sliding_window
+    else:  # strided: t, t - stride, t - 2 stride, ...
+        seen = (t // c.attention_stride + 1)[:, 0]
+        by_rule = (t - g) % c.attention_stride == 0
+    globals_added = ((g <= t) & ~by_rule).sum(axis=1)
+    return float(np.mean(seen + globals_added))
+
+
 def block_train_flops(c: ModelConfig, layer_idx: int, seq_len: int) -> BlockFlops:
     """6 FLOPs per activated matmul weight (2 forward, 4 backward) plus the attention scores and
-    the weighted sum of values over the causal context (on average seq_len / 2 keys), x3 for the
-    backward. Norms, relative biases and the extras' scalars are not matmul weights."""
+    the weighted sum of values over the keys each query attends (`mean_keys`: seq_len / 2 in a full
+    layer), x3 for the backward. Norms, relative biases and the extras' scalars are not matmul
+    weights."""
     b = block_params(c, layer_idx)
     nh = c.num_attention_heads
     heads = b.heads - nh * len(c.relative_bias_offsets)
     latent = b.latent - (c.q_lora_rank or 0) - c.kv_lora_rank  # less the two norms
-    attn_fwd = 2 * nh * (c.qk_head_dim + c.v_head_dim) * (seq_len / 2)
+    attn_fwd = 2 * nh * (c.qk_head_dim + c.v_head_dim) * mean_keys(c, layer_idx, seq_len)
     return BlockFlops(split=6 * (heads + b.mlp) + 3 * attn_fwd,
                       replicated=6 * (latent + b.router + b.routed_active))  # fmt: skip
 

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from moray.model import Transformer, preset
 from moray.model.accounting import account
@@ -61,3 +62,20 @@ def test_train_flops_grow_with_context():
         > short.train_flops_per_token
         >= 6 * (short.activated_params - short.other_params)
     )
+
+
+@pytest.mark.parametrize("kind", ["local", "strided"])
+@pytest.mark.parametrize("global_tokens", [0, 3])
+def test_sparse_layers_count_the_keys_their_rule_allows(kind, global_tokens):
+    """Attention FLOPs of a local or strided layer follow its keys, not the causal T / 2."""
+    from moray.model.accounting import mean_keys
+    from moray.model.masks import allowed_keys
+
+    c = preset("tiny", attention_layer_types=[kind] * 3, sliding_window=8, attention_stride=4,
+               num_global_tokens=global_tokens)  # fmt: skip
+    positions = torch.arange(37)[None]
+    want = allowed_keys(c, kind, positions, positions, None).float().sum(-1).mean().item()
+    assert mean_keys(c, 0, 37) == pytest.approx(want)
+    assert mean_keys(preset("tiny"), 0, 37) == 37 / 2
+    full = account(preset("tiny"), seq_len=4096).train_flops_per_token
+    assert account(c, seq_len=4096).train_flops_per_token < full
