@@ -135,5 +135,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     if x32.stride(-1) != 1 or x32.storage_offset() % 2 or any(st % 2 for st in x32.stride()[:-1]):
         x32 = x32.contiguous()  # a complex view needs each pair adjacent and aligned
     pairs = torch.view_as_complex(x32.unflatten(-1, (-1, 2)))  # (B, h, T, dim/2)
-    out = torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2)  # (B, h, T, dim)
+    # cos/sin arrive in bf16 where a mixed-precision policy casts the layers' inputs; complex needs fp32
+    out = torch.view_as_real(pairs * torch.complex(cos.float(), sin.float())).flatten(-2)  # (B, h, T, dim)
     return out.type_as(x)
