@@ -29,7 +29,6 @@ import asyncio
 import functools
 import json
 import random
-import socket
 import statistics
 import sys
 import tempfile
@@ -241,12 +240,6 @@ def print_row(side: str, r: dict) -> None:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # Every mode on the same 4 logical CPUs of a 2-node cluster (2 physical cores here): what each
 # replica, expert shard and pipeline stage gets. Serve's `cpus`/`torch_threads` and the actors' own.
 MODE_SETTINGS = {
@@ -336,6 +329,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
 
     from moray.jobs.serve.app import build_app
     from moray.model import Transformer, preset, save_pretrained
+    from moray.platform.ports import free_port
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     torch.manual_seed(0)
@@ -344,7 +338,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     cluster.add_node(num_cpus=2)
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = {"model": str(tmp / "model"), "served_model_name": "m", "engine": {"max_waiting": 100_000}}
     sides = {

@@ -21,14 +21,12 @@ def ray_local(tmp_path_factory):
     4 logical CPUs on a 2-core machine so a trainer's workers, Ray Data's tasks and a Serve
     replica can coexist without starving each other (see DESIGN.md on ResourceBudget hangs).
     Ray's Prometheus endpoint is on a free port, `ray_local.metrics_url` (see test_prometheus)."""
-    import socket
-
     ray = pytest.importorskip("ray")
     os.environ.setdefault("MORAY_HOME", str(tmp_path_factory.mktemp("moray_home")))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     from moray.platform.cluster import connect
+    from moray.platform.ports import free_port
+
+    port = free_port()
 
     connect(  # the jobs' own way in: a local Ray on loopback (tests/jobs/serve/test_listeners.py checks it)
         num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,

@@ -5,7 +5,6 @@ repository as the working directory, then serving the registered model through `
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,21 +15,17 @@ from pathlib import Path
 import pytest
 import yaml
 
+from moray.platform.ports import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 SHARED = REPO.parent / "shared" / "data"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def head_node():
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
-    port, dash, agent, agent_grpc, metrics, runtime_env = (_free_port() for _ in range(6))
+    port, dash, agent, agent_grpc, metrics, runtime_env = (free_port() for _ in range(6))
     # Token authentication on for the head and the clients (the token is ~/.ray/auth_token).
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
@@ -115,7 +110,7 @@ def test_curate_pretrain_evaluate_and_serve_on_a_head_node(head_node, tmp_path):
 
     # Serving: the repository's Serve config, pointed at the version, through `serve deploy`.
     config = yaml.safe_load((REPO / "configs" / "serve" / "moray.yaml").read_text())
-    http = _free_port()
+    http = free_port()
     config["http_options"]["port"] = http
     (app,) = config["applications"]
     app["args"].update(model="models:/moray-submitted/1", served_model_name="moray-submitted")

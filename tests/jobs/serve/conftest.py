@@ -1,17 +1,11 @@
-import socket
 from types import SimpleNamespace
 
 import pytest
 
+from moray.platform.ports import free_port
 from tests.actors.engine_fixtures import make_model_dir
 
 API_KEY = "sk-moray-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +22,7 @@ def serve_app(ray_local, tiny_model_dir):
 
     from moray.jobs.serve.app import GRPC_SERVICER, build_app
 
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     serve.start(
         http_options={"host": "127.0.0.1", "port": http_port},
         grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]),
