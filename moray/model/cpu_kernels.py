@@ -24,32 +24,27 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <cmath>
+#include <vector>
 
 // out[p, o] = sum_k W[experts[g], o, k] * x[rows[p], k] for the pairs p of group g, which are
-// offsets[g] .. offsets[g + 1]. x (N, K) and W (E, O, K) bf16 contiguous, K a multiple of 32.
-torch::Tensor hit_experts_matmul(torch::Tensor x, torch::Tensor W, torch::Tensor experts,
-                                 torch::Tensor offsets, torch::Tensor rows) {
-  const int64_t K = x.size(1), O = W.size(1), G = experts.size(0), P = rows.size(0);
-  auto out = torch::empty({P, O}, torch::dtype(torch::kFloat32));
-  const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
-  const at::BFloat16* wp = W.data_ptr<at::BFloat16>();
-  const int64_t* ep = experts.data_ptr<int64_t>();
-  const int64_t* op = offsets.data_ptr<int64_t>();
-  const int64_t* rp = rows.data_ptr<int64_t>();
-  float* outp = out.data_ptr<float>();
+// offsets[g] .. offsets[g + 1]. x (N, K) and W (E, O, K) bf16 contiguous, K a multiple of 32; out (P, O).
+static void hit_experts_matmul(const at::BFloat16* xp, const at::BFloat16* wp, int64_t K, int64_t O,
+                               const std::vector<int64_t>& experts, const std::vector<int64_t>& offsets,
+                               const int64_t* rp, float* outp) {
+  const int64_t G = experts.size();
   const int64_t OB = 16;  // output rows per task
   const int64_t blocks = (O + OB - 1) / OB;
   at::parallel_for(0, G * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t g = t / blocks, ob = t % blocks;
-      const int64_t p0 = op[g], n = op[g + 1] - p0;
-      const at::BFloat16* We = wp + ep[g] * O * K;
+      const int64_t p0 = offsets[g], n = offsets[g + 1] - p0;
+      const at::BFloat16* We = wp + experts[g] * O * K;
       for (int64_t o = ob * OB; o < std::min(O, (ob + 1) * OB); ++o) {
         const at::BFloat16* wrow = We + o * K;
         for (int64_t i0 = 0; i0 < n; i0 += 4) {  // four pairs at a time share each load of the row
@@ -67,17 +62,117 @@ torch::Tensor hit_experts_matmul(torch::Tensor x, torch::Tensor W, torch::Tensor
       }
     }
   });
+}
+
+// The routed experts of N tokens, k (expert, weight) pairs each, in one call:
+//   out[n] = sum_j weights[n, j] * down_e(silu(gate_e(x[n])) * up_e(x[n])),  e = experts[n, j]
+// x (N, H) any float dtype; experts (N, k) int64; weights (N, k); gate_up (E, 2I, H) and down (E, H, I)
+// bf16 contiguous, H and I multiples of 32. Returns (N, H) in x's dtype. The pairs are grouped by
+// expert (a stable counting sort) so each hit expert's rows are read once for all of its pairs.
+torch::Tensor hit_experts_ffn(torch::Tensor x, torch::Tensor experts, torch::Tensor weights,
+                              torch::Tensor gate_up, torch::Tensor down) {
+  const int64_t N = experts.size(0), k = experts.size(1), P = N * k, E = gate_up.size(0);
+  const int64_t H = x.size(1), I = down.size(2);
+  auto ex = experts.to(torch::kInt64).contiguous();
+  auto wt = weights.to(torch::kFloat32).contiguous();
+  const int64_t* ep = ex.data_ptr<int64_t>();
+  const float* wp = wt.data_ptr<float>();
+  std::vector<int64_t> start(E + 1, 0);
+  for (int64_t p = 0; p < P; ++p) {
+    TORCH_CHECK(ep[p] >= 0 && ep[p] < E, "expert index ", ep[p], " out of range for ", E, " experts");
+    ++start[ep[p] + 1];
+  }
+  std::vector<int64_t> hit, offsets{0};
+  for (int64_t e = 0; e < E; ++e) {
+    if (start[e + 1] > 0) {
+      hit.push_back(e);
+      offsets.push_back(offsets.back() + start[e + 1]);
+    }
+    start[e + 1] += start[e];
+  }
+  std::vector<int64_t> token(P), pair(P);  // by expert: each pair's token and its index in (N, k)
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t at = start[ep[p]]++;
+    token[at] = p / k;
+    pair[at] = p;
+  }
+  auto xb = x.to(torch::kBFloat16).contiguous();
+  auto h = torch::empty({P, 2 * I}, torch::dtype(torch::kFloat32));  // (P, 2I) [gate | up]
+  hit_experts_matmul(xb.data_ptr<at::BFloat16>(), gate_up.data_ptr<at::BFloat16>(), H, 2 * I, hit,
+                     offsets, token.data(), h.data_ptr<float>());
+  auto act = (at::silu(h.narrow(1, 0, I)) * h.narrow(1, I, I)).to(torch::kBFloat16);  // (P, I) vectorized
+  const at::BFloat16* ap = act.data_ptr<at::BFloat16>();
+  std::vector<int64_t> rows(P);
+  for (int64_t p = 0; p < P; ++p) rows[p] = p;
+  auto y = torch::empty({P, H}, torch::dtype(torch::kFloat32));
+  hit_experts_matmul(ap, down.data_ptr<at::BFloat16>(), I, H, hit, offsets, rows.data(), y.data_ptr<float>());
+  auto out = torch::zeros({N, H}, torch::dtype(torch::kFloat32));
+  float* op = out.data_ptr<float>();
+  const float* yp = y.data_ptr<float>();
+  for (int64_t p = 0; p < P; ++p) {
+    const float w = wp[pair[p]];
+    float* orow = op + token[p] * H;
+    for (int64_t j = 0; j < H; ++j) orow[j] += yp[p * H + j] * w;
+  }
+  return out.to(x.scalar_type());
+}
+
+// RoPE on interleaved pairs, exactly as moray.model.rope.apply_rope computes it: fp32 products,
+// one rounding to bf16 (the extension is built without FMA contraction, so the bits match).
+// x (B, h, T, D) bf16 and cos, sin (B, 1|h, T, D/2) float32, any strides. Returns (B, h, T, D).
+torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+  const int64_t B = x.size(0), Hh = x.size(1), T = x.size(2), P = x.size(3) / 2;
+  auto c = cos.expand({B, Hh, T, P}), s = sin.expand({B, Hh, T, P});
+  auto out = torch::empty({B, Hh, T, 2 * P}, x.options());
+  const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
+  const float* cp = c.data_ptr<float>();
+  const float* sp = s.data_ptr<float>();
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  const auto xs = x.strides(), cs = c.strides(), ss = s.strides();
+  at::parallel_for(0, B * Hh * T, 512, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / (Hh * T), h = (row / T) % Hh, t = row % T;
+      const at::BFloat16* xr = xp + b * xs[0] + h * xs[1] + t * xs[2];
+      const float* cr = cp + b * cs[0] + h * cs[1] + t * cs[2];
+      const float* sr = sp + b * ss[0] + h * ss[1] + t * ss[2];
+      at::BFloat16* orow = op + row * 2 * P;
+      for (int64_t p = 0; p < P; ++p) {
+        const float x0 = xr[2 * p * xs[3]], x1 = xr[(2 * p + 1) * xs[3]];
+        const float cc = cr[p * cs[3]], sn = sr[p * ss[3]];
+        orow[2 * p] = at::BFloat16(x0 * cc - x1 * sn);
+        orow[2 * p + 1] = at::BFloat16(x0 * sn + x1 * cc);
+      }
+    }
+  });
   return out;
+}
+
+// The 16 horizontal sums of 16 vectors: lane j of the result is the sum of v[j]'s lanes, in 45
+// shuffles and adds where 16 _mm512_reduce_add_ps would take about 10 each.
+static inline __m512 sum16(__m512* v) {
+  __m512 t[8], u[4], w[2];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: [a, b, c, d], each that lane's sum
+    const __m512d x = _mm512_castps_pd(t[2 * i]), y = _mm512_castps_pd(t[2 * i + 1]);
+    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int i = 0; i < 2; ++i)  // lanes (0+1, 2+3) of two vectors
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88), _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
 }
 
 // MLA's absorbed decode attention over the latent cache, in two passes around a PyTorch softmax.
 // q (B, R, D) bf16 contiguous: R query rows (heads x new tokens, row r is token r % T);
 // kv (B, S, D) bf16, any batch and row strides, unit stride inside a row: the cached [c_kv | k_pe];
-// mask (B, T, S) float32 or empty. D a multiple of 32.
+// mask (B, T, S) float32 or empty. D a multiple of 32, at most 2048.
 // scores[b, r, s] = scale * q[b, r] . kv[b, s] + mask[b, r % T, s]       (B, R, S) float32
+// A task is one query row (kept in registers) against every key, 16 keys at a time: 16 dot products
+// accumulate side by side and `sum16` reduces them to one vector of 16 scores.
 torch::Tensor latent_scores(torch::Tensor q, torch::Tensor kv, torch::Tensor mask, double scale) {
   const int64_t B = q.size(0), R = q.size(1), D = q.size(2), S = kv.size(1);
-  const int64_t kb = kv.stride(0), ks = kv.stride(1);
+  TORCH_CHECK(D % 32 == 0 && D <= 2048, "latent_scores: width ", D, " is not a multiple of 32 up to 2048");
+  const int64_t kb = kv.stride(0), ks = kv.stride(1), chunks = D / 32;
   const bool masked = mask.numel() > 0;
   const int64_t T = masked ? mask.size(1) : 1;
   auto out = torch::empty({B, R, S}, torch::dtype(torch::kFloat32));
@@ -86,27 +181,30 @@ torch::Tensor latent_scores(torch::Tensor q, torch::Tensor kv, torch::Tensor mas
   const float* mp = masked ? mask.data_ptr<float>() : nullptr;
   float* outp = out.data_ptr<float>();
   const float sc = (float)scale;
-  const int64_t RB = 4;  // query rows per task: each key row is loaded once for all of them
-  const int64_t blocks = (R + RB - 1) / RB;
-  at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * R, 1, [&](int64_t begin, int64_t end) {
+    __m512bh qv[64];
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / blocks, r0 = (t % blocks) * RB, m = std::min(RB, R - r0);
-      for (int64_t s = 0; s < S; ++s) {
-        const at::BFloat16* krow = kp + b * kb + s * ks;
-        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        for (int64_t k = 0; k < D; k += 32) {
-          __m512bh w = (__m512bh)_mm512_loadu_si512((const void*)(krow + k));
-          for (int64_t i = 0; i < m; ++i) {
-            __m512bh x = (__m512bh)_mm512_loadu_si512((const void*)(qp + (b * R + r0 + i) * D + k));
-            acc[i] = _mm512_dpbf16_ps(acc[i], w, x);
-          }
-        }
-        for (int64_t i = 0; i < m; ++i) {
-          const int64_t r = r0 + i;
-          float v = _mm512_reduce_add_ps(acc[i]) * sc;
-          if (masked) v += mp[(b * T + r % T) * S + s];
-          outp[(b * R + r) * S + s] = v;
-        }
+      const int64_t b = t / R, r = t % R;
+      for (int64_t k = 0; k < chunks; ++k) qv[k] = (__m512bh)_mm512_loadu_si512((const void*)(qp + t * D + 32 * k));
+      const at::BFloat16* keys = kp + b * kb;
+      const float* mrow = masked ? mp + (b * T + r % T) * S : nullptr;
+      float* orow = outp + t * S;
+      int64_t s = 0;
+      for (; s + 16 <= S; s += 16) {
+        __m512 acc[16];
+        for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < chunks; ++k)
+          for (int j = 0; j < 16; ++j)
+            acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_loadu_si512((const void*)(keys + (s + j) * ks + 32 * k)), qv[k]);
+        __m512 v = _mm512_mul_ps(sum16(acc), _mm512_set1_ps(sc));
+        if (masked) v = _mm512_add_ps(v, _mm512_loadu_ps(mrow + s));
+        _mm512_storeu_ps(orow + s, v);
+      }
+      for (; s < S; ++s) {  // the last keys, one at a time
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t k = 0; k < chunks; ++k)
+          acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512((const void*)(keys + s * ks + 32 * k)), qv[k]);
+        orow[s] = _mm512_reduce_add_ps(acc) * sc + (masked ? mrow[s] : 0.0f);
       }
     }
   });
@@ -115,6 +213,8 @@ torch::Tensor latent_scores(torch::Tensor q, torch::Tensor kv, torch::Tensor mas
 
 // out[b, r, :] = sum_s probs[b, r, s] * kv[b, s, :C]          (B, R, C) float32
 // probs (B, R, S) float32 contiguous; kv as above; C a multiple of 16.
+// A task is up to 4 query rows by up to 64 columns: 16 accumulators that stay in registers, each
+// key's slice converted from bf16 once for the 4 rows.
 torch::Tensor latent_values(torch::Tensor probs, torch::Tensor kv, int64_t C) {
   const int64_t B = probs.size(0), R = probs.size(1), S = probs.size(2);
   const int64_t kb = kv.stride(0), ks = kv.stride(1);
@@ -122,31 +222,60 @@ torch::Tensor latent_values(torch::Tensor probs, torch::Tensor kv, int64_t C) {
   const float* pp = probs.data_ptr<float>();
   const at::BFloat16* kp = kv.data_ptr<at::BFloat16>();
   float* outp = out.data_ptr<float>();
-  const int64_t RB = 4;
-  const int64_t blocks = (R + RB - 1) / RB;
-  at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<__m512> acc(RB * (C / 16));
+  const int64_t RB = 4, CB = 64;  // rows and columns per task
+  const int64_t row_blocks = (R + RB - 1) / RB, col_blocks = (C + CB - 1) / CB;
+  at::parallel_for(0, B * row_blocks * col_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / blocks, r0 = (t % blocks) * RB, m = std::min(RB, R - r0);
-      for (auto& a : acc) a = _mm512_setzero_ps();
+      const int64_t b = t / (row_blocks * col_blocks), rb = (t / col_blocks) % row_blocks, cb = t % col_blocks;
+      const int64_t r0 = rb * RB, m = std::min(RB, R - r0), c0 = cb * CB, n = std::min(CB, C - c0) / 16;
+      const float* prow[4];
+      for (int i = 0; i < 4; ++i) prow[i] = pp + (b * R + r0 + std::min<int64_t>(i, m - 1)) * S;  // spare rows repeat the last
+      __m512 acc[4][4];
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
       for (int64_t s = 0; s < S; ++s) {
-        const at::BFloat16* vrow = kp + b * kb + s * ks;
-        for (int64_t j = 0; j < C / 16; ++j) {
-          // bf16 -> fp32: the 16 bits become the high half of each 32-bit lane
-          __m256i h = _mm256_loadu_si256((const __m256i*)(vrow + 16 * j));
-          __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-          for (int64_t i = 0; i < m; ++i) {
-            const __m512 p = _mm512_set1_ps(pp[(b * R + r0 + i) * S + s]);
-            acc[i * (C / 16) + j] = _mm512_fmadd_ps(p, v, acc[i * (C / 16) + j]);
-          }
+        const at::BFloat16* vrow = kp + b * kb + s * ks + c0;
+        __m512 v[4];
+        for (int j = 0; j < 4; ++j)  // bf16 -> fp32: the 16 bits become the high half of each 32-bit lane
+          if (j < n) v[j] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(vrow + 16 * j))), 16));
+        for (int i = 0; i < 4; ++i) {
+          const __m512 p = _mm512_set1_ps(prow[i][s]);
+          for (int j = 0; j < 4; ++j)
+            if (j < n) acc[i][j] = _mm512_fmadd_ps(p, v[j], acc[i][j]);
         }
       }
       for (int64_t i = 0; i < m; ++i)
-        for (int64_t j = 0; j < C / 16; ++j)
-          _mm512_storeu_ps(outp + (b * R + r0 + i) * C + 16 * j, acc[i * (C / 16) + j]);
+        for (int64_t j = 0; j < n; ++j) _mm512_storeu_ps(outp + (b * R + r0 + i) * C + c0 + 16 * j, acc[i][j]);
     }
   });
   return out;
+}
+
+// softmax(scale * q . kv + mask) @ kv[..., :C]: (B, R, C) float32, the scores and softmax in fp32.
+// q (B, R, D) bf16; kv as above; mask (B, 1, T, S) additive (any float dtype) or empty.
+torch::Tensor latent_attention(torch::Tensor q, torch::Tensor kv, torch::Tensor mask, double scale, int64_t C) {
+  auto m = mask.numel() > 0 ? mask.select(1, 0).to(torch::kFloat32).contiguous() : mask;
+  return latent_values(latent_scores(q.contiguous(), kv, m, scale).softmax(-1), kv, C);
+}
+
+// MLA's whole absorbed decode attention for a layer, from the heads' queries to their outputs:
+//   q_lat = q_nope @ W_UK (fp32), q = [q_lat | q_pe], o_lat = latent_attention(q), out = o_lat @ W_UV (fp32)
+// q_nope (B, H, T, dn) and q_pe (B, H, T, r) bf16, any strides; kv (B, S, c + r) the cached latents;
+// mask as latent_attention's; w_uk (H, dn, c) and w_uv_t (H, c, dv) float32 contiguous.
+// Returns (B, T, H, dv) bf16: the layout o_proj reads.
+torch::Tensor absorbed_attention(torch::Tensor q_nope, torch::Tensor q_pe, torch::Tensor kv, torch::Tensor mask,
+                                 torch::Tensor w_uk, torch::Tensor w_uv_t, double scale) {
+  const int64_t B = q_nope.size(0), H = q_nope.size(1), T = q_nope.size(2), dn = q_nope.size(3);
+  const int64_t c = w_uk.size(2), r = q_pe.size(3), dv = w_uv_t.size(2);
+  auto q_lat = at::bmm(q_nope.permute({1, 0, 2, 3}).reshape({H, B * T, dn}).to(torch::kFloat32), w_uk);
+  auto q = torch::empty({B, H, T, c + r}, q_pe.options());  // row h*T + t of each batch row
+  q.narrow(3, 0, c).copy_(q_lat.view({H, B, T, c}).permute({1, 0, 2, 3}));
+  q.narrow(3, c, r).copy_(q_pe);
+  auto o_lat = latent_attention(q.view({B, H * T, c + r}), kv, mask, scale, c);  // (B, H*T, c)
+  auto out = at::bmm(o_lat.view({B, H, T, c}).permute({1, 0, 2, 3}).reshape({H, B * T, c}), w_uv_t);
+  auto result = torch::empty({B, T, H, dv}, q_pe.options());
+  result.copy_(out.view({H, B, T, dv}).permute({1, 2, 0, 3}));
+  return result;
 }
 """
 
@@ -174,8 +303,16 @@ def kernel():
                 _kernel = load_inline(
                     "moray_cpu_kernels",
                     cpp_sources=_SOURCE,
-                    functions=["hit_experts_matmul", "latent_scores", "latent_values"],
-                    extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp"],
+                    functions=["hit_experts_ffn", "rope", "latent_attention", "absorbed_attention"],
+                    # no FMA contraction: `rope` must round as PyTorch's separate products do
+                    extra_cflags=[
+                        "-O3",
+                        "-mavx512f",
+                        "-mavx512bw",
+                        "-mavx512bf16",
+                        "-fopenmp",
+                        "-ffp-contract=off",
+                    ],
                 )
             except Exception as e:  # no compiler, or the build failed: PyTorch's products instead
                 warnings.warn(
@@ -192,12 +329,19 @@ def usable(gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> bool:
     return ok and H % 32 == 0 and I % 32 == 0 and kernel() is not None
 
 
-def attention_usable(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None, c: int) -> bool:
-    """Whether `latent_attention` takes these: bf16 CPU inference, the width a multiple of 32 and the
-    latent's of 16, one mask for all heads (no per-head relative biases)."""
-    ok = q.dtype == keys.dtype == torch.bfloat16 and q.device.type == "cpu" and not torch.is_grad_enabled()
-    ok = ok and q.shape[-1] % 32 == 0 and c % 16 == 0 and keys.stride(-1) == 1
+def attention_usable(q_pe: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None, c: int) -> bool:
+    """Whether the attention kernels take these: bf16 CPU inference, the keys' width a multiple of 32
+    and the latent's of 16, one mask for all heads (no per-head relative biases)."""
+    ok = (
+        q_pe.dtype == keys.dtype == torch.bfloat16
+        and q_pe.device.type == "cpu"
+        and not torch.is_grad_enabled()
+    )
+    ok = ok and keys.shape[-1] % 32 == 0 and c % 16 == 0 and keys.stride(-1) == 1
     return ok and (mask is None or mask.shape[1] == 1) and kernel() is not None
+
+
+_NO_MASK = torch.empty(0)
 
 
 def latent_attention(
@@ -209,10 +353,34 @@ def latent_attention(
 ) -> torch.Tensor:
     """softmax(scale * q . keys + mask) @ keys[..., :c]: (B, R, c) float32. Scores and softmax in fp32;
     the keys are read in place (no copy of the cache slice)."""
-    m = torch.empty(0) if mask is None else mask[:, 0].float().contiguous()  # (B, T, S)
-    run = kernel()
-    probs = run.latent_scores(q.contiguous(), keys, m, scale).softmax(dim=-1)  # (B, R, S)
-    return run.latent_values(probs, keys, c)
+    return kernel().latent_attention(q, keys, _NO_MASK if mask is None else mask, scale, c)
+
+
+def absorbed_attention(
+    q_nope: torch.Tensor,  # (B, H, T, dn)
+    q_pe: torch.Tensor,  # (B, H, T, r), rotated
+    keys: torch.Tensor,  # (B, S, c + r) the cached [c_kv | k_pe]
+    mask: torch.Tensor | None,  # (B, 1, T, S) additive, or None
+    w_uk: torch.Tensor,  # (H, dn, c) float32
+    w_uv_t: torch.Tensor,  # (H, c, dv) float32
+    scale: float,
+) -> torch.Tensor:
+    """MLA's absorbed attention in one call: the W_UK and W_UV products in fp32 around
+    `latent_attention`. (B, T, H, dv) bf16, the layout the output projection reads."""
+    return kernel().absorbed_attention(
+        q_nope, q_pe, keys, _NO_MASK if mask is None else mask, w_uk, w_uv_t, scale
+    )
+
+
+def rope_usable(x: torch.Tensor, cos: torch.Tensor) -> bool:
+    """Whether `rope` takes these: bf16 on the CPU without autograd, fp32 angles."""
+    ok = x.dtype == torch.bfloat16 and cos.dtype == torch.float32 and x.device.type == "cpu"
+    return ok and not torch.is_grad_enabled() and kernel() is not None
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """moray.model.rope.apply_rope in one call, bit for bit (14 PyTorch ops otherwise)."""
+    return kernel().rope(x, cos, sin)
 
 
 def hit_experts_ffn(
@@ -225,19 +393,6 @@ def hit_experts_ffn(
 ) -> torch.Tensor:
     """The weighted sum over each token's experts of down_e(silu(gate_e(x)) * up_e(x)): (N, H), in
     x's dtype. Inference only (no autograd)."""
-    N, k = experts.shape
-    I = down_proj.shape[-1]  # noqa: E741
-    flat, w = experts.reshape(-1), weights.reshape(-1)
     if keep is not None:
-        w = w * keep.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    token = order // k  # (P,) the pairs by expert
-    hit, counts = torch.unique_consecutive(flat[order], return_counts=True)  # (G,)
-    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])  # (G + 1,)
-    run = kernel().hit_experts_matmul
-    xb = x.to(torch.bfloat16).contiguous()
-    h = run(xb, gate_up_proj.contiguous(), hit, offsets, token)  # (P, 2I) fp32
-    act = (F.silu(h[:, :I]) * h[:, I:]).to(torch.bfloat16)  # (P, I)
-    out_rows = run(act, down_proj.contiguous(), hit, offsets, torch.arange(len(token)))  # (P, H) fp32
-    out_rows *= w[order, None].float()
-    return torch.zeros(N, x.shape[1]).index_add_(0, token, out_rows).to(x.dtype)
+        weights = weights * keep
+    return kernel().hit_experts_ffn(x, experts, weights, gate_up_proj.contiguous(), down_proj.contiguous())

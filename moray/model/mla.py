@@ -158,15 +158,15 @@ class MultiHeadLatentAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return out[..., : self.dv] if pad > 0 else out
 
-    def _absorbed_weights(self, H: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """W_UK (H, dn, c) and W_UV transposed (H, c, dv) from kv_b_proj, each contiguous (a strided
-        batch is copied by every bmm). Without autograd, a parameter's are kept until it changes
-        (a weight computed per call, as int8's dequantized one, has no version to key them on)."""
+    def _absorbed_weights(self, H: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK (H, dn, c) and W_UV transposed (H, c, dv) from kv_b_proj in `dtype`, each contiguous (a
+        strided batch is copied by every bmm). Without autograd, a parameter's are kept until it
+        changes (a weight computed per call, as int8's dequantized one, has no version to key them on)."""
         weight = self.kv_b_proj.weight
         keep = not torch.is_grad_enabled() and type(weight) is nn.Parameter  # not DTensors either
-        key = (weight.data_ptr(), weight._version, weight.dtype) if keep else None
+        key = (weight.data_ptr(), weight._version, weight.dtype, dtype) if keep else None
         if not keep or getattr(self, "_absorbed_cache", (None,))[0] != key:
-            w = weight.view(H, self.dn + self.dv, self.c)
+            w = weight.view(H, self.dn + self.dv, self.c).to(dtype)
             pair = (w[:, : self.dn].contiguous(), w[:, self.dn :].transpose(1, 2).contiguous())
             if not keep:
                 return pair
@@ -179,19 +179,21 @@ class MultiHeadLatentAttention(nn.Module):
         # einsum's layouts and bmm against the transposed cache copy their operands first, which
         # cost 3-4x the products themselves in bf16 at decode sizes.
         B, H, T, _ = q_nope.shape
-        w_uk, w_uv_t = self._absorbed_weights(H)  # (H, dn, c), (H, c, dv)
+        if keys is not None and cpu_kernels.attention_usable(q_pe, keys, mask, self.c):
+            # moray's kernel: the whole block in one call, each cached latent read once for all heads
+            # and the weight products in fp32 (PyTorch's bf16 bmm at these shapes is 4x slower)
+            w_uk, w_uv_t = self._absorbed_weights(H, torch.float32)
+            out = cpu_kernels.absorbed_attention(q_nope, q_pe, keys, mask, w_uk, w_uv_t, self.scale)
+            return out.transpose(1, 2)  # (B, H, T, dv) over the (B, T, H, dv) that o_proj reads
+        w_uk, w_uv_t = self._absorbed_weights(H, q_nope.dtype)  # (H, dn, c), (H, c, dv)
         q_lat = torch.bmm(q_nope.transpose(0, 1).reshape(H, B * T, self.dn), w_uk)  # (H, B*T, c)
         q_lat = q_lat.view(H, B, T, self.c).transpose(0, 1)  # (B, H, T, c)
         if k_pe.shape[1] == 1:  # shared rope key: one product over [latent | rope] for all heads
             q_cat = torch.cat([q_lat, q_pe], dim=-1).reshape(B, H * T, -1)  # (B, H*T, c + r)
             if keys is None:
                 keys = torch.cat([c_kv, k_pe[:, 0]], dim=-1)  # (B, S, c + r)
-            if cpu_kernels.attention_usable(q_cat, keys, mask, self.c):
-                # moray's kernels read each cached latent once for all heads (cpu_kernels.py)
-                o_lat = cpu_kernels.latent_attention(q_cat, keys, mask, self.scale, self.c)  # (B, H*T, c)
-            else:
-                scores = torch.matmul(keys, q_cat.transpose(1, 2)).transpose(1, 2)  # (B, H*T, S)
-                o_lat = self._softmax_values(scores.reshape(B, H, T, -1), mask, c_kv)
+            scores = torch.matmul(keys, q_cat.transpose(1, 2)).transpose(1, 2)  # (B, H*T, S)
+            o_lat = self._softmax_values(scores.reshape(B, H, T, -1), mask, c_kv)
         else:
             scores = q_lat @ c_kv[:, None].transpose(-1, -2) + q_pe @ k_pe.transpose(-1, -2)
             o_lat = self._softmax_values(scores, mask, c_kv)

@@ -16,10 +16,12 @@ needs_kernel = pytest.mark.skipif(
 
 @needs_kernel
 @torch.no_grad()
-@pytest.mark.parametrize("T", [1, 3])
-def test_latent_attention_equals_softmax_attention_in_fp32(T):
+@pytest.mark.parametrize("T, S, c", [(1, 37, 64), (3, 37, 64), (1, 40, 160)])
+def test_latent_attention_equals_softmax_attention_in_fp32(T, S, c):
+    """Key counts with and without a partial block of 16, latent widths of whole and partial blocks
+    of 64 columns."""
     torch.manual_seed(T)
-    B, H, S, c, r = 3, 4, 37, 64, 32
+    B, H, r = 3, 4, 32
     cache = torch.randn(B, S + 11, c + r).bfloat16()
     keys = cache[:, :S]  # a slice of a longer cache, read in place
     q = torch.randn(B, H * T, c + r).bfloat16()
@@ -60,3 +62,21 @@ def test_bf16_decode_with_the_kernel_follows_pytorch_attention(monkeypatch):
     without = decode()
     err = ((with_kernel.float() - without.float()).norm() / without.float().norm()).item()
     assert err < 2e-2, err
+
+
+@needs_kernel
+@torch.no_grad()
+@pytest.mark.parametrize("heads_in_angles", [1, 4])
+def test_rope_kernel_is_bit_identical_to_pytorchs(monkeypatch, heads_in_angles):
+    """The kernel rotates a strided bf16 view (q_pe is a split of q) exactly as apply_rope's 14 ops
+    do, shared or per-head angles."""
+    from moray.model.rope import apply_rope
+
+    torch.manual_seed(1)
+    q = torch.randn(3, 4, 5, 64 + 32).bfloat16()
+    x = q[..., 64:]  # (B, h, T, r), not contiguous
+    angles = torch.rand(3, heads_in_angles, 5, 16) * 100
+    got = apply_rope(x, angles.cos(), angles.sin())
+    monkeypatch.setattr(cpu_kernels, "rope_usable", lambda *a: False)
+    want = apply_rope(x, angles.cos(), angles.sin())
+    assert torch.equal(got, want)
