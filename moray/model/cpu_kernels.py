@@ -117,6 +117,27 @@ torch::Tensor hit_experts_ffn(torch::Tensor x, torch::Tensor experts, torch::Ten
   return out.to(x.scalar_type());
 }
 
+// RMSNorm of bf16 rows with a bf16 weight as F.rms_norm computes it: fp32 inside, x * rsqrt(mean(x^2)
+// + eps) * w rounded once. x (..., D) any strides; returns (..., D) contiguous.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+  auto xc = x.contiguous();
+  const int64_t D = x.size(-1), N = x.numel() / D;
+  auto out = torch::empty_like(xc);
+  const at::BFloat16* xp = xc.data_ptr<at::BFloat16>();
+  const at::BFloat16* wp = w.data_ptr<at::BFloat16>();
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const at::BFloat16* xr = xp + n * D;
+      float ss = 0.0f;
+      for (int64_t j = 0; j < D; ++j) ss += float(xr[j]) * float(xr[j]);
+      const float r = 1.0f / std::sqrt(ss / D + (float)eps);
+      for (int64_t j = 0; j < D; ++j) op[n * D + j] = at::BFloat16(float(xr[j]) * r * float(wp[j]));
+    }
+  });
+  return out;
+}
+
 // RoPE on interleaved pairs, exactly as moray.model.rope.apply_rope computes it: fp32 products,
 // one rounding to bf16 (the extension is built without FMA contraction, so the bits match).
 // x (B, h, T, D) bf16 and cos, sin (B, 1|h, T, D/2) float32, any strides. Returns (B, h, T, D).
@@ -303,7 +324,13 @@ def kernel():
                 _kernel = load_inline(
                     "moray_cpu_kernels",
                     cpp_sources=_SOURCE,
-                    functions=["hit_experts_ffn", "rope", "latent_attention", "absorbed_attention"],
+                    functions=[
+                        "hit_experts_ffn",
+                        "rms_norm",
+                        "rope",
+                        "latent_attention",
+                        "absorbed_attention",
+                    ],
                     # no FMA contraction: `rope` must round as PyTorch's separate products do
                     extra_cflags=[
                         "-O3",
@@ -396,3 +423,14 @@ def hit_experts_ffn(
     if keep is not None:
         weights = weights * keep
     return kernel().hit_experts_ffn(x, experts, weights, gate_up_proj.contiguous(), down_proj.contiguous())
+
+
+def norm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `rms_norm` takes these: bf16 rows and weight on the CPU, without autograd."""
+    ok = x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu"
+    return ok and not torch.is_grad_enabled() and kernel() is not None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """F.rms_norm over the last dimension in one call (PyTorch's CPU form runs a dozen ops)."""
+    return kernel().rms_norm(x, weight, eps)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moray.model import cpu_kernels
 from moray.model.linear import SmallBatchLinear
 
 
@@ -16,6 +17,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_kernels.norm_usable(x, self.weight):  # bf16 CPU inference: one call
+            return cpu_kernels.rms_norm(x, self.weight, self.eps)
         if x.dtype == self.weight.dtype:
             # PyTorch's fused form, computed in fp32: bit-identical to the form below in fp32 (in bf16
             # it rounds once, after the weight) and fewer ops: decode runs 13 norms a step.

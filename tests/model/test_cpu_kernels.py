@@ -80,3 +80,18 @@ def test_rope_kernel_is_bit_identical_to_pytorchs(monkeypatch, heads_in_angles):
     monkeypatch.setattr(cpu_kernels, "rope_usable", lambda *a: False)
     want = apply_rope(x, angles.cos(), angles.sin())
     assert torch.equal(got, want)
+
+
+@needs_kernel
+@torch.no_grad()
+def test_rms_norm_kernel_follows_pytorchs_within_one_bf16_rounding(monkeypatch):
+    from moray.model.norm import RMSNorm
+
+    torch.manual_seed(2)
+    norm = RMSNorm(96).to(torch.bfloat16)
+    norm.weight.data = torch.randn(96).bfloat16()
+    x = (torch.randn(5, 3, 96) * 4).bfloat16()[:, 1:]  # a strided view
+    got = norm(x)
+    monkeypatch.setattr(cpu_kernels, "norm_usable", lambda *a: False)
+    want = norm(x)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=0)
