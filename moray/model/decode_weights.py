@@ -62,6 +62,8 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or x.device.type != "cpu":
             return F.linear(x, self.weight, self.bias)
+        if self.bias is None and cpu_kernels.linear_usable(x, self.weight):
+            return cpu_kernels.few_rows_linear(x, self.weight)  # few rows, a small weight: moray's kernel
         return _blocked_linear(x.to(torch.bfloat16), self.blocked, self.bias)
 
 
