@@ -8,6 +8,7 @@ into components with the same deterministic survivor rule as the other dedup sta
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +24,10 @@ class SemDedupConfig:
     encode_batch_size: int = 16  # rows per forward: the model sorts a batch by length, then pads each
     # forward to its longest text; short sentences beside 128-token documents make 64 1.7x slower
     max_actors: int = 2
+    # Up to this many documents to embed, the driver embeds them itself: starting an actor pool (a
+    # process per actor importing sentence-transformers and loading the model, 10-20 s) costs more
+    # than embedding a few hundred documents (about 1 s on one core).
+    driver_max_docs: int = 256
     domains: list[str] = field(default_factory=lambda: ["web", "academic", "docs", "books"])
     seed: int = 0
 
@@ -42,6 +47,15 @@ def load_model():
     return model
 
 
+def encode(model, texts, *, max_chars: int = 2000, encode_batch_size: int = 16) -> np.ndarray:
+    """Unit-norm float32 embeddings (n, 384) of the texts' first max_chars characters."""
+    emb = model.encode(
+        [t[:max_chars] for t in texts], batch_size=encode_batch_size, normalize_embeddings=True,
+        convert_to_numpy=True,
+    )  # fmt: skip
+    return emb.astype(np.float32)
+
+
 class Embedder:
     """Ray Data actor: (uid, text) batches -> (uid, embedding) with unit-norm float32 vectors."""
 
@@ -54,11 +68,25 @@ class Embedder:
         self.encode_batch_size = encode_batch_size
 
     def __call__(self, batch):
-        texts = [t[: self.max_chars] for t in batch["text"]]
-        emb = self.model.encode(
-            texts, batch_size=self.encode_batch_size, normalize_embeddings=True, convert_to_numpy=True
+        emb = encode(
+            self.model, batch["text"], max_chars=self.max_chars, encode_batch_size=self.encode_batch_size
         )
-        return {"uid": batch["uid"], "embedding": list(emb.astype(np.float32))}
+        return {"uid": batch["uid"], "embedding": list(emb)}
+
+
+@functools.cache
+def _driver_model():
+    return load_model()  # once per driver process: a later curation in it embeds at once
+
+
+def embed_in_driver(rows, cfg: SemDedupConfig):
+    """The (uid, text) rows' embeddings computed here, as the actor pool would: (uid, embedding)."""
+    import pandas as pd
+
+    emb = encode(
+        _driver_model(), list(rows["text"]), max_chars=cfg.max_chars, encode_batch_size=cfg.encode_batch_size
+    )
+    return pd.DataFrame({"uid": rows["uid"].to_numpy(), "embedding": list(emb)})
 
 
 def embed(ds, cfg: SemDedupConfig):
@@ -107,13 +135,17 @@ def stage(ds, cfg: SemDedupConfig):
     if not cfg.enabled:
         return ds, {}
     meta = columns(ds, ["uid", "doc_id", "n_chars", "domain", "outcome"])
-    if not len(kept(meta, cfg.domains)):  # nothing to embed: no actor pool to start
+    n_docs = len(kept(meta, cfg.domains))
+    if not n_docs:  # nothing to embed: no actor pool to start
         return ds, {"largest_clusters": [], "embedded": 0}
     sizes = dict(zip(meta["uid"], meta["n_chars"]))
     doc_ids = dict(zip(meta["uid"], meta["doc_id"]))
-    emb = embed(
-        ds.map_batches(kept, fn_kwargs={"domains": cfg.domains}, batch_format="pandas"), cfg
-    ).to_pandas()
+    to_embed = ds.map_batches(kept, fn_kwargs={"domains": cfg.domains}, batch_format="pandas")
+    by = "driver" if n_docs <= cfg.driver_max_docs else "actor pool"
+    if by == "driver":
+        emb = embed_in_driver(to_embed.select_columns(["uid", "text"]).to_pandas(), cfg)
+    else:
+        emb = embed(to_embed, cfg).to_pandas()
     emb = emb.sort_values("uid")
     pairs, _ = duplicate_pairs(list(emb["uid"]), np.stack(emb["embedding"].to_list()), cfg)
     new = clusters(pairs, sizes)
@@ -122,4 +154,5 @@ def stage(ds, cfg: SemDedupConfig):
     return out, {
         "largest_clusters": cluster_summary(new, "semantic_duplicate", doc_ids)[:20],
         "embedded": len(emb),
+        "embedded_by": by,
     }
