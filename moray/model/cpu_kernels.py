@@ -1,18 +1,23 @@
-"""moray's own CPU kernels for bf16 decode (AVX-512 BF16 dot products, `_mm512_dpbf16_ps`).
+"""moray's own CPU kernels for bf16 decode (AVX-512 BF16 dot products, `_mm512_dpbf16_ps`); each is
+one call where PyTorch ran many small ops, which at decode sizes cost more than the arithmetic.
 
-Routed experts. At decode sizes (a few tokens, top-k of many experts) a MoE layer is bound by
-reading the weights of the experts its tokens hit. PyTorch's CPU products cannot read just those at
-speed (benchmarks/bench_decode.py; measured per layer at 8 tokens, top-6 of 64, 37 experts hit,
-bf16): `F.grouped_mm` over the hit experts 4.4 ms, a blocked oneDNN product per hit expert 3.5 ms,
-the dense form over all 64 experts 1.77 ms. `hit_experts_matmul` takes 0.85 ms: each hit expert's
-rows are read once for all of that expert's pairs, the work split over the threads by (expert,
-block of 16 output rows).
+Routed experts (`hit_experts_ffn`). At decode sizes (a few tokens, top-k of many experts) a MoE layer
+is bound by reading the weights of the experts its tokens hit. PyTorch's CPU products cannot read
+just those at speed (benchmarks/bench_decode.py; per layer at 8 tokens, top-6 of 64, bf16):
+`F.grouped_mm` over the hit experts 4.4 ms, a blocked oneDNN product per hit expert 3.5 ms, the
+dense form over all 64 experts 1.77 ms. `hit_experts_matmul` reads each hit expert's rows once for
+all of its pairs, split over the threads by (expert, block of 16 output rows), prefetching rows
+ahead: 1.04 ms with the weights coming from memory. The same loop serves the small linears of a
+decode step (`few_rows_linear`), where oneDNN's per-call cost dominates.
 
-MLA's absorbed attention. A decode step's queries (heads x new tokens) meet the cached latents
-[c_kv | k_pe] of their row; PyTorch's bf16 `bmm` runs these skinny products (8 query rows against
-543 keys) at a fraction of the machine, and needs the cache slice copied to a contiguous one.
-`latent_scores` and `latent_values` read each cached latent in place, once for a block of query
-rows, with a PyTorch softmax between them in fp32: 280-300 us a layer against 570-600 at batch 8.
+MLA's absorbed attention (`absorbed_attention`). A decode step's queries (heads x new tokens) meet
+the cached latents [c_kv | k_pe] of their row; PyTorch's bf16 `bmm` runs these skinny products (8
+query rows against 543 keys) at a fraction of the machine, and needs the cache slice copied. The
+kernel folds W_UK and W_UV in fp32, reads each cached latent in place, 16 keys at a time per query
+row with one shuffle tree for their sums, and keeps scores and softmax in fp32: 173 us a layer at
+batch 8 against 570-600.
+
+RoPE and RMSNorm (`rope`, `rms_norm`): 14 and a dozen PyTorch ops a call, run 8 and 13 times a step.
 
 The kernels are compiled with `torch.utils.cpp_extension.load_inline` the first time they are used
 in a process (about 30-60 s, then cached on disk for every later process). Where that fails (no
