@@ -375,30 +375,34 @@ def kernel():
     return _kernel
 
 
-def _plain(*tensors: torch.Tensor | None) -> bool:
-    """Plain tensors (parameters included) that hold their data here: the kernels read raw memory,
-    which a DTensor (tensor parallelism) or another subclass does not have."""
-    return all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
+def _runs_here(*tensors: torch.Tensor | None) -> bool:
+    """Whether the extension is built and these are plain CPU tensors (parameters included): the
+    kernels read raw memory, which a DTensor (tensor parallelism) or another subclass does not have."""
+    plain = all(
+        t is None or (type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu")
+        for t in tensors
+    )
+    return plain and kernel() is not None
+
+
+def _inference_here(*tensors: torch.Tensor | None) -> bool:
+    """`_runs_here` without autograd: the kernels have no backward."""
+    return not torch.is_grad_enabled() and _runs_here(*tensors)
 
 
 def usable(gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> bool:
     """Whether the kernel takes these stacks: bf16 on the CPU, both inner sizes multiples of 32."""
     H, I = gate_up_proj.shape[-1], down_proj.shape[-1]  # noqa: E741
-    ok = gate_up_proj.dtype == down_proj.dtype == torch.bfloat16 and gate_up_proj.device.type == "cpu"
-    ok = ok and _plain(gate_up_proj, down_proj)
-    return ok and H % 32 == 0 and I % 32 == 0 and kernel() is not None
+    ok = gate_up_proj.dtype == down_proj.dtype == torch.bfloat16 and H % 32 == 0 and I % 32 == 0
+    return ok and _runs_here(gate_up_proj, down_proj)
 
 
 def attention_usable(q_pe: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None, c: int) -> bool:
     """Whether the attention kernels take these: bf16 CPU inference, the keys' width a multiple of 32
     and the latent's of 16, one mask for all heads (no per-head relative biases)."""
-    ok = (
-        q_pe.dtype == keys.dtype == torch.bfloat16
-        and q_pe.device.type == "cpu"
-        and not torch.is_grad_enabled()
-    )
-    ok = ok and keys.shape[-1] % 32 == 0 and c % 16 == 0 and keys.stride(-1) == 1 and _plain(q_pe, keys, mask)
-    return ok and (mask is None or mask.shape[1] == 1) and kernel() is not None
+    ok = q_pe.dtype == keys.dtype == torch.bfloat16 and keys.shape[-1] % 32 == 0 and c % 16 == 0
+    ok = ok and keys.stride(-1) == 1 and (mask is None or mask.shape[1] == 1)
+    return ok and _inference_here(q_pe, keys, mask)
 
 
 _NO_MASK = torch.empty(0)
@@ -434,10 +438,7 @@ def absorbed_attention(
 
 def rope_usable(x: torch.Tensor, cos: torch.Tensor) -> bool:
     """Whether `rope` takes these: bf16 on the CPU without autograd, fp32 angles."""
-    ok = (
-        x.dtype == torch.bfloat16 and cos.dtype == torch.float32 and x.device.type == "cpu" and _plain(x, cos)
-    )
-    return ok and not torch.is_grad_enabled() and kernel() is not None
+    return x.dtype == torch.bfloat16 and cos.dtype == torch.float32 and _inference_here(x, cos)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -462,8 +463,7 @@ def hit_experts_ffn(
 
 def norm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `rms_norm` takes these: bf16 rows and weight on the CPU, without autograd."""
-    ok = x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu" and _plain(x, weight)
-    return ok and not torch.is_grad_enabled() and kernel() is not None
+    return x.dtype == weight.dtype == torch.bfloat16 and _inference_here(x, weight)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -482,11 +482,12 @@ def linear_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `few_rows_linear` takes these and beats oneDNN: bf16 CPU inference, an inner size that
     is a multiple of 32, and rows x weight values at most FEW_ROWS_VALUES."""
     rows = x.numel() // x.shape[-1]
-    ok = weight.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled()
-    ok = ok and _plain(x, weight)
-    return (
-        ok and rows * weight.numel() <= FEW_ROWS_VALUES and weight.shape[1] % 32 == 0 and kernel() is not None
+    ok = (
+        weight.dtype == torch.bfloat16
+        and rows * weight.numel() <= FEW_ROWS_VALUES
+        and weight.shape[1] % 32 == 0
     )
+    return ok and _inference_here(x, weight)
 
 
 def few_rows_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
