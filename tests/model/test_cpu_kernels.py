@@ -97,15 +97,16 @@ def test_rms_norm_kernel_follows_pytorchs_within_one_bf16_rounding(monkeypatch):
     torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=0)
 
 
-@needs_kernel
 @torch.no_grad()
-@pytest.mark.parametrize("shape", [(1, 64), (2, 3, 64), (8, 1, 96)])
-def test_few_rows_linear_equals_the_fp32_product_rounded_to_bf16(shape):
-    """The decode linears' kernel: any leading shape, output sizes that are not whole blocks of 16."""
+@pytest.mark.parametrize("shape", [(1, 64), (2, 3, 64), (8, 1, 96), (40, 64), (70, 32)])
+@pytest.mark.parametrize("outputs", [40, 48])
+def test_few_rows_linear_equals_the_fp32_product_rounded_to_bf16(shape, outputs, products):
+    """The decode linears' kernel: any leading shape, output sizes that are not whole blocks of 16
+    (the AVX-512 loop takes those), several blocks of 16 rows and two passes of 64 on AMX."""
     torch.manual_seed(3)
     x = torch.randn(*shape).bfloat16()
-    weight = torch.randn(40, shape[-1]).bfloat16()
+    weight = torch.randn(outputs, shape[-1]).bfloat16()
     got = cpu_kernels.few_rows_linear(x, weight)
     want = x.float() @ weight.float().T
-    assert got.shape == (*shape[:-1], 40) and got.dtype == torch.bfloat16
+    assert got.shape == (*shape[:-1], outputs) and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, rtol=2**-8, atol=1e-5)
