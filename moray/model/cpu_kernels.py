@@ -316,120 +316,241 @@ static inline __m512 sum16(__m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
 }
 
-// MLA's absorbed decode attention over the latent cache, in two passes around a PyTorch softmax.
-// q (B, R, D) bf16 contiguous: R query rows (heads x new tokens, row r is token r % T);
-// kv (B, S, D) bf16, any batch and row strides, unit stride inside a row: the cached [c_kv | k_pe];
-// mask (B, T, S) float32 or empty. D a multiple of 32, at most 2048.
-// scores[b, r, s] = scale * q[b, r] . kv[b, s] + mask[b, r % T, s]       (B, R, S) float32
-// A task is one query row (kept in registers) against every key, 16 keys at a time: 16 dot products
-// accumulate side by side and `sum16` reduces them to one vector of 16 scores.
-torch::Tensor latent_scores(torch::Tensor q, torch::Tensor kv, torch::Tensor mask, double scale) {
-  const int64_t B = q.size(0), R = q.size(1), D = q.size(2), S = kv.size(1);
-  TORCH_CHECK(D % 32 == 0 && D <= 2048, "latent_scores: width ", D, " is not a multiple of 32 up to 2048");
-  const int64_t kb = kv.stride(0), ks = kv.stride(1), chunks = D / 32;
-  const bool masked = mask.numel() > 0;
-  const int64_t T = masked ? mask.size(1) : 1;
-  auto out = torch::empty({B, R, S}, torch::dtype(torch::kFloat32));
-  const at::BFloat16* qp = q.data_ptr<at::BFloat16>();
-  const at::BFloat16* kp = kv.data_ptr<at::BFloat16>();
-  const float* mp = masked ? mask.data_ptr<float>() : nullptr;
-  float* outp = out.data_ptr<float>();
-  const float sc = (float)scale;
-  at::parallel_for(0, B * R, 1, [&](int64_t begin, int64_t end) {
-    __m512bh qv[64];
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / R, r = t % R;
-      for (int64_t k = 0; k < chunks; ++k) qv[k] = (__m512bh)_mm512_loadu_si512((const void*)(qp + t * D + 32 * k));
-      const at::BFloat16* keys = kp + b * kb;
-      const float* mrow = masked ? mp + (b * T + r % T) * S : nullptr;
-      float* orow = outp + t * S;
-      int64_t s = 0;
-      for (; s + 16 <= S; s += 16) {
-        __m512 acc[16];
-        for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
-        for (int64_t k = 0; k < chunks; ++k)
-          for (int j = 0; j < 16; ++j)
-            acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_loadu_si512((const void*)(keys + (s + j) * ks + 32 * k)), qv[k]);
-        __m512 v = _mm512_mul_ps(sum16(acc), _mm512_set1_ps(sc));
-        if (masked) v = _mm512_add_ps(v, _mm512_loadu_ps(mrow + s));
-        _mm512_storeu_ps(orow + s, v);
-      }
-      for (; s < S; ++s) {  // the last keys, one at a time
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t k = 0; k < chunks; ++k)
-          acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512((const void*)(keys + s * ks + 32 * k)), qv[k]);
-        orow[s] = _mm512_reduce_add_ps(acc) * sc + (masked ? mrow[s] : 0.0f);
-      }
-    }
-  });
-  return out;
+// exp of 16 floats (Cephes' expf: 2^n * e^f with |f| <= ln2/2, a degree-7 polynomial for e^f),
+// within 2 ulp; inputs under -87 give 0, as a softmax over them rounds to.
+static inline __m512 exp16(__m512 x) {
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts: exact n * hi
+  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(f, f), _mm512_add_ps(f, _mm512_set1_ps(1.0f)));
+  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
 }
 
-// out[b, r, :] = sum_s probs[b, r, s] * kv[b, s, :C]          (B, R, C) float32
-// probs (B, R, S) float32 contiguous; kv as above; C a multiple of 16.
-// A task is up to 4 query rows by up to 64 columns: 16 accumulators that stay in registers, each
-// key's slice converted from bf16 once for the 4 rows.
-torch::Tensor latent_values(torch::Tensor probs, torch::Tensor kv, int64_t C) {
-  const int64_t B = probs.size(0), R = probs.size(1), S = probs.size(2);
-  const int64_t kb = kv.stride(0), ks = kv.stride(1);
-  auto out = torch::empty({B, R, C}, torch::dtype(torch::kFloat32));
-  const float* pp = probs.data_ptr<float>();
-  const at::BFloat16* kp = kv.data_ptr<at::BFloat16>();
-  float* outp = out.data_ptr<float>();
-  const int64_t RB = 4, CB = 64;  // rows and columns per task
-  const int64_t row_blocks = (R + RB - 1) / RB, col_blocks = (C + CB - 1) / CB;
-  at::parallel_for(0, B * row_blocks * col_blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / (row_blocks * col_blocks), rb = (t / col_blocks) % row_blocks, cb = t % col_blocks;
-      const int64_t r0 = rb * RB, m = std::min(RB, R - r0), c0 = cb * CB, n = std::min(CB, C - c0) / 16;
-      const float* prow[4];
-      for (int i = 0; i < 4; ++i) prow[i] = pp + (b * R + r0 + std::min<int64_t>(i, m - 1)) * S;  // spare rows repeat the last
-      __m512 acc[4][4];
-      for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
-      for (int64_t s = 0; s < S; ++s) {
-        const at::BFloat16* vrow = kp + b * kb + s * ks + c0;
-        __m512 v[4];
-        for (int j = 0; j < 4; ++j)  // bf16 -> fp32: the 16 bits become the high half of each 32-bit lane
-          if (j < n) v[j] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(vrow + 16 * j))), 16));
-        for (int i = 0; i < 4; ++i) {
-          const __m512 p = _mm512_set1_ps(prow[i][s]);
-          for (int j = 0; j < 4; ++j)
-            if (j < n) acc[i][j] = _mm512_fmadd_ps(p, v[j], acc[i][j]);
-        }
-      }
-      for (int64_t i = 0; i < m; ++i)
-        for (int64_t j = 0; j < n; ++j) _mm512_storeu_ps(outp + (b * R + r0 + i) * C + c0 + 16 * j, acc[i][j]);
+static inline __mmask16 first(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
+
+// scores[s] = scale * q . kv[s] + mask[s] for one query row of D bf16 (D a multiple of 32 up to
+// 2048) against S keys (row stride ks), keys from s0 on: 16 keys at a time, whose 16 dot products
+// accumulate side by side and `sum16` reduces to one vector, then the last keys one at a time.
+static void row_scores(const at::BFloat16* q, const at::BFloat16* kv, int64_t s0, int64_t S, int64_t ks, int64_t D,
+                       const float* mask, float scale, float* scores) {
+  const int64_t chunks = D / 32;
+  __m512bh qv[64];
+  for (int64_t k = 0; k < chunks; ++k) qv[k] = (__m512bh)_mm512_loadu_si512((const void*)(q + 32 * k));
+  int64_t s = s0;
+  for (; s + 16 <= S; s += 16) {
+    __m512 acc[16];
+    for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < chunks; ++k)
+      for (int j = 0; j < 16; ++j)
+        acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_loadu_si512((const void*)(kv + (s + j) * ks + 32 * k)), qv[k]);
+    __m512 v = _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale));
+    if (mask) v = _mm512_add_ps(v, _mm512_loadu_ps(mask + s));
+    _mm512_storeu_ps(scores + s, v);
+  }
+  for (; s < S; ++s) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t k = 0; k < chunks; ++k)
+      acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512((const void*)(kv + s * ks + 32 * k)), qv[k]);
+    scores[s] = _mm512_reduce_add_ps(acc) * scale + (mask ? mask[s] : 0.0f);
+  }
+}
+
+// The scores of up to 16 query rows on AMX tiles, 16 keys at a time: C (16 keys x 16 rows) += the
+// keys (16 x 32, read in place from the cache) . the rows (laid out once in the tiles' VNNI form).
+// Returns the first key left to `row_scores` (the last S % 16).
+static int64_t amx_scores(const at::BFloat16* q, int64_t m, const at::BFloat16* kv, int64_t S, int64_t ks, int64_t D,
+                          const float* const* masks, float scale, float* scores) {
+  const int64_t chunks = D / 32;
+  std::vector<uint16_t> qt(chunks * 512, 0);  // chunk c: 16 k pairs x 16 rows x 2
+  const uint16_t* qs = reinterpret_cast<const uint16_t*>(q);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t k = 0; k < D; k += 2) {
+      uint16_t* d = qt.data() + (k / 32) * 512 + (k % 32) / 2 * 32 + i * 2;
+      d[0] = qs[i * D + k];
+      d[1] = qs[i * D + k + 1];
     }
-  });
-  return out;
+  configure_tiles();
+  alignas(64) float c[16][16];
+  int64_t s = 0;
+  for (; s + 16 <= S; s += 16) {
+    _tile_zero(2);
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      _tile_loadd(0, kv + s * ks + ch * 32, ks * 2);
+      _tile_loadd(1, qt.data() + ch * 512, 64);
+      _tile_dpbf16ps(2, 0, 1);
+    }
+    _tile_stored(2, c, 64);
+    for (int64_t i = 0; i < m; ++i)
+      for (int j = 0; j < 16; ++j) scores[i * S + s + j] = c[j][i] * scale + (masks[i] ? masks[i][s + j] : 0.0f);
+  }
+  _tile_release();
+  return s;
+}
+
+// softmax of S fp32 scores in place
+static void softmax_row(float* x, int64_t S) {
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (int64_t s = 0; s < S; s += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), first(S - s), x + s));
+  const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t s = 0; s < S; s += 16) {
+    const __mmask16 k = first(S - s);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + s), top));
+    _mm512_mask_storeu_ps(x + s, k, e);
+    total = _mm512_add_ps(total, _mm512_maskz_mov_ps(k, e));
+  }
+  const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+  for (int64_t s = 0; s < S; s += 16) {
+    const __mmask16 k = first(S - s);
+    _mm512_mask_storeu_ps(x + s, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + s), inv));
+  }
+}
+
+// o[i, :C] = sum_s p[i][s] * kv[s, :C] for up to 4 rows of probabilities (row i at p + i * S):
+// 4 rows by up to 64 columns of accumulators in registers, each key's slice converted from bf16
+// once for the 4 rows. C a multiple of 16.
+static void values_rows(const float* p, int64_t m, const at::BFloat16* kv, int64_t S, int64_t ks, int64_t C, float* o) {
+  const float* prow[4];
+  for (int i = 0; i < 4; ++i) prow[i] = p + std::min<int64_t>(i, m - 1) * S;  // spare rows repeat the last
+  for (int64_t c0 = 0; c0 < C; c0 += 64) {
+    const int64_t n = std::min<int64_t>(64, C - c0) / 16;
+    __m512 acc[4][4];
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < S; ++s) {
+      const at::BFloat16* vrow = kv + s * ks + c0;
+      __m512 v[4];
+      for (int j = 0; j < 4; ++j)  // bf16 -> fp32: the 16 bits become the high half of each 32-bit lane
+        if (j < n) v[j] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(vrow + 16 * j))), 16));
+      for (int i = 0; i < 4; ++i) {
+        const __m512 pv = _mm512_set1_ps(prow[i][s]);
+        for (int j = 0; j < 4; ++j)
+          if (j < n) acc[i][j] = _mm512_fmadd_ps(pv, v[j], acc[i][j]);
+      }
+    }
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) _mm512_storeu_ps(o + i * C + c0 + 16 * j, acc[i][j]);
+  }
+}
+
+// The attention of up to 16 query rows of one batch row over its cached latents, all in fp32:
+//   o[i, :C] = softmax_s(scale * q[i] . kv[s] + mask_i[s]) @ kv[s, :C]
+// q: m rows of D bf16 (row i at q + i * D), D a multiple of 32 up to 2048; kv: S rows, row stride ks,
+// unit stride inside a row; masks[i]: row i's S additive values, or null; C a multiple of 16.
+// scores: scratch for m * S floats; o: m rows of C floats.
+static void attend_rows(const at::BFloat16* q, int64_t m, const at::BFloat16* kv, int64_t S, int64_t ks, int64_t D,
+                        const float* const* masks, float scale, int64_t C, float* scores, float* o) {
+  const int64_t rest = use_amx(-1) ? amx_scores(q, m, kv, S, ks, D, masks, scale, scores) : 0;
+  for (int64_t i = 0; i < m; ++i) {
+    row_scores(q + i * D, kv, rest, S, ks, D, masks[i], scale, scores + i * S);
+    softmax_row(scores + i * S, S);
+  }
+  for (int64_t i = 0; i < m; i += 4) values_rows(scores + i * S, std::min<int64_t>(4, m - i), kv, S, ks, C, o + i * C);
+}
+
+// y[:N] = x[:K] @ W (K, N) fp32 row-major with row stride ldw, rounded to bf16 (N a multiple of 16).
+static void row_times_matrix_bf16(const float* x, int64_t K, const float* W, int64_t ldw, int64_t N, at::BFloat16* y) {
+  for (int64_t n0 = 0; n0 < N; n0 += 128) {
+    const int64_t nv = std::min<int64_t>(128, N - n0) / 16;
+    __m512 acc[8];
+    for (int j = 0; j < 8; ++j) acc[j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+      const __m512 xk = _mm512_set1_ps(x[k]);
+      for (int j = 0; j < 8; ++j)
+        if (j < nv) acc[j] = _mm512_fmadd_ps(xk, _mm512_loadu_ps(W + k * ldw + n0 + 16 * j), acc[j]);
+    }
+    for (int j = 0; j < 8; ++j)
+      if (j < nv) _mm256_storeu_si256((__m256i*)(y + n0 + 16 * j), (__m256i)_mm512_cvtneps_pbh(acc[j]));
+  }
+}
+
+// Query rows per task: 16 (a whole AMX tile of them) where that still leaves every thread a task, else 4.
+static int64_t rows_per_task(int64_t batch_rows, int64_t rows) {
+  return batch_rows * ((rows + 15) / 16) >= at::get_num_threads() ? 16 : 4;
 }
 
 // softmax(scale * q . kv + mask) @ kv[..., :C]: (B, R, C) float32, the scores and softmax in fp32.
-// q (B, R, D) bf16; kv as above; mask (B, 1, T, S) additive (any float dtype) or empty.
+// q (B, R, D) bf16: R query rows (heads x new tokens, row r is token r % T); kv (B, S, D) bf16, any
+// batch and row strides; mask (B, 1, T, S) additive (any float dtype) or empty. A task is 4 rows.
 torch::Tensor latent_attention(torch::Tensor q, torch::Tensor kv, torch::Tensor mask, double scale, int64_t C) {
-  auto m = mask.numel() > 0 ? mask.select(1, 0).to(torch::kFloat32).contiguous() : mask;
-  return latent_values(latent_scores(q.contiguous(), kv, m, scale).softmax(-1), kv, C);
+  const int64_t B = q.size(0), R = q.size(1), D = q.size(2), S = kv.size(1);
+  TORCH_CHECK(D % 32 == 0 && D <= 2048 && C % 16 == 0, "latent_attention: widths ", D, " and ", C);
+  auto qc = q.contiguous();
+  auto mk = mask.numel() > 0 ? mask.select(1, 0).to(torch::kFloat32).contiguous() : mask;  // (B, T, S)
+  const int64_t T = mask.numel() > 0 ? mk.size(1) : 1, RB = rows_per_task(B, R), blocks = (R + RB - 1) / RB;
+  auto out = torch::empty({B, R, C}, torch::dtype(torch::kFloat32));
+  const at::BFloat16* qp = qc.data_ptr<at::BFloat16>();
+  const at::BFloat16* kp = kv.data_ptr<at::BFloat16>();
+  const float* mp = mask.numel() > 0 ? mk.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(RB * S);
+    const float* masks[16];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / blocks, r0 = (t % blocks) * RB, m = std::min<int64_t>(RB, R - r0);
+      for (int64_t i = 0; i < m; ++i) masks[i] = mp ? mp + (b * T + (r0 + i) % T) * S : nullptr;
+      attend_rows(qp + (b * R + r0) * D, m, kp + b * kv.stride(0), S, kv.stride(1), D, masks, (float)scale, C,
+                  scores.data(), op + (b * R + r0) * C);
+    }
+  });
+  return out;
 }
 
 // MLA's whole absorbed decode attention for a layer, from the heads' queries to their outputs:
-//   q_lat = q_nope @ W_UK (fp32), q = [q_lat | q_pe], o_lat = latent_attention(q), out = o_lat @ W_UV (fp32)
+//   q = [q_nope @ W_UK | q_pe] (rounded to bf16), o_lat = attend_rows(q), out = o_lat @ W_UV
 // q_nope (B, H, T, dn) and q_pe (B, H, T, r) bf16, any strides; kv (B, S, c + r) the cached latents;
-// mask as latent_attention's; w_uk (H, dn, c) and w_uv_t (H, c, dv) float32 contiguous.
-// Returns (B, T, H, dv) bf16: the layout o_proj reads.
+// mask as latent_attention's; w_uk (H, dn, c) and w_uv_t (H, c, dv) float32 contiguous, c and dv
+// multiples of 16. Returns (B, T, H, dv) bf16: the layout o_proj reads. A task is up to 16 heads of one
+// token, from their queries to their outputs in fp32 (no PyTorch op between the steps).
 torch::Tensor absorbed_attention(torch::Tensor q_nope, torch::Tensor q_pe, torch::Tensor kv, torch::Tensor mask,
                                  torch::Tensor w_uk, torch::Tensor w_uv_t, double scale) {
   const int64_t B = q_nope.size(0), H = q_nope.size(1), T = q_nope.size(2), dn = q_nope.size(3);
-  const int64_t c = w_uk.size(2), r = q_pe.size(3), dv = w_uv_t.size(2);
-  auto q_lat = at::bmm(q_nope.permute({1, 0, 2, 3}).reshape({H, B * T, dn}).to(torch::kFloat32), w_uk);
-  auto q = torch::empty({B, H, T, c + r}, q_pe.options());  // row h*T + t of each batch row
-  q.narrow(3, 0, c).copy_(q_lat.view({H, B, T, c}).permute({1, 0, 2, 3}));
-  q.narrow(3, c, r).copy_(q_pe);
-  auto o_lat = latent_attention(q.view({B, H * T, c + r}), kv, mask, scale, c);  // (B, H*T, c)
-  auto out = at::bmm(o_lat.view({B, H, T, c}).permute({1, 0, 2, 3}).reshape({H, B * T, c}), w_uv_t);
-  auto result = torch::empty({B, T, H, dv}, q_pe.options());
-  result.copy_(out.view({H, B, T, dv}).permute({1, 2, 0, 3}));
-  return result;
+  const int64_t c = w_uk.size(2), r = q_pe.size(3), dv = w_uv_t.size(2), D = c + r, S = kv.size(1);
+  TORCH_CHECK(D % 32 == 0 && D <= 2048 && c % 16 == 0 && dv % 16 == 0, "absorbed_attention: widths ", c, ", ", r,
+              " and ", dv);
+  auto mk = mask.numel() > 0 ? mask.select(1, 0).to(torch::kFloat32).contiguous() : mask;  // (B, T, S)
+  auto out = torch::empty({B, T, H, dv}, q_pe.options());
+  const at::BFloat16* qn = q_nope.data_ptr<at::BFloat16>();
+  const at::BFloat16* qr = q_pe.data_ptr<at::BFloat16>();
+  const at::BFloat16* kp = kv.data_ptr<at::BFloat16>();
+  const float* mp = mask.numel() > 0 ? mk.data_ptr<float>() : nullptr;
+  const float* uk = w_uk.data_ptr<float>();
+  const float* uv = w_uv_t.data_ptr<float>();
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  const auto ns = q_nope.strides(), rs = q_pe.strides();
+  const int64_t HB = rows_per_task(B * T, H), blocks = (H + HB - 1) / HB;
+  at::parallel_for(0, B * T * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(HB * S), x(HB * std::max(dn, c));
+    std::vector<at::BFloat16> qrows(HB * D);
+    const float* masks[16];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (T * blocks), t = (task / blocks) % T, h0 = (task % blocks) * HB;
+      const int64_t m = std::min<int64_t>(HB, H - h0);
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t h = h0 + i;
+        const at::BFloat16* qrow = qn + b * ns[0] + h * ns[1] + t * ns[2];
+        for (int64_t d = 0; d < dn; ++d) x[d] = float(qrow[d * ns[3]]);
+        row_times_matrix_bf16(x.data(), dn, uk + h * dn * c, c, c, qrows.data() + i * D);
+        const at::BFloat16* prow = qr + b * rs[0] + h * rs[1] + t * rs[2];
+        for (int64_t j = 0; j < r; ++j) qrows[i * D + c + j] = prow[j * rs[3]];
+        masks[i] = mp ? mp + (b * T + t) * S : nullptr;
+      }
+      attend_rows(qrows.data(), m, kp + b * kv.stride(0), S, kv.stride(1), D, masks, (float)scale, c, scores.data(),
+                  x.data());
+      for (int64_t i = 0; i < m; ++i)
+        row_times_matrix_bf16(x.data() + i * c, c, uv + (h0 + i) * c * dv, dv, dv, op + ((b * T + t) * H + h0 + i) * dv);
+    }
+  });
+  return out;
 }
 """
 
@@ -471,6 +592,7 @@ def kernel():
                         "-O3",
                         "-mavx512f",
                         "-mavx512bw",
+                        "-mavx512vl",
                         "-mavx512bf16",
                         "-mamx-tile",
                         "-mamx-bf16",

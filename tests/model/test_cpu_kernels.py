@@ -1,5 +1,5 @@
-"""moray's CPU decode kernels against PyTorch: the latent attention (the expert kernel is tested with
-the decode experts, tests/model/test_decode_weights.py)."""
+"""moray's CPU decode kernels against PyTorch: the attention, RoPE, RMSNorm and the decode linears (the
+expert kernel is tested with the decode experts, tests/model/test_decode_weights.py)."""
 
 import pytest
 import torch
@@ -14,12 +14,11 @@ needs_kernel = pytest.mark.skipif(
 )
 
 
-@needs_kernel
 @torch.no_grad()
 @pytest.mark.parametrize("T, S, c", [(1, 37, 64), (3, 37, 64), (1, 40, 160)])
-def test_latent_attention_equals_softmax_attention_in_fp32(T, S, c):
+def test_latent_attention_equals_softmax_attention_in_fp32(T, S, c, products):
     """Key counts with and without a partial block of 16, latent widths of whole and partial blocks
-    of 64 columns."""
+    of 64 columns; the scores on AMX tiles and on the AVX-512 loop."""
     torch.manual_seed(T)
     B, H, r = 3, 4, 32
     cache = torch.randn(B, S + 11, c + r).bfloat16()
@@ -38,6 +37,30 @@ def test_latent_attention_equals_softmax_attention_in_fp32(T, S, c):
     torch.testing.assert_close(
         unmasked, (0.1 * q.float() @ keys.float().mT).softmax(-1) @ keys[..., :c].float()
     )
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("H, T", [(8, 1), (6, 2), (20, 1)])
+def test_absorbed_attention_equals_the_fp32_products(H, T, products):
+    """The whole absorbed block (W_UK, the attention, W_UV) against PyTorch in fp32: within the bf16
+    rounding of the query and the output. Head counts that are not whole blocks of 4, several new
+    tokens, strided queries (splits of one tensor, as the model's), an output width of 48; more heads
+    than one task's 16."""
+    torch.manual_seed(H)
+    B, S, dn, c, r, dv = 2, 45, 32, 64, 32, 48
+    q_nope, q_pe = torch.randn(B, H, T, dn + r).bfloat16().split([dn, r], dim=-1)
+    keys = torch.randn(B, S + 5, c + r).bfloat16()[:, :S]
+    w_uk, w_uv_t = torch.randn(H, dn, c) * dn**-0.5, torch.randn(H, c, dv) * c**-0.5
+    allowed = torch.rand(B, 1, T, S) > 0.3
+    allowed[..., 0] = True
+    mask = additive_mask(allowed, torch.bfloat16)
+    got = cpu_kernels.absorbed_attention(q_nope, q_pe, keys, mask, w_uk, w_uv_t, 0.1)  # (B, T, H, dv)
+
+    q = torch.cat([q_nope.float() @ w_uk, q_pe.float()], dim=-1)  # (B, H, T, c + r)
+    scores = 0.1 * q @ keys.float()[:, None].mT + mask.float()  # (B, H, T, S)
+    want = (scores.softmax(-1) @ keys.float()[:, None, :, :c] @ w_uv_t).transpose(1, 2)
+    assert got.shape == (B, T, H, dv) and got.dtype == torch.bfloat16
+    assert ((got.float() - want).norm() / want.norm()).item() < 1e-2
 
 
 @needs_kernel
