@@ -608,14 +608,16 @@ def kernel():
     return _kernel
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def _runs_here(*tensors: torch.Tensor | None) -> bool:
     """Whether the extension is built and these are plain CPU tensors (parameters included): the
     kernels read raw memory, which a DTensor (tensor parallelism) or another subclass does not have."""
-    plain = all(
-        t is None or (type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu")
-        for t in tensors
-    )
-    return plain and kernel() is not None
+    for t in tensors:  # a loop, not all(...): this runs a few dozen times a decode step
+        if t is not None and (type(t) not in _PLAIN or not t.is_cpu):
+            return False
+    return kernel() is not None
 
 
 def _inference_here(*tensors: torch.Tensor | None) -> bool:

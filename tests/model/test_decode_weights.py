@@ -1,12 +1,21 @@
 """bf16 decode weights: the blocked head and the dense-over-experts layer against plain bf16, and a
 whole model's logits and greedy tokens against fp32 (the bounds bf16 rounding leaves)."""
 
+import mmap
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from moray.model import SamplingParams, Transformer, generate, preset
-from moray.model.decode_weights import DenseDecodeExperts, PackedLinear, for_decode, onednn_bf16
+from moray.model.decode_weights import (
+    HUGE_PAGE,
+    DenseDecodeExperts,
+    PackedLinear,
+    for_decode,
+    in_huge_pages,
+    onednn_bf16,
+)
 from moray.model.experts import RoutedExperts, sort_pairs, swiglu_experts_few_rows
 
 pytestmark = pytest.mark.skipif(not onednn_bf16(), reason="this CPU has no native bf16 (oneDNN)")
@@ -87,3 +96,21 @@ def test_a_model_for_decode_stays_close_to_fp32_and_leaves_the_original_alone():
     params = SamplingParams(max_new_tokens=4, stop_token_ids=(-1,))
     first = [seq[0] for seq in generate(model, ids[:, :16], params)]
     assert first == [seq[0] for seq in generate(fast, ids[:, :16], params)]
+
+
+@pytest.mark.skipif(
+    not hasattr(mmap, "MADV_HUGEPAGE") or not onednn_bf16(), reason="no huge pages or no native bf16 here"
+)
+def test_in_huge_pages_copies_onto_2mb_boundaries_and_leaves_small_tensors_alone():
+    """Whether Linux then backs the copy with 2 MB pages depends on its free memory; what we control
+    is the madvise'd, 2 MB-aligned copy that holds the same values and outlives the function."""
+    big = torch.randn(1500, 1000).bfloat16()  # 3 MB
+    copied = in_huge_pages(big)
+    assert copied.data_ptr() % HUGE_PAGE == 0 and copied.data_ptr() != big.data_ptr()
+    assert torch.equal(copied, big) and copied.shape == big.shape and copied.is_contiguous()
+    small = torch.randn(100).bfloat16()
+    assert in_huge_pages(small) is small
+
+    model = for_decode(Transformer(preset("tiny", vocab_size=4096, hidden_size=256)).eval())
+    head = model.lm_head.weight  # 4096 x 256 bf16: 2 MB
+    assert head.data_ptr() % HUGE_PAGE == 0
