@@ -439,6 +439,12 @@ class Engine:
         return [r.output_ids for r in reqs]
 
 
+def _deliver(items: list) -> None:
+    """On the event loop: each (queue, output) of one step into its request's queue."""
+    for q, o in items:
+        q.put_nowait(o)
+
+
 class AsyncEngine:
     """The engine's step loop in a background thread; `generate` streams a request's outputs.
 
@@ -495,11 +501,16 @@ class AsyncEngine:
             except Exception as e:  # never leave clients hanging
                 self._fail_all(e)
                 continue
+            # One wake-up of each event loop per step, not one per output: each call_soon_threadsafe
+            # writes to the loop's self-pipe and hands it the GIL, in the middle of the next step.
+            deliveries: dict[asyncio.AbstractEventLoop, list] = {}
             for o in outputs:
                 r_sink = self._sinks.pop(o.request_id, None) if o.finished else self._sinks.get(o.request_id)
                 if r_sink is not None:
                     loop, q = r_sink
-                    loop.call_soon_threadsafe(q.put_nowait, o)
+                    deliveries.setdefault(loop, []).append((q, o))
+            for loop, items in deliveries.items():
+                loop.call_soon_threadsafe(_deliver, items)
 
     def set_threads(self, n: int) -> None:
         """Run the steps on n torch threads from the next one on (0: the count it started with)."""
