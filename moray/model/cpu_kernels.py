@@ -19,9 +19,10 @@ linear of a decode step too (the bf16 step at batch 8 on the small preset: 11.3-
 MLA's absorbed attention (`absorbed_attention`). A decode step's queries (heads x new tokens) meet
 the cached latents [c_kv | k_pe] of their row; PyTorch's bf16 `bmm` runs these skinny products (8
 query rows against 543 keys) at a fraction of the machine, and needs the cache slice copied. The
-kernel folds W_UK and W_UV in fp32, reads each cached latent in place, 16 keys at a time per query
-row with one shuffle tree for their sums, and keeps scores and softmax in fp32: 173 us a layer at
-batch 8 against 570-600.
+kernel runs a task of up to 16 heads of a token from their queries to their outputs: W_UK in fp32,
+the scores against each cached latent read in place (AMX tiles, or 16 keys at a time with one
+shuffle tree for their sums), an fp32 softmax, the values, W_UV in fp32. 100 us a layer at batch 8
+(142 without AMX) against 570-600.
 
 RoPE and RMSNorm (`rope`, `rms_norm`): 14 and a dozen PyTorch ops a call, run 8 and 13 times a step.
 
@@ -82,6 +83,16 @@ static void configure_tiles() {
   _tile_loadconfig(&cfg);
 }
 
+// Row i of an AMX B tile set: the K values of `row` into column i of the tiles' VNNI form, where
+// chunk c (32 inputs) is 16 k pairs x 16 columns x 2 bf16 = 512 values at dst + c * 512.
+static void vnni_column(const uint16_t* row, int64_t K, int64_t i, uint16_t* dst) {
+  for (int64_t k = 0; k < K; k += 2) {
+    uint16_t* d = dst + (k / 32) * 512 + (k % 32) / 2 * 32 + i * 2;
+    d[0] = row[k];
+    d[1] = row[k + 1];
+  }
+}
+
 // hit_experts_matmul on AMX tiles: C (16 output rows x 16 pairs) += W rows (16 x 32 k) . X^T, where
 // X^T is each group's rows laid out once in the tiles' VNNI form (k pairs x pairs x 2), padded to
 // 16 pairs. The weights stream from their own (E, O, K) layout; O a multiple of 16.
@@ -95,15 +106,8 @@ static void hit_experts_matmul_amx(const at::BFloat16* xp, const at::BFloat16* w
   std::vector<uint16_t> xt(tb[G] * chunks * 512, 0);
   const uint16_t* xs = reinterpret_cast<const uint16_t*>(xp);
   for (int64_t g = 0; g < G; ++g)
-    for (int64_t i = 0; i < offsets[g + 1] - offsets[g]; ++i) {
-      const uint16_t* row = xs + rp[offsets[g] + i] * K;
-      uint16_t* dst = xt.data() + (tb[g] + i / 16) * chunks * 512 + (i % 16) * 2;
-      for (int64_t k = 0; k < K; k += 2) {
-        uint16_t* d = dst + (k / 32) * 512 + (k % 32) / 2 * 32;
-        d[0] = row[k];
-        d[1] = row[k + 1];
-      }
-    }
+    for (int64_t i = 0; i < offsets[g + 1] - offsets[g]; ++i)
+      vnni_column(xs + rp[offsets[g] + i] * K, K, i % 16, xt.data() + (tb[g] + i / 16) * chunks * 512);
   at::parallel_for(0, G * blocks, 1, [&](int64_t begin, int64_t end) {
     configure_tiles();
     alignas(64) float c[4][16][16];
@@ -372,12 +376,7 @@ static int64_t amx_scores(const at::BFloat16* q, int64_t m, const at::BFloat16* 
   const int64_t chunks = D / 32;
   std::vector<uint16_t> qt(chunks * 512, 0);  // chunk c: 16 k pairs x 16 rows x 2
   const uint16_t* qs = reinterpret_cast<const uint16_t*>(q);
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t k = 0; k < D; k += 2) {
-      uint16_t* d = qt.data() + (k / 32) * 512 + (k % 32) / 2 * 32 + i * 2;
-      d[0] = qs[i * D + k];
-      d[1] = qs[i * D + k + 1];
-    }
+  for (int64_t i = 0; i < m; ++i) vnni_column(qs + i * D, D, i, qt.data());
   configure_tiles();
   alignas(64) float c[16][16];
   int64_t s = 0;
@@ -473,6 +472,11 @@ static void row_times_matrix_bf16(const float* x, int64_t K, const float* W, int
   }
 }
 
+// The additive mask (B, 1, T, S) as the kernels read it: (B, T, S) float32 contiguous (or empty).
+static torch::Tensor mask_rows(const torch::Tensor& mask) {
+  return mask.numel() > 0 ? mask.select(1, 0).to(torch::kFloat32).contiguous() : mask;
+}
+
 // Query rows per task: 16 (a whole AMX tile of them) where that still leaves every thread a task, else 4.
 static int64_t rows_per_task(int64_t batch_rows, int64_t rows) {
   return batch_rows * ((rows + 15) / 16) >= at::get_num_threads() ? 16 : 4;
@@ -480,12 +484,13 @@ static int64_t rows_per_task(int64_t batch_rows, int64_t rows) {
 
 // softmax(scale * q . kv + mask) @ kv[..., :C]: (B, R, C) float32, the scores and softmax in fp32.
 // q (B, R, D) bf16: R query rows (heads x new tokens, row r is token r % T); kv (B, S, D) bf16, any
-// batch and row strides; mask (B, 1, T, S) additive (any float dtype) or empty. A task is 4 rows.
+// batch and row strides; mask (B, 1, T, S) additive (any float dtype) or empty. A task is up to 16
+// rows of one batch row (`rows_per_task`).
 torch::Tensor latent_attention(torch::Tensor q, torch::Tensor kv, torch::Tensor mask, double scale, int64_t C) {
   const int64_t B = q.size(0), R = q.size(1), D = q.size(2), S = kv.size(1);
   TORCH_CHECK(D % 32 == 0 && D <= 2048 && C % 16 == 0, "latent_attention: widths ", D, " and ", C);
   auto qc = q.contiguous();
-  auto mk = mask.numel() > 0 ? mask.select(1, 0).to(torch::kFloat32).contiguous() : mask;  // (B, T, S)
+  auto mk = mask_rows(mask);  // (B, T, S)
   const int64_t T = mask.numel() > 0 ? mk.size(1) : 1, RB = rows_per_task(B, R), blocks = (R + RB - 1) / RB;
   auto out = torch::empty({B, R, C}, torch::dtype(torch::kFloat32));
   const at::BFloat16* qp = qc.data_ptr<at::BFloat16>();
@@ -517,7 +522,7 @@ torch::Tensor absorbed_attention(torch::Tensor q_nope, torch::Tensor q_pe, torch
   const int64_t c = w_uk.size(2), r = q_pe.size(3), dv = w_uv_t.size(2), D = c + r, S = kv.size(1);
   TORCH_CHECK(D % 32 == 0 && D <= 2048 && c % 16 == 0 && dv % 16 == 0, "absorbed_attention: widths ", c, ", ", r,
               " and ", dv);
-  auto mk = mask.numel() > 0 ? mask.select(1, 0).to(torch::kFloat32).contiguous() : mask;  // (B, T, S)
+  auto mk = mask_rows(mask);  // (B, T, S)
   auto out = torch::empty({B, T, H, dv}, q_pe.options());
   const at::BFloat16* qn = q_nope.data_ptr<at::BFloat16>();
   const at::BFloat16* qr = q_pe.data_ptr<at::BFloat16>();
