@@ -329,12 +329,15 @@ def main(argv: list[str] | None = None) -> list[Result]:
 
     from moray.jobs.serve.app import build_app
     from moray.model import Transformer, preset, save_pretrained
+    from moray.platform.cluster import ray_environment
     from moray.platform.ports import free_port
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     torch.manual_seed(0)
     save_pretrained(Transformer(preset(args.preset)).eval(), tmp / "model")
-    # two Ray nodes on this machine: shards and stages spread over them as on a real cluster
+    # two Ray nodes on this machine: shards and stages spread over them as on a real cluster, with
+    # the Ray settings moray gives the Ray it runs on (gRPC from the proxies to the replicas)
+    ray_environment()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     cluster.add_node(num_cpus=2)
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import yaml
 
+from moray.platform.cluster import RAY_ENVIRONMENT
+
 RAY_VERSION = "2.60.0"
 KUBERNETES_VERSION = "1.33"  # the schemas core objects are checked against
 FIELD_MANAGER = "moray"
@@ -100,11 +102,13 @@ def _serialize(obj) -> dict:
 
 
 def _pod_template(target: Target, role: str, shape: PodShape) -> dict:
-    """A Ray pod: the image, MLflow and storage settings in its environment, requests equal to limits
-    (Ray reads its resources from them), the ports Ray and Serve listen on."""
+    """A Ray pod: the image, MLflow and storage settings and moray's RAY_ENVIRONMENT in its
+    environment, requests equal to limits (Ray reads its resources from them), the ports Ray and
+    Serve listen on."""
     from kubernetes import client
 
     env = [client.V1EnvVar(name="MLFLOW_TRACKING_URI", value=target.mlflow_uri)]
+    env += [client.V1EnvVar(name=k, value=v) for k, v in RAY_ENVIRONMENT.items()]
     resources = {"cpu": str(shape.cpus), "memory": shape.memory}
     if shape.gpus:
         resources["nvidia.com/gpu"] = str(shape.gpus)

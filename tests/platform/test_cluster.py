@@ -48,3 +48,27 @@ def test_ray_address_joins_that_cluster_with_its_settings(fake_ray, monkeypatch)
     monkeypatch.setenv("RAY_ADDRESS", "10.1.2.3:6379")
     cluster.connect(num_cpus=2)
     assert fake_ray == [({"address": "10.1.2.3:6379"}, None, ray_constants.ENABLE_RAY_CLUSTER)]
+
+
+def _unset(monkeypatch, names) -> None:
+    """Unset now and restored afterwards, however the test sets them meanwhile."""
+    for name in names:
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
+def test_a_local_ray_inherits_morays_ray_settings_unless_set(fake_ray, monkeypatch):
+    _unset(monkeypatch, cluster.RAY_ENVIRONMENT)
+    monkeypatch.setenv("RAY_SERVE_PROXY_USE_GRPC", "0")  # a user's choice stands
+    cluster.connect()
+    assert os.environ["RAY_SERVE_PROXY_USE_GRPC"] == "0"
+    monkeypatch.delenv("RAY_SERVE_PROXY_USE_GRPC")
+    cluster.connect()
+    assert {name: os.environ.get(name) for name in cluster.RAY_ENVIRONMENT} == cluster.RAY_ENVIRONMENT
+
+
+def test_a_cluster_by_address_keeps_its_own_environment(fake_ray, monkeypatch):
+    _unset(monkeypatch, cluster.RAY_ENVIRONMENT)
+    monkeypatch.setenv("RAY_ADDRESS", "10.1.2.3:6379")
+    cluster.connect()
+    assert not any(name in os.environ for name in cluster.RAY_ENVIRONMENT)

@@ -12,6 +12,7 @@ import urllib3
 import yaml
 
 from moray.platform import deploy
+from moray.platform.cluster import RAY_ENVIRONMENT
 from moray.platform.deploy import Demand, DeployError, Target, check, crd_dir, groups_for, main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,6 +64,10 @@ def test_the_cluster_has_cpu_and_gpu_groups_autoscaling_and_token_auth(capsys):
         (container,) = group["template"]["spec"]["containers"]
         assert container["resources"]["requests"] == container["resources"]["limits"]
         assert group["rayStartParams"]["num-cpus"] == container["resources"]["requests"]["cpu"]
+    # every Ray process runs with moray's Ray settings (Serve's proxies reach replicas over gRPC)
+    for group in (spec["headGroupSpec"], cpu, gpu):
+        env = {e["name"]: e["value"] for e in group["template"]["spec"]["containers"][0]["env"]}
+        assert env.items() >= RAY_ENVIRONMENT.items() and env["RAY_SERVE_PROXY_USE_GRPC"] == "1"
     assert (
         gpu["rayStartParams"]["num-gpus"]
         == gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]

@@ -111,10 +111,10 @@ class Scheduler:
     def __init__(
         self,
         pool: BlockPool,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 512,
-        prefill_chunk: int = 256,
-    ):
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        prefill_chunk: int,
+    ):  # the defaults are EngineConfig's
         self.pool = pool
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
