@@ -341,6 +341,44 @@ static inline __m512 exp16(__m512 x) {
 
 static inline __mmask16 first(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
 
+// torch.argmax(x, dim=-1) of bf16 logits (N, V), the last dimension contiguous: the first index of
+// each row's maximum, a NaN counting as the maximum (the first NaN wins). One vector pass finds the
+// maximum, a second the first index holding it, from L2 (PyTorch's CPU argmax compares one element
+// at a time: 470 us for 8 rows of 32000, 1.9 ms for 32).
+static inline __m512 bf16x16(const uint16_t* x, __mmask16 m) {  // the first popcount(m) of 16, as fp32
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, x)), 16));
+}
+
+static int64_t argmax_row(const uint16_t* x, int64_t V) {
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  __mmask16 nan = 0;
+  for (int64_t j = 0; j < V; j += 16) {
+    const __mmask16 m = first(V - j);
+    const __m512 v = bf16x16(x + j, m);
+    nan |= _mm512_mask_cmp_ps_mask(m, v, v, _CMP_UNORD_Q);
+    mx = _mm512_mask_max_ps(mx, m, mx, v);
+  }
+  const __m512 best = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  for (int64_t j = 0; j < V; j += 16) {
+    const __mmask16 m = first(V - j);
+    const __m512 v = bf16x16(x + j, m);
+    const __mmask16 hit = nan ? _mm512_mask_cmp_ps_mask(m, v, v, _CMP_UNORD_Q) : _mm512_mask_cmp_ps_mask(m, v, best, _CMP_EQ_OQ);
+    if (hit) return j + __builtin_ctz(hit);
+  }
+  return 0;  // not reached: the maximum is in the row
+}
+
+torch::Tensor argmax_rows(torch::Tensor x) {
+  const int64_t N = x.size(0), V = x.size(1), rs = x.stride(0);
+  auto out = torch::empty({N}, x.options().dtype(torch::kLong));
+  int64_t* op = out.data_ptr<int64_t>();
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) op[n] = argmax_row(xp + n * rs, V);
+  });
+  return out;
+}
+
 // scores[s] = scale * q . kv[s] + mask[s] for one query row of D bf16 (D a multiple of 32 up to
 // 2048) against S keys (row stride ks), keys from s0 on: 16 keys at a time, whose 16 dot products
 // accumulate side by side and `sum16` reduces to one vector, then the last keys one at a time.
@@ -591,6 +629,7 @@ def kernel():
                         "latent_attention",
                         "absorbed_attention",
                         "use_amx",
+                        "argmax_rows",
                     ],
                     # no FMA contraction: `rope` must round as PyTorch's separate products do
                     extra_cflags=[
@@ -755,3 +794,16 @@ def linear_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def few_rows_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (..., K) @ weight (O, K).T in bf16 with fp32 accumulation: (..., O)."""
     return kernel().few_rows_linear(x, weight)
+
+
+def argmax_usable(logits: torch.Tensor) -> bool:
+    """Whether `argmax` takes these: bf16 rows (N, V) on the CPU, the last dimension contiguous."""
+    return (
+        logits.dtype == torch.bfloat16 and logits.dim() == 2 and logits.stride(-1) == 1
+        and _runs_here(logits)
+    )  # fmt: skip
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(dim=-1), the same indices (first maximum; NaN the maximum) at memory speed."""
+    return kernel().argmax_rows(logits)

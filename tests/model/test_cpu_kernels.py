@@ -133,3 +133,22 @@ def test_few_rows_linear_equals_the_fp32_product_rounded_to_bf16(shape, outputs,
     want = x.float() @ weight.float().T
     assert got.shape == (*shape[:-1], outputs) and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, rtol=2**-8, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows, V", [(1, 32000), (8, 32000), (33, 37), (3, 15), (2, 16)])
+def test_argmax_kernel_returns_pytorchs_indices(rows, V):
+    """Random rows of the head's width and of widths with and without a partial block of 16, rows of a
+    wider tensor (the logits' last position), then the cases an order alone does not settle: ties
+    (the first maximum), a row of -inf (index 0), NaN (the first NaN, even past an inf)."""
+    torch.manual_seed(rows)
+    x = torch.randn(rows, 2, V + 5).bfloat16()[:, -1, 2 : V + 2]  # strided rows
+    assert cpu_kernels.argmax_usable(x)
+    assert torch.equal(cpu_kernels.argmax(x), x.argmax(dim=-1))
+    x = torch.zeros(4, V, dtype=torch.bfloat16)
+    x[1, V // 3], x[1, V - 1] = 1.0, 1.0
+    x[2] = float("-inf")
+    x[3, V - 1], x[3, V // 2], x[3, 0] = float("nan"), float("nan"), float("inf")
+    got = cpu_kernels.argmax(x)
+    assert torch.equal(got, x.argmax(dim=-1)) and got.tolist() == [0, V // 3, 0, V // 2]
+    assert not cpu_kernels.argmax_usable(x.float()) and not cpu_kernels.argmax_usable(x.t())

@@ -20,7 +20,7 @@ import torch
 
 from moray.actors.engine.block_cache import BlockPool, PagedCacheView
 from moray.actors.engine.scheduler import Request, RequestParams, Scheduler, Status
-from moray.model.sampling import SamplingParams, sample
+from moray.model.sampling import SamplingParams, greedy, sample
 from moray.model.transformer import Transformer
 
 
@@ -410,7 +410,7 @@ class Engine:
     def _sample(requests: list[Request], logits: torch.Tensor) -> list[int]:
         """logits (n, V) in the model's dtype and device: greedy rows take the argmax there (casting
         to fp32 changes no order); sampled rows go to fp32 on the CPU, where their generators live."""
-        out = logits.argmax(dim=-1).tolist()
+        out = greedy(logits).tolist()
         for j, r in enumerate(requests):
             p = r.params
             if not p.greedy:
