@@ -20,7 +20,7 @@ LOOPBACK = "127.0.0.1"
 RAY_ENVIRONMENT = {
     # Serve's proxies send each request to its replica and take the streamed response back over
     # gRPC, not as Ray actor calls with an object per streamed chunk: a streamed token costs the
-    # proxy and the replica less CPU (bench_serve, all at once: moray-bf16 +15% output tokens/s).
+    # proxy and the replica less CPU (bench_serve, all at once: moray-bf16 +16% output tokens/s).
     "RAY_SERVE_PROXY_USE_GRPC": "1",
 }
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from moray.platform.cluster import RAY_ENVIRONMENT
 from moray.platform.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,8 +27,9 @@ SHARED = REPO.parent / "shared" / "data"
 def head_node():
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
     port, dash, agent, agent_grpc, metrics, runtime_env = (free_port() for _ in range(6))
-    # Token authentication on for the head and the clients (the token is ~/.ray/auth_token).
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+    # Token authentication on for the head and the clients (the token is ~/.ray/auth_token), and
+    # moray's Ray settings, as the README exports them.
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", **RAY_ENVIRONMENT}
     env.pop("RAY_ADDRESS", None)
     # A cluster of its own: nothing the test session exported (an MLflow server that an earlier test
     # set, the session's work directory) may reach the head node's jobs.
