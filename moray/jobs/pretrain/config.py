@@ -98,8 +98,9 @@ class TrainSection:
     peak_flops_per_worker: float = 140e9  # declared hardware peak for MFU (fp32 GEMM on 2 CPU cores)
     # fp32 | bf16 | auto. bf16: matmuls in bf16, with fp32 master weights, optimizer state, router
     # and loss. auto (the default): bf16 on GPUs and on CPUs with AMX or AVX-512 BF16, where
-    # bench_pretrain measures a train_step at 2.1-3.1x fp32's speed; fp32 elsewhere. null: the
-    # layout's device default, bf16 on GPUs and fp32 on every CPU.
+    # bench_pretrain measures a train_step at 2.1-3.1x fp32's speed (an AMD EPYC with AVX-512 BF16;
+    # 1.4x on an Intel Xeon with AMX, whose fp32 products are twice as fast); fp32 elsewhere. null:
+    # the layout's device default, bf16 on GPUs and fp32 on every CPU.
     precision: str | None = "auto"
 
     def __post_init__(self) -> None:
