@@ -341,14 +341,14 @@ static inline __m512 exp16(__m512 x) {
 
 static inline __mmask16 first(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
 
-// torch.argmax(x, dim=-1) of bf16 logits (N, V), the last dimension contiguous: the first index of
-// each row's maximum, a NaN counting as the maximum (the first NaN wins). One vector pass finds the
-// maximum, a second the first index holding it, from L2 (PyTorch's CPU argmax compares one element
-// at a time: 470 us for 8 rows of 32000, 1.9 ms for 32).
 static inline __m512 bf16x16(const uint16_t* x, __mmask16 m) {  // the first popcount(m) of 16, as fp32
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, x)), 16));
 }
 
+// torch.argmax(x, dim=-1) of bf16 logits (N, V), the last dimension contiguous: the first index of
+// each row's maximum, a NaN counting as the maximum (the first NaN wins). One vector pass finds the
+// maximum, a second the first index holding it, from L2 (PyTorch's CPU argmax compares one element
+// at a time: 470 us for 8 rows of 32000, 1.9 ms for 32).
 static int64_t argmax_row(const uint16_t* x, int64_t V) {
   __m512 mx = _mm512_set1_ps(-INFINITY);
   __mmask16 nan = 0;
