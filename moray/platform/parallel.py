@@ -153,6 +153,15 @@ class ParallelLayout:
         precision = self.precision or ("bf16" if self.device_type == "cuda" else "fp32")
         return torch.bfloat16 if precision == "bf16" else torch.float32
 
+    @property
+    def working_weights(self) -> bool:
+        """bf16 compute over whole, plain parameters: one process's, or the CPU's replicas (dp_mode
+        "replicate"). The matmul weights are cast once a step into kept bf16 copies, and the replicas'
+        gradients are averaged by them too, not by DDP (moray.jobs.pretrain.working_weights)."""
+        if self.compute_dtype == torch.float32:
+            return False
+        return self.world_size == 1 or (self.dp_mode == "replicate" and self.device_type == "cpu")
+
     def autocast(self):
         """The compute-precision context for forward passes; parameters stay fp32."""
         if self.compute_dtype == torch.float32:

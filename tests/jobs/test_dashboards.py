@@ -64,6 +64,6 @@ def test_training_and_curation_metrics_reach_prometheus(ray_local, curated_slice
     }
     assert len(loads) > 1
     phases = {s["phase"] for s in scraped["moray_train_step_seconds"] if s.get("run") == "contract"}
-    assert phases == {"data", "compute", "dispatch", "sync", "validation", "checkpoint"}
+    assert phases == {"data", "compute", "dispatch", "gradient_mean", "sync", "validation", "checkpoint"}
     outcomes = {s["outcome"] for s in sample["moray_curate_documents"] if s.get("output") == output}
     assert outcomes == {"input", "kept", "filtered", "duplicate", "quarantined"}

@@ -108,7 +108,10 @@ def train_func(loop_config: dict) -> None:
         tc.max_steps, tc.warmup_steps, tc.schedule, tc.min_lr_ratio, 0.2, tc.warmup_oscillation
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    working_weights = WorkingWeights.for_layout(model, w.layout)  # bf16 on one process: cast once a step
+    working_weights = WorkingWeights.for_layout(model, w.layout, w.dp_group)  # bf16: cast once a step
+    gradient_mean = working_weights.mean if working_weights is not None else None
+    if gradient_mean is not None and w.rank == 0:
+        log.info("bf16 replicas: gradients averaged through %s", gradient_mean.transport)
     controller = None
     if tc.capacity_factor is not None:
         controller = CapacityController(tc.capacity_factor, tc.capacity_target_drop_rate, *tc.capacity_bounds)
@@ -196,6 +199,7 @@ def train_func(loop_config: dict) -> None:
             "time/compute_s": t_compute - t0,  # forward, backward, optimizer (dispatch included)
             "time/dispatch_s": ALL_TO_ALL.seconds,
             "time/sync_s": t_sync - t_compute,  # statistics over dp, capacity and bias feedback
+            "time/gradient_mean_s": gradient_mean.seconds if gradient_mean else 0.0,  # bf16 replicas' (in compute)
             "time/checkpoint_s": checkpoint_s,  # the last checkpoint's
             **reduced.load_metrics(),
         }

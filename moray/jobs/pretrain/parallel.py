@@ -7,7 +7,8 @@
     4. activation checkpointing
     5. data parallelism, FSDP2 `fully_shard`: routed experts over "dp_mod_ep" (the ranks that hold
        the same experts), every transformer block over "dp", then the root (each pipeline stage's);
-       or, with the layout's dp_mode "replicate", DDP's `replicate` of the whole model
+       or, with the layout's dp_mode "replicate", DDP's `replicate` of the whole model (in bf16 on
+       the CPU, the training loop's WorkingWeights average the gradients instead)
 
 The model stays single-device code; the layout (moray.platform.parallel.ParallelLayout) says what
 to apply. Tensor and expert parallelism go first, on the whole model: the split keeps the modules
@@ -45,7 +46,8 @@ def parallelize(model: nn.Module, layout: ParallelLayout, mesh, pipeline: Pipeli
         model = PipelinedModel(model, layout, mesh, pipeline or PipelineOptions())
         roots = model.stages
     if layout.dp > 1 and layout.dp_mode == "replicate":
-        _apply_replicate(model, layout, mesh)
+        if not layout.working_weights:  # (which average the replicas' gradients themselves)
+            _apply_replicate(model, layout, mesh)
     elif layout.dp > 1:
         _apply_fsdp(roots, layout, mesh)
     if layout.pp > 1:
@@ -72,7 +74,9 @@ def _apply_replicate(model: nn.Module, layout: ParallelLayout, mesh) -> None:
     `replicate` issues one blocking all-reduce per block on the CPU (no streams), measured here at
     2.0-2.3 s a step against DDP's 1.2-1.5 s. Buffers are not broadcast: every rank updates them
     from the same global token counts. bf16 compute is autocast's (the layout's), over fp32
-    parameters, gradients and all-reduces."""
+    parameters, gradients and all-reduces, on GPUs; on the CPU bf16 replicas take the working
+    weights instead (DDP takes only gradients of its parameters' dtype, and casting the weights
+    each micro-batch costs the CPU most of bf16's gain)."""
     from torch.distributed._composable.replicate import replicate
 
     replicate(

@@ -349,21 +349,26 @@ def test_layouts_the_model_or_worker_range_cannot_take_are_refused(packed_data, 
         run(_cfg(packed_data, "bad", *overrides))
 
 
-def test_bf16_precision_trains_one_worker_with_working_weights(ray_local, packed_data):
-    """train.precision=bf16 on one worker: the loop's bf16 working weights; the run's params say
-    what computed (and what the CPU offers), and the exported weights are the fp32 masters."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_bf16_precision_trains_with_working_weights(ray_local, packed_data, workers):
+    """train.precision=bf16: the loop's bf16 working weights, on one worker or on two replicas that
+    average their gradients through shared memory (timed in the step breakdown); the run's params
+    say what computed (and what the CPU offers), and the exported weights are the fp32 masters."""
     import mlflow
 
     from moray.model import load_pretrained
     from moray.platform.parallel import cpu_bf16_isa
 
-    summary = run(_cfg(packed_data, "bf16", "train.precision=bf16", "scaling.num_workers=1",
+    summary = run(_cfg(packed_data, f"bf16-{workers}", "train.precision=bf16", f"scaling.num_workers={workers}",
                        "train.max_steps=3", "train.checkpoint_every=3", "run.register_model=null"))  # fmt: skip
     assert 0 < summary["final"]["loss"] < 10
     mlflow.set_tracking_uri(summary["tracking_uri"])
     params = mlflow.MlflowClient().get_run(summary["mlflow_run_id"]).data.params
-    assert params["layout.1.compute_dtype"] == "bfloat16" and params["config.train.precision"] == "bf16"
-    assert params["layout.1.cpu_bf16"] == (cpu_bf16_isa() or "none")
+    layout = f"layout.{workers}"
+    assert params[f"{layout}.compute_dtype"] == "bfloat16" and params["config.train.precision"] == "bf16"
+    assert params[f"{layout}.cpu_bf16"] == (cpu_bf16_isa() or "none")
+    means = [row["time/gradient_mean_s"] for row in read_metrics(Path(summary["run_dir"]))]
+    assert all(s > 0 for s in means) if workers == 2 else means == [0.0] * 3
     exported = load_pretrained(summary["hf_export"])
     assert {p.dtype for p in exported.parameters()} == {torch.float32}
 

@@ -1,4 +1,7 @@
-"""bf16 working weights: the same step as autocast alone, fp32 masters and gradients outside it."""
+"""bf16 working weights: the same step as autocast alone, fp32 masters and gradients outside it;
+replicated over data-parallel ranks, the same steps as one process on the whole batch."""
+
+import contextlib
 
 import pytest
 import torch
@@ -8,6 +11,7 @@ from moray.jobs.pretrain.step import ClipSettings, train_step
 from moray.jobs.pretrain.working_weights import WorkingWeights
 from moray.model import Transformer, preset
 from moray.platform.parallel import ParallelLayout
+from tests.fixtures.ranks import run_ranks
 
 BF16 = ParallelLayout(precision="bf16")
 
@@ -63,3 +67,57 @@ def test_a_head_tied_to_the_embedding_stays_fp32_and_layouts_that_shard_take_non
     assert all(p is not model.lm_head.weight for p in WorkingWeights(model).params)
     assert WorkingWeights.for_layout(model, ParallelLayout()) is None  # fp32
     assert WorkingWeights.for_layout(model, ParallelLayout(dp=2, precision="bf16")) is None  # FSDP's policy
+    assert ParallelLayout(dp=2, dp_mode="replicate", precision="bf16").working_weights  # the CPU's replicas
+    assert not ParallelLayout(dp=2, dp_mode="replicate", precision="bf16", device_type="cuda").working_weights
+
+
+# ---- replicated over data-parallel ranks: the working weights average the gradients ------------
+def _steps(rank: int, world: int, dtype: torch.dtype, shared_memory: bool = True, steps: int = 3) -> dict:
+    """`steps` steps of the tiny model on a batch of 4 x 16 (two global micro-batches of 2); with
+    world 2 each rank takes one sequence of each, replicated (bf16 layout: no DDP), working copies
+    in `dtype` averaging the gradients over the ranks."""
+    import torch.distributed as dist
+
+    from moray.jobs.pretrain.parallel import parallelize
+    from moray.jobs.pretrain.step import reduce_stats
+    from moray.platform import buffer_mean
+
+    layout = ParallelLayout(dp=world, dp_mode="replicate", precision="bf16")
+    torch.manual_seed(0)
+    model = parallelize(Transformer(preset("tiny", capacity_factor=1.25)), layout, layout.build_mesh())
+    group = dist.group.WORLD if world > 1 else None
+    if not shared_memory:
+        buffer_mean.SHM_DIR = "/no-such-dir"
+    ww = WorkingWeights(model, dtype, group)
+    opt = build_optimizer(model, "adamw", 1e-3, 0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    seqs = torch.randint(3, 512, (4, 17), generator=torch.Generator().manual_seed(1))
+    per = 2 // world
+    micro = [(seqs[m + rank * per : m + (rank + 1) * per, :-1], seqs[m + rank * per : m + (rank + 1) * per, 1:])
+             for m in (0, 2)]  # fmt: skip
+    autocast = layout.autocast if dtype == torch.bfloat16 else contextlib.nullcontext
+    losses = []
+    for _ in range(steps):
+        stats = train_step(model, opt, sched, micro, 0.01, ClipSettings(), autocast, working_weights=ww)
+        losses.append(reduce_stats(stats, world, group).losses["loss"])
+    return {"losses": losses, "weights": model.state_dict(),
+            "transport": ww.mean.transport if ww.mean else None}  # fmt: skip
+
+
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["shared-memory", "all-reduce"])
+def test_replicas_average_their_gradients_like_one_process_on_the_whole_batch(tmp_path, shared_memory):
+    """fp32 working copies (the same arithmetic as one process, in another order): losses and
+    weights agree to float rounding; replicated over 2 ranks, through either transport."""
+    want = _steps(0, 1, torch.float32)
+    for got in run_ranks(_steps, 2, tmp_path, torch.float32, shared_memory):
+        assert got["transport"] == ("shared memory" if shared_memory else "all-reduce")
+        assert got["losses"] == pytest.approx(want["losses"], rel=1e-5)
+        for key, w in want["weights"].items():
+            torch.testing.assert_close(got["weights"][key], w, rtol=1e-5, atol=1e-5, msg=key)
+
+
+def test_bf16_replicas_train_like_one_process_in_bf16(tmp_path):
+    want = _steps(0, 1, torch.bfloat16)
+    for got in run_ranks(_steps, 2, tmp_path, torch.bfloat16):
+        assert got["losses"] == pytest.approx(want["losses"], rel=2e-3)
+        assert all(w.dtype == torch.float32 for w in got["weights"].values() if w.is_floating_point())
