@@ -21,6 +21,9 @@
    fraction of the measured GEMM peak in each dtype. Target: bf16 at least 2x fp32 (issue 15).
    And the loss curves of 200 steps (Markov-chain batches of 4 x 32 tokens): every 20-step mean
    of bf16's within 1% of fp32's (issue 15).
+5. The gradient mean of bf16 replicas (2 ranks, the small preset's 336 MB of fp32 gradients):
+   through shared memory, as the replicas average them on one machine (`BufferMean`), against
+   gloo's all-reduce.
 
 On this 2-core machine the ranks share the cores one process uses, so the ratios say how much of
 the machine each layout keeps busy and what it moves, not a multi-node speedup. Targets: ep2 at
@@ -246,6 +249,33 @@ def _spawn(worker, world: int, root: Path, *args):
     return torch.load(out, weights_only=True)
 
 
+# ---- the gradient mean of bf16 replicas -------------------------------------------------------------
+def _mean_worker(rank: int, world: int, init_file: str, numel: int, out_file: str) -> None:
+    import torch.distributed as dist
+
+    from moray.platform.buffer_mean import BufferMean
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    seconds = {}
+    for shared in (True, False):
+        mean = BufferMean(numel, shared_memory=shared)
+        times = []
+        for _ in range(4):
+            mean.buffer.fill_(rank)  # the next step's gradients, written after the last mean
+            mean.mean_()
+            times.append(mean.seconds)
+        seconds[mean.transport] = statistics.median(times[1:])
+    if rank == 0:
+        torch.save(seconds, out_file)
+    dist.destroy_process_group()
+
+
+def gradient_means(numel: int, root: Path) -> dict[str, float]:
+    """Seconds to average a flat fp32 buffer of `numel` over 2 ranks: shared memory vs gloo."""
+    return _spawn(_mean_worker, 2, root, numel)
+
+
 # ---- the pipeline bubble ----------------------------------------------------------------------------
 BUBBLE_SCHEDULES = {"GPipe": ("gpipe", 1), "1F1B": ("1f1b", 1), "interleaved 1F1B": ("interleaved_1f1b", 2)}
 BUBBLE_MICRO_BATCHES = (2, 4, 8)
@@ -342,7 +372,7 @@ def main(argv: list[str] | None = None) -> list:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=5)
     args = p.parse_args(argv if argv is not None else [])
-    from moray.model import preset
+    from moray.model import Transformer, preset
     from moray.model.accounting import account
 
     home = Path(tempfile.mkdtemp(prefix="bench_pretrain_"))
@@ -363,6 +393,8 @@ def main(argv: list[str] | None = None) -> list:
     from common import gemm_gflops
 
     per_step = precision_steps(args.steps, threads=2)
+    params = sum(p.numel() for p in Transformer(preset("small", vocab_size=512)).parameters())
+    means = gradient_means(params, home)
     fp32_curve, bf16_curve = precision_curve()
     curve_gap = float(((bf16_curve - fp32_curve).abs() / fp32_curve).max())
     peaks = {"fp32": gemm_gflops(2048, 5) * 1e9, "bf16": gemm_gflops(2048, 5, torch.bfloat16) * 1e9}
@@ -381,7 +413,9 @@ def main(argv: list[str] | None = None) -> list:
     for name, tps in [("plain PyTorch, 2 threads", plain), ("Ray Train, 1 worker x 2 threads", ray1),
                       ("Ray Train, 2 workers x 1 thread", ray2)]:  # fmt: skip
         print(f"{name:<32}{tps:>10.0f}{100 * mfu(tps):>6.1f}%")
-    print(f"Ray overhead (1 worker vs plain): {100 * (1 - ray1 / plain):.1f}%\n")
+    print(f"Ray overhead (1 worker vs plain): {100 * (1 - ray1 / plain):.1f}%")
+    print(f"2 bf16 replicas average {4 * params / 1e6:.0f} MB of gradients in "
+          + ", ".join(f"{1e3 * s:.0f} ms ({t})" for t, s in means.items()) + "\n")  # fmt: skip
     print(f"{'precision (train_step)':<24}{'s/step':>8}{'tokens/s':>10}{'GEMM peak':>14}{'of peak':>9}")
     precision_tps = {}
     for name, seconds in per_step.items():
@@ -434,6 +468,12 @@ def main(argv: list[str] | None = None) -> list:
             1 - curve_gap,
             0.99,
             f"largest gap {100 * curve_gap:.2f}% over 20-step means; fp32 {fp32_curve[0]:.2f} -> {fp32_curve[-1]:.2f}",
+        ),
+        Result(
+            "pretrain: 2 replicas' gradient mean, gloo all-reduce / shared memory",
+            means["all-reduce"] / means["shared memory"],
+            None,
+            f"{1e3 * means['shared memory']:.0f} vs {1e3 * means['all-reduce']:.0f} ms for {4 * params / 1e6:.0f} MB",
         ),
         Result(
             "pretrain: Ray Train 2 workers vs 1 (same 2 cores)",
