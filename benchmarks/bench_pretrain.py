@@ -80,8 +80,9 @@ def plain_pytorch(data: Path, steps: int, threads: int) -> float:
 
 
 # Ray Train steps left out of its median: the first ones JIT oneDNN's kernels and allocate, and DDP
-# rebuilds its buckets after the first (measured: 1.3 s, 1.3 s, then 0.63 s a step for one worker)
-RAY_WARMUP_STEPS = 2
+# rebuilds its buckets after the first (measured: 1.3 s, 1.3 s, then 0.63 s a step for one worker;
+# on a busier day one worker's third and fourth steps still took 1.1-1.2 s, then 0.7)
+RAY_WARMUP_STEPS = 4
 
 
 def ray_train(data: Path, steps: int, workers: int) -> float:
