@@ -199,7 +199,7 @@ def train_func(loop_config: dict) -> None:
             "time/compute_s": t_compute - t0,  # forward, backward, optimizer (dispatch included)
             "time/dispatch_s": ALL_TO_ALL.seconds,
             "time/sync_s": t_sync - t_compute,  # statistics over dp, capacity and bias feedback
-            "time/gradient_mean_s": gradient_mean.seconds if gradient_mean else 0.0,  # bf16 replicas' (in compute)
+            "time/gradient_mean_s": gradient_mean.seconds if gradient_mean else 0.0,  # within compute_s
             "time/checkpoint_s": checkpoint_s,  # the last checkpoint's
             **reduced.load_metrics(),
         }
