@@ -104,7 +104,8 @@ def _serialize(obj) -> dict:
 def _pod_template(target: Target, role: str, shape: PodShape) -> dict:
     """A Ray pod: the image, MLflow and storage settings and moray's RAY_ENVIRONMENT in its
     environment, requests equal to limits (Ray reads its resources from them), the ports Ray and
-    Serve listen on."""
+    Serve listen on, and a memory-backed /dev/shm (a container's is 64 MB): Ray's object store
+    lives there, and so does the gradient mean of bf16 replicas that share a pod (buffer_mean.py)."""
     from kubernetes import client
 
     env = [client.V1EnvVar(name="MLFLOW_TRACKING_URI", value=target.mlflow_uri)]
@@ -116,11 +117,12 @@ def _pod_template(target: Target, role: str, shape: PodShape) -> dict:
     if role == "head":
         ports += [client.V1ContainerPort(container_port=p, name=n)
                   for p, n in ((6379, "gcs"), (8265, "dashboard"), (8000, "serve"))]  # fmt: skip
-    mounts, volumes = None, None
+    mounts = [client.V1VolumeMount(name="dshm", mount_path="/dev/shm")]
+    volumes = [client.V1Volume(name="dshm", empty_dir=client.V1EmptyDirVolumeSource(medium="Memory"))]
     if target.data_pvc:
-        mounts = [client.V1VolumeMount(name="shared", mount_path=SHARED_MOUNT)]
+        mounts.append(client.V1VolumeMount(name="shared", mount_path=SHARED_MOUNT))
         claim = client.V1PersistentVolumeClaimVolumeSource(claim_name=target.data_pvc)
-        volumes = [client.V1Volume(name="shared", persistent_volume_claim=claim)]
+        volumes.append(client.V1Volume(name="shared", persistent_volume_claim=claim))
     container = client.V1Container(
         name=f"ray-{role}", image=target.image, env=env, ports=ports, volume_mounts=mounts,
         resources=client.V1ResourceRequirements(requests=resources, limits=dict(resources)),

@@ -64,10 +64,14 @@ def test_the_cluster_has_cpu_and_gpu_groups_autoscaling_and_token_auth(capsys):
         (container,) = group["template"]["spec"]["containers"]
         assert container["resources"]["requests"] == container["resources"]["limits"]
         assert group["rayStartParams"]["num-cpus"] == container["resources"]["requests"]["cpu"]
-    # every Ray process runs with moray's Ray settings (Serve's proxies reach replicas over gRPC)
+    # every Ray process runs with moray's Ray settings (Serve's proxies reach replicas over gRPC),
+    # and a memory-backed /dev/shm (the object store; bf16 replicas' gradient mean)
     for group in (spec["headGroupSpec"], cpu, gpu):
-        env = {e["name"]: e["value"] for e in group["template"]["spec"]["containers"][0]["env"]}
+        pod = group["template"]["spec"]
+        env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
         assert env.items() >= RAY_ENVIRONMENT.items() and env["RAY_SERVE_PROXY_USE_GRPC"] == "1"
+        shm = [m["name"] for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+        assert [v["emptyDir"] for v in pod["volumes"] if v["name"] in shm] == [{"medium": "Memory"}]
     assert (
         gpu["rayStartParams"]["num-gpus"]
         == gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
