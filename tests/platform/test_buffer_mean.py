@@ -12,10 +12,12 @@ from tests.fixtures.ranks import run_ranks
 NUMEL = 10  # over 3 ranks: parts of 3, 3 and 4 elements
 
 
-def _means(rank: int, world: int, shared_memory: bool, shm_dir: str = SHM_DIR) -> dict:
+def _means(rank: int, world: int, shared_memory: bool, shm_dir: str = SHM_DIR, elsewhere: int = -1) -> dict:
     import moray.platform.buffer_mean
 
     moray.platform.buffer_mean.SHM_DIR = shm_dir
+    if rank == elsewhere:  # this rank runs on another machine: rank 0's file is not there
+        moray.platform.buffer_mean.os.path.isfile = lambda path: False
     mean = BufferMean(NUMEL, shared_memory=shared_memory)
     out = []
     for step in range(3):  # the buffer is written again after each mean, as the next step's gradients
@@ -36,9 +38,14 @@ def test_every_rank_gets_the_mean_of_every_buffer(tmp_path, shared_memory):
     assert not {f for f in set(os.listdir(SHM_DIR)) - before if f.startswith("moray-buffer-mean-")}
 
 
-def test_without_a_shared_file_the_ranks_all_reduce(tmp_path):
-    """Rank 0 cannot create the file (no /dev/shm, or no room in it): every rank takes the all-reduce."""
-    results = run_ranks(_means, 2, tmp_path, True, str(tmp_path / "no-such-dir"))
+@pytest.mark.parametrize("case", ["no-room", "another-machine"])
+def test_without_a_file_every_rank_maps_the_ranks_all_reduce(tmp_path, case):
+    """Rank 0 cannot create the file (no /dev/shm, or no room in it), or rank 1 cannot see it (on
+    another machine): every rank takes the all-reduce."""
+    if case == "no-room":
+        results = run_ranks(_means, 2, tmp_path, True, str(tmp_path / "no-such-dir"))
+    else:
+        results = run_ranks(_means, 2, tmp_path, True, SHM_DIR, 1)
     for got in results:
         assert got["transport"] == "all-reduce"
         want = torch.arange(NUMEL, dtype=torch.float32) * 1.5 + 2
