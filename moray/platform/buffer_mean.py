@@ -39,8 +39,10 @@ class BufferMean:
         self.slots = None  # (world, numel): every rank's buffer, mapped from one file
         if shared_memory and torch.device(device).type == "cpu" and self.world > 1:
             self.slots = _shared_slots(numel, dtype, group, self.rank, self.world)
-        self.buffer = self.slots[self.rank] if self.slots is not None else torch.empty(numel, dtype=dtype,
-                                                                                      device=device)  # fmt: skip
+        if self.slots is not None:
+            self.buffer = self.slots[self.rank]
+        else:
+            self.buffer = torch.empty(numel, dtype=dtype, device=device)
         # the elements each rank averages: [bounds[r], bounds[r + 1])
         self.bounds = [numel * r // self.world for r in range(self.world + 1)]
         self.seconds = 0.0  # the last mean's, waiting for the other ranks included
@@ -90,7 +92,7 @@ def _shared_slots(numel: int, dtype: torch.dtype, group, rank: int, world: int) 
             finally:
                 os.close(fd)
         except OSError as e:
-            log.warning("gradients all-reduced: %s has no room for %.0f MB (%s)", SHM_DIR, nbytes / 1e6, e)
+            log.warning("gradients all-reduced: %s cannot hold %.0f MB (%s)", SHM_DIR, nbytes / 1e6, e)
             _remove(path)
             path = None
     box = [path]
