@@ -21,8 +21,8 @@ Replicated data parallelism on the CPU (dp_mode "replicate") reduces the gradien
 DDP takes only gradients of its parameters' dtype: with a `group`, every parameter's gradient
 accumulates into one flat fp32 buffer, averaged over the group at the end of the step
 (`BufferMean`: through shared memory when the ranks share this machine). Under DDP and autocast two
-ranks in bf16 were slower than in fp32 (682 against 968 tokens/s on a 2-core Xeon); so, 888-893
-against DDP's 649-673 in an alternating A/B on the same machine.
+ranks in bf16 were slower than in fp32 (682 against 968 tokens/s on a 2-core Xeon); with the
+working weights they reach 888-893 against DDP's 649-673 (an alternating A/B on that machine).
 """
 
 from __future__ import annotations
