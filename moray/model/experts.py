@@ -87,10 +87,14 @@ class SwiGLUExperts(torch.autograd.Function):
     Pairs come sorted by expert (`counts` per expert). Saves x, the pre-activation (P, 2I) and
     the routing; the gathered rows and the activation are recomputed in backward (a gather and
     an elementwise pass, cheap next to holding another (P, H) and (P, I) per layer).
+
+    `weight_grads` (RoutedExperts.weight_grads), where given, may take a weight's gradient as the
+    operands of its product (`defer(name, a, b, counts)` returns True): the weight then gets no
+    gradient from autograd and the sink accumulates a.T @ b per expert itself.
     """
 
     @staticmethod
-    def forward(ctx, x, gate_up_proj, down_proj, row_weights, token_of_row, counts):
+    def forward(ctx, x, gate_up_proj, down_proj, row_weights, token_of_row, counts, weight_grads=None):
         rows = x.index_select(0, token_of_row)  # (P, H)
         h = grouped_linear(rows, gate_up_proj, counts)  # (P, 2I)
         gate, up = h.chunk(2, dim=-1)
@@ -98,6 +102,7 @@ class SwiGLUExperts(torch.autograd.Function):
         out_rows = grouped_linear(act, down_proj, counts)  # (P, H)
         out_rows *= row_weights[:, None]
         ctx.save_for_backward(x, gate_up_proj, down_proj, row_weights, token_of_row, counts, h)
+        ctx.weight_grads = weight_grads
         return torch.zeros_like(x).index_add_(0, token_of_row, out_rows)  # (N, H)
 
     @staticmethod
@@ -112,7 +117,8 @@ class SwiGLUExperts(torch.autograd.Function):
         # out_p = w_p * down(act_p) and <grad, down(act)> = <down^T grad, act>.
         grad_act = grouped_matmul(grad_rows, down_proj, counts)  # (P, I)
         grad_weights = (grad_act * act).sum(-1) if need_weights else None  # (P,)
-        grad_down = grouped_outer(grad_rows, act * row_weights[:, None], counts) if need_down else None
+        grad_down = _weight_grad(ctx.weight_grads, "down_proj", grad_rows, act * row_weights[:, None], counts,
+                                 need_down)  # fmt: skip
         grad_act *= row_weights[:, None]
         grad_x = grad_gate_up = None
         if need_x or need_gate_up:
@@ -121,11 +127,24 @@ class SwiGLUExperts(torch.autograd.Function):
             torch.mul(grad_act, silu, out=grad_h[:, I:])
             grad_h[:, :I] = torch.ops.aten.silu_backward(grad_act * up, gate)
             if need_gate_up:
-                grad_gate_up = grouped_outer(grad_h, x.index_select(0, token_of_row), counts)  # (E, 2I, H)
+                rows = x.index_select(0, token_of_row)
+                grad_gate_up = _weight_grad(
+                    ctx.weight_grads, "gate_up_proj", grad_h, rows, counts
+                )  # (E, 2I, H)
             if need_x:
                 grad_rows = grouped_matmul(grad_h, gate_up_proj, counts)  # (P, H)
                 grad_x = torch.zeros_like(x).index_add_(0, token_of_row, grad_rows)  # (N, H)
-        return grad_x, grad_gate_up, grad_down, grad_weights, None, None
+        return grad_x, grad_gate_up, grad_down, grad_weights, None, None, None
+
+
+def _weight_grad(
+    sink, name: str, a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor, needed: bool = True
+):
+    """The gradient of weight `name`: a (P, M).T @ b (P, N) per expert, (E, M, N); None where it is
+    not needed or the sink took the product."""
+    if not needed or (sink is not None and sink.defer(name, a, b, counts)):
+        return None
+    return grouped_outer(a, b, counts)
 
 
 def swiglu_experts_few_rows(
@@ -166,6 +185,9 @@ class RoutedExperts(nn.Module):
     FEW_ROWS_PER_EXPERT = 4
     # bf16 decode weights over all experts (moray.model.decode_weights.for_decode sets them)
     dense_decode = None
+    # where the weights' gradients may go instead of autograd (SwiGLUExperts; moray.jobs.pretrain.
+    # working_weights sets it: fp32 accumulation of every micro-batch's products at once)
+    weight_grads = None
 
     def __init__(self, n_experts: int, hidden: int, width: int, learned_beta: bool, activation_scale: bool):
         super().__init__()
@@ -216,7 +238,13 @@ class RoutedExperts(nn.Module):
             xc, gate_up, down = x.to(dtype), self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
             pairs = padded_for_bmm(pairs, xc)
             out = SwiGLUExperts.apply(
-                xc, gate_up, down, pairs.weights.to(dtype), pairs.token_of_row, pairs.counts
+                xc,
+                gate_up,
+                down,
+                pairs.weights.to(dtype),
+                pairs.token_of_row,
+                pairs.counts,
+                self.weight_grads,
             )
             return out.to(x.dtype)
         pairs = padded_for_bmm(pairs, x)

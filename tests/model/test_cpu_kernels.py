@@ -1,5 +1,6 @@
-"""moray's CPU decode kernels against PyTorch: the attention, RoPE, RMSNorm and the decode linears (the
-expert kernel is tested with the decode experts, tests/model/test_decode_weights.py)."""
+"""moray's CPU kernels against PyTorch: the attention, RoPE, RMSNorm and the decode linears (the decode
+expert kernel is tested with the decode experts, tests/model/test_decode_weights.py), and the experts'
+weight gradients of training."""
 
 import pytest
 import torch
@@ -152,3 +153,43 @@ def test_argmax_kernel_returns_pytorchs_indices(rows, V):
     got = cpu_kernels.argmax(x)
     assert torch.equal(got, x.argmax(dim=-1)) and got.tolist() == [0, V // 3, 0, V // 2]
     assert not cpu_kernels.argmax_usable(x.float()) and not cpu_kernels.argmax_usable(x.t())
+
+
+needs_amx = pytest.mark.skipif(not cpu_kernels.amx(), reason="the weight-gradient kernel runs on AMX only")
+
+
+@needs_amx
+@pytest.mark.parametrize("threads", [1, 2])
+def test_grouped_outer_into_sums_every_segments_products_in_fp32(threads):
+    """Three micro-batches' rows (uneven counts, an expert no micro-batch hits, one hit in a single
+    micro-batch, 33 rows: more than one block of 32) into one fp32 gradient: the float64 sum of the
+    per-expert products of the same bf16 rows, written, then accumulated onto."""
+    from moray.model.experts import grouped_outer
+
+    torch.manual_seed(0)
+    E, M, N = 6, 64, 96
+    counts = [
+        torch.tensor([3, 0, 33, 1, 7, 0]),
+        torch.tensor([5, 0, 0, 2, 9, 0]),
+        torch.tensor([1, 0, 4, 0, 0, 6]),
+    ]
+    segments = [
+        (torch.randn(int(c.sum()), M).bfloat16(), torch.randn(int(c.sum()), N).bfloat16(), c) for c in counts
+    ]
+    want = sum(grouped_outer(a.double(), b.double(), c) for a, b, c in segments)
+    out = torch.full((E, M, N), float("nan"))
+    assert cpu_kernels.outer_usable(out, segments[0][0], segments[0][1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cpu_kernels.grouped_outer_into(out, segments, accumulate=False)
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(out[1], torch.zeros(M, N))  # no rows: zeros, not what was there
+        cpu_kernels.grouped_outer_into(out, segments[:1], accumulate=True)
+        torch.testing.assert_close(out.double(), want + grouped_outer(*[t.double() for t in segments[0][:2]],
+                                   segments[0][2]), rtol=1e-5, atol=1e-5)  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+    a, b, _ = segments[0]
+    assert not cpu_kernels.outer_usable(out, a.float(), b.float())  # bf16 rows only
+    assert not cpu_kernels.outer_usable(torch.empty(E, 48, N), a[:, :48], b)  # whole blocks of 32 only

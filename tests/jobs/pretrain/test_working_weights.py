@@ -9,7 +9,7 @@ import torch
 from moray.jobs.pretrain.optim import build_optimizer
 from moray.jobs.pretrain.step import ClipSettings, train_step
 from moray.jobs.pretrain.working_weights import WorkingWeights
-from moray.model import Transformer, preset
+from moray.model import Transformer, cpu_kernels, preset
 from moray.platform.parallel import ParallelLayout
 from tests.fixtures.ranks import run_ranks
 
@@ -33,10 +33,22 @@ def _run(working: bool, steps: int = 2, **overrides):
     return model, ww, losses
 
 
+@contextlib.contextmanager
+def _amx(on: bool):
+    before = cpu_kernels.amx()
+    cpu_kernels.set_amx(on)
+    try:
+        yield
+    finally:
+        cpu_kernels.set_amx(before)
+
+
 def test_working_weights_take_the_same_steps_as_autocast_alone():
     """The same bf16 roundings of the same fp32 masters, and each micro-batch's gradient added in
-    fp32: autocast's per-micro-batch casts, done once a step."""
-    (ref, _, want), (got, ww, losses) = _run(False), _run(True)
+    fp32: autocast's per-micro-batch casts, done once a step (without AMX: the experts' weight
+    gradients from autograd, as under autocast)."""
+    with _amx(False):
+        (ref, _, want), (got, ww, losses) = _run(False), _run(True)
     assert losses == pytest.approx(want, rel=1e-6)
     for (name, p), q in zip(got.named_parameters(), ref.parameters()):
         assert p.dtype == torch.float32, name  # the masters are back after the step
@@ -45,6 +57,52 @@ def test_working_weights_take_the_same_steps_as_autocast_alone():
     swapped = {names[id(p)] for p in ww.params}
     assert "lm_head.weight" in swapped and "layers.1.mlp.experts.gate_up_proj" in swapped
     assert not any(("embed" in n or "norm" in n or n.endswith("mlp.gate.weight")) for n in swapped)
+
+
+@pytest.mark.skipif(not cpu_kernels.amx(), reason="the deferred expert gradients run on AMX only")
+def test_experts_weight_gradients_are_the_fp32_sums_of_every_micro_batchs_products(monkeypatch):
+    """With AMX the experts' backward hands its products to the working weights: after a step of 12
+    micro-batches each stack's gradient is the float64 sum of the per-expert products of the bf16
+    rows every micro-batch handed over (folded into the buffer once they outweighed it, then at the
+    end), and the step stays autocast's to bf16 rounding."""
+    handed: dict[int, list] = {}
+    defer = WorkingWeights.defer
+
+    def recording(self, i, a, b, counts):
+        took = defer(self, i, a, b, counts)
+        if took:
+            handed.setdefault(i, []).append((a.double(), b.double(), counts))
+        return took
+
+    folds = []
+    fold = WorkingWeights._fold
+    monkeypatch.setattr(WorkingWeights, "defer", recording)
+    monkeypatch.setattr(WorkingWeights, "_fold", lambda self, i: (folds.append(i), fold(self, i)))
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", capacity_factor=1.25))
+    ww = WorkingWeights.for_layout(model, BF16)
+    seqs = torch.randint(3, 512, (12, 17), generator=torch.Generator().manual_seed(1))
+    micro = [(seqs[m : m + 1, :-1], seqs[m : m + 1, 1:]) for m in range(12)]
+    from moray.jobs.pretrain.step import forward_backward
+
+    with ww:
+        forward_backward(model, micro, 0.01, BF16.autocast)
+    stacks = [
+        p for n, p in model.named_parameters() if n.endswith(("experts.gate_up_proj", "experts.down_proj"))
+    ]
+    assert stacks and {ww.index[id(p)] for p in stacks} == set(handed)
+    assert len(folds) > len(handed)  # some folded mid-step, before the end of it
+    from moray.model.experts import grouped_outer
+
+    for p in stacks:
+        want = sum(grouped_outer(a, b, counts) for a, b, counts in handed[ww.index[id(p)]])
+        assert p.grad.dtype == torch.float32
+        torch.testing.assert_close(p.grad.double(), want, rtol=1e-5, atol=1e-7)
+    monkeypatch.undo()
+    with _amx(False):
+        (_, _, want), (_, _, got) = _run(False), _run(True)
+    (_, _, deferred) = _run(True)
+    assert deferred == pytest.approx(want, rel=1e-4) and got == pytest.approx(want, rel=1e-6)
 
 
 def test_fp32_parameters_and_gradients_outside_the_step_even_after_an_error():
