@@ -74,10 +74,12 @@ def train_step(
     model.train()
     with working_weights or contextlib.nullcontext():
         stats = forward_backward(model, micro_batches, aux_loss_weight, autocast, loss_parallel, objectives)
-    norms = clip_gradients(model, clip.per_layer, clip.per_expert, clip.global_norm, pipeline_group(model))
+    norms = clip_gradients(model, clip.per_layer, clip.per_expert, clip.global_norm, pipeline_group(model),
+                           optimizer)  # fmt: skip
     stats.lr = optimizer.param_groups[0]["lr"]
     stats.grad_norm = norms["grad_norm"]
     optimizer.step()
+    optimizer.grad_scale = None  # the clip's, for this step only
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     return stats

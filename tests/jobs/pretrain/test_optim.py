@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from moray.jobs.pretrain.optim import LambAdam, Schedule, build_optimizer, clip_gradients
+from moray.jobs.pretrain.optim import LambAdam, Schedule, build_optimizer, clip_gradients, takes_grad_scale
 from moray.model import Transformer, preset
 
 
@@ -76,6 +76,35 @@ def test_clipping_per_expert_and_layer():
                 + experts.down_proj.grad.flatten(1).pow(2).sum(1)
             ).sqrt()
             assert (per <= 1e-4 + 1e-6).all()
+
+
+def test_the_global_clip_through_fused_adamws_step_equals_clipping_the_gradients_first():
+    """A fused AdamW takes the global clip's factor into its step (grad_scale): the same weights and the
+    same clipped gradients as scaling every gradient first and stepping an unfused AdamW."""
+    torch.manual_seed(0)
+    ids = torch.randint(3, 512, (2, 17))
+    runs = []
+    for fused in (True, False):
+        torch.manual_seed(1)
+        model = Transformer(preset("tiny"))
+        opt = build_optimizer(model, "adamw", 1e-2, 0.1)
+        if not fused:
+            groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in opt.param_groups]
+            opt = torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), foreach=False)
+        assert takes_grad_scale(opt) == fused
+        norms = []
+        for scale in (1e3, 1e-3):  # clipped, then not
+            (model(ids).logits.pow(2).mean() * scale).backward()
+            norms.append(clip_gradients(model, None, None, 1.0, optimizer=opt)["grad_norm"])
+            assert (getattr(opt, "grad_scale", None) is not None) == (fused and norms[-1] > 1.0)
+            opt.step()
+            grads = [p.grad.clone() for p in model.parameters()]
+            opt.zero_grad()
+        runs.append((norms, list(model.parameters()), grads))
+    (norms, fused_weights, fused_grads), (want_norms, weights, want_grads) = runs
+    assert norms[0] > 1.0 > norms[1] and norms == pytest.approx(want_norms, rel=1e-5)
+    for p, q in zip(fused_weights + fused_grads, weights + want_grads):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
 
 
 def test_schedule_shapes():
