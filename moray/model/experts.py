@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moray.model import cpu_kernels
 from moray.model.norm import swish
 from moray.model.precision import autocast_dtype
 
@@ -97,8 +98,7 @@ class SwiGLUExperts(torch.autograd.Function):
     def forward(ctx, x, gate_up_proj, down_proj, row_weights, token_of_row, counts, weight_grads=None):
         rows = x.index_select(0, token_of_row)  # (P, H)
         h = grouped_linear(rows, gate_up_proj, counts)  # (P, 2I)
-        gate, up = h.chunk(2, dim=-1)
-        act = F.silu(gate) * up  # (P, I)
+        act = swiglu(h)  # (P, I)
         out_rows = grouped_linear(act, down_proj, counts)  # (P, H)
         out_rows *= row_weights[:, None]
         ctx.save_for_backward(x, gate_up_proj, down_proj, row_weights, token_of_row, counts, h)
@@ -110,22 +110,11 @@ class SwiGLUExperts(torch.autograd.Function):
         x, gate_up_proj, down_proj, row_weights, token_of_row, counts, h = ctx.saved_tensors
         need_x, need_gate_up, need_down, need_weights = ctx.needs_input_grad[:4]
         grad_rows = grad_out.index_select(0, token_of_row)  # (P, H)
-        gate, up = h.chunk(2, dim=-1)
-        silu = F.silu(gate)
-        act = silu * up  # (P, I)
-        # d(act) before the routing weight: its dot with act is also d(row weight), since
-        # out_p = w_p * down(act_p) and <grad, down(act)> = <down^T grad, act>.
-        grad_act = grouped_matmul(grad_rows, down_proj, counts)  # (P, I)
-        grad_weights = (grad_act * act).sum(-1) if need_weights else None  # (P,)
-        grad_down = _weight_grad(ctx.weight_grads, "down_proj", grad_rows, act * row_weights[:, None], counts,
-                                 need_down)  # fmt: skip
-        grad_act *= row_weights[:, None]
+        grad_act = grouped_matmul(grad_rows, down_proj, counts)  # (P, I) before the routing weight
+        grad_h, act_w, grad_weights = swiglu_backward(grad_act, h, row_weights)
+        grad_down = _weight_grad(ctx.weight_grads, "down_proj", grad_rows, act_w, counts, need_down)
         grad_x = grad_gate_up = None
         if need_x or need_gate_up:
-            grad_h = torch.empty_like(h)  # (P, 2I) = [d gate | d up]
-            I = up.shape[-1]  # noqa: E741
-            torch.mul(grad_act, silu, out=grad_h[:, I:])
-            grad_h[:, :I] = torch.ops.aten.silu_backward(grad_act * up, gate)
             if need_gate_up:
                 rows = x.index_select(0, token_of_row)
                 grad_gate_up = _weight_grad(
@@ -134,7 +123,36 @@ class SwiGLUExperts(torch.autograd.Function):
             if need_x:
                 grad_rows = grouped_matmul(grad_h, gate_up_proj, counts)  # (P, H)
                 grad_x = torch.zeros_like(x).index_add_(0, token_of_row, grad_rows)  # (N, H)
-        return grad_x, grad_gate_up, grad_down, grad_weights, None, None, None
+        return grad_x, grad_gate_up, grad_down, grad_weights if need_weights else None, None, None, None
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for h = [gate | up] (P, 2I): (P, I)."""
+    if cpu_kernels.swiglu_usable(h):
+        return cpu_kernels.swiglu(h)
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def swiglu_backward(
+    grad_act: torch.Tensor,  # (P, I) d out through the down projection, before the routing weights
+    h: torch.Tensor,  # (P, 2I) [gate | up]
+    row_weights: torch.Tensor,  # (P,) w in out = w * down(act)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d h (P, 2I) = [d gate | d up], act * w (P, I), d w (P,)). d w is <grad_act, act>: out_p =
+    w_p * down(act_p) and <grad, down(act)> = <down^T grad, act>."""
+    if cpu_kernels.swiglu_usable(h):
+        return cpu_kernels.swiglu_backward(grad_act, h, row_weights)
+    gate, up = h.chunk(2, dim=-1)
+    silu = F.silu(gate)
+    act = silu * up  # (P, I)
+    grad_weights = (grad_act * act).sum(-1)  # (P,)
+    grad_act = grad_act * row_weights[:, None]
+    grad_h = torch.empty_like(h)
+    I = up.shape[-1]  # noqa: E741
+    torch.mul(grad_act, silu, out=grad_h[:, I:])
+    grad_h[:, :I] = torch.ops.aten.silu_backward(grad_act * up, gate)
+    return grad_h, act * row_weights[:, None], grad_weights
 
 
 def _weight_grad(

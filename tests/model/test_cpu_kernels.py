@@ -193,3 +193,43 @@ def test_grouped_outer_into_sums_every_segments_products_in_fp32(threads):
     a, b, _ = segments[0]
     assert not cpu_kernels.outer_usable(out, a.float(), b.float())  # bf16 rows only
     assert not cpu_kernels.outer_usable(torch.empty(E, 48, N), a[:, :48], b)  # whole blocks of 32 only
+
+
+@needs_kernel
+def test_swiglu_kernels_equal_the_fp32_activation_and_its_gradients_to_bf16_rounding(monkeypatch):
+    """The experts' activation and its backward, fused: against fp32 autograd on the same bf16 values
+    (gates out to +-12, where silu saturates), every element within one bf16 rounding of it. PyTorch's
+    bf16 ops (the fallback) round each op's result: within 4 roundings of each tensor's largest value
+    (d w sums rounded products, so a small sum can be far off relative to itself)."""
+    import torch.nn.functional as F
+
+    from moray.model import experts
+
+    torch.manual_seed(0)
+    P, I = 70, 48  # noqa: E741
+    h = (torch.randn(P, 2 * I) * 4).clamp(-12, 12).bfloat16()
+    grad_act, w = torch.randn(P, I).bfloat16(), torch.rand(P).bfloat16()
+    h32, w32 = h.float().requires_grad_(True), w.float().requires_grad_(True)
+    gate, up = h32.chunk(2, dim=-1)
+    act = F.silu(gate) * up
+    (act * w32[:, None]).backward(grad_act.float())
+    want = {
+        "act": act.detach(),
+        "grad_h": h32.grad,
+        "act_w": (act * w32[:, None]).detach(),
+        "grad_w": w32.grad,
+    }
+
+    def check(got: dict, ulps: float, per_element: bool) -> None:
+        for name, value in got.items():
+            assert value.dtype == torch.bfloat16, name
+            scale = want[name].abs().clamp_min(1e-2) if per_element else want[name].abs().max()
+            assert float(((value.float() - want[name]).abs() / scale).max()) <= ulps * 2**-8, name
+
+    def results() -> dict:
+        return dict(zip(want, [experts.swiglu(h), *experts.swiglu_backward(grad_act, h, w)]))
+
+    assert cpu_kernels.swiglu_usable(h) and not cpu_kernels.swiglu_usable(h.float())
+    check(results(), ulps=1, per_element=True)
+    monkeypatch.setattr(cpu_kernels, "swiglu_usable", lambda h: False)
+    check(results(), ulps=4, per_element=False)
