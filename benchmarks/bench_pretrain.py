@@ -124,7 +124,7 @@ def precision_steps(steps: int, threads: int) -> dict[str, float]:
         model = Transformer(preset("small", vocab_size=512, capacity_factor=1.25))
         opt = build_optimizer(model, "adamw", 3e-4, 0.1)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        ww = WorkingWeights.for_layout(model, layout) if working else None
+        ww = WorkingWeights.for_layout(model, layout, optimizer=opt) if working else None
         return lambda: train_step(model, opt, sched, micro, 0.001, ClipSettings(), layout.autocast,
                                   working_weights=ww)  # fmt: skip
 
@@ -151,7 +151,7 @@ def precision_curve(steps: int = 200, block: int = 20) -> tuple[torch.Tensor, to
         model = Transformer(preset("small", vocab_size=512, capacity_factor=1.25))
         opt = build_optimizer(model, "adamw", 1e-3, 0.1)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, Schedule(steps, 10, "cosine", 0.1))
-        working = WorkingWeights.for_layout(model, layout)
+        working = WorkingWeights.for_layout(model, layout, optimizer=opt)
         losses = [
             train_step(model, opt, sched, [(b[:, :-1], b[:, 1:])], 0.01, ClipSettings(), layout.autocast,
                        working_weights=working).losses["lm_loss"]

@@ -508,6 +508,62 @@ std::vector<torch::Tensor> swiglu_backward(torch::Tensor grad_act, torch::Tensor
   return {grad_h, act_w, grad_w.to(w.scalar_type())};
 }
 
+// fp32 -> bf16 as PyTorch rounds (to nearest even; its vectorized NaN, 0xFFFF), 16 at a time.
+static inline __m256i bf16_rounded(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0xFFFF));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// torch.optim.AdamW's step (decoupled weight decay, no amsgrad) on fp32 tensors, each parameter's
+// bf16 working copy (moray.jobs.pretrain.working_weights) written in the same pass where `copies`
+// holds one (an empty tensor: none). The copy is otherwise a pass of its own (reading the fp32
+// weights again) every step. grad_scale divides the gradients on the way (the global clip's
+// factor); the gradients themselves are left as they were. steps: each parameter's step count.
+void adamw_step_(std::vector<torch::Tensor> params, std::vector<torch::Tensor> grads,
+                 std::vector<torch::Tensor> exp_avgs, std::vector<torch::Tensor> exp_avg_sqs,
+                 std::vector<torch::Tensor> copies, std::vector<double> steps, double lr, double beta1,
+                 double beta2, double weight_decay, double eps, double grad_scale) {
+  for (size_t t = 0; t < params.size(); ++t) {
+    for (const auto& x : {params[t], grads[t], exp_avgs[t], exp_avg_sqs[t]})
+      TORCH_CHECK(x.is_contiguous() && x.numel() == params[t].numel(), "adamw_step_: tensor ", t,
+                  " and its gradient and state must be contiguous and of one size");
+    float* p = params[t].data_ptr<float>();
+    const float* g = grads[t].data_ptr<float>();
+    float *m = exp_avgs[t].data_ptr<float>(), *v = exp_avg_sqs[t].data_ptr<float>();
+    uint16_t* c = copies[t].numel() ? reinterpret_cast<uint16_t*>(copies[t].data_ptr<at::BFloat16>()) : nullptr;
+    const int64_t n = params[t].numel();
+    const double bc1 = 1 - std::pow(beta1, steps[t]), bc2 = 1 - std::pow(beta2, steps[t]);
+    // torch's coefficients: in double, then rounded to float
+    const float step_size = lr / bc1, bc2_sqrt = std::sqrt(bc2), keep = 1 - lr * weight_decay,
+                b1c = 1 - beta1, b2 = beta2, b2c = 1 - beta2, epsf = eps, gs = grad_scale;
+    at::parallel_for(0, (n + 15) / 16, 1024, [&](int64_t begin, int64_t end) {
+      const __m512 vb1c = _mm512_set1_ps(b1c), vb2 = _mm512_set1_ps(b2),
+                   vb2c = _mm512_set1_ps(b2c), vkeep = _mm512_set1_ps(keep), vss = _mm512_set1_ps(step_size),
+                   vbc2 = _mm512_set1_ps(bc2_sqrt), veps = _mm512_set1_ps(epsf), vgs = _mm512_set1_ps(gs);
+      for (int64_t i = begin * 16; i < std::min(n, end * 16); i += 16) {
+        const __mmask16 k = first(n - i);
+        __m512 gi = _mm512_maskz_loadu_ps(k, g + i), pi = _mm512_maskz_loadu_ps(k, p + i);
+        if (gs != 1.0f) gi = _mm512_div_ps(gi, vgs);
+        // torch's fused kernel op for op: m.lerp_(g, 1 - beta1) (an FMA), v * beta2 + (1 - beta2) * g * g
+        if (keep != 1.0f) pi = _mm512_mul_ps(pi, vkeep);
+        const __m512 m0 = _mm512_maskz_loadu_ps(k, m + i);
+        const __m512 mi = _mm512_fmadd_ps(vb1c, _mm512_sub_ps(gi, m0), m0);
+        const __m512 vi = _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, v + i), vb2),
+                                        _mm512_mul_ps(_mm512_mul_ps(vb2c, gi), gi));
+        const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vi), vbc2), veps);
+        pi = _mm512_sub_ps(pi, _mm512_div_ps(_mm512_mul_ps(vss, mi), denom));
+        _mm512_mask_storeu_ps(p + i, k, pi);
+        _mm512_mask_storeu_ps(m + i, k, mi);
+        _mm512_mask_storeu_ps(v + i, k, vi);
+        if (c) _mm256_mask_storeu_epi16(c + i, k, bf16_rounded(pi));
+      }
+    });
+  }
+}
+
 // torch.argmax(x, dim=-1) of bf16 logits (N, V), the last dimension contiguous: the first index of
 // each row's maximum, a NaN counting as the maximum (the first NaN wins). One vector pass finds the
 // maximum, a second the first index holding it, from L2 (PyTorch's CPU argmax compares one element
@@ -796,6 +852,7 @@ def kernel():
                         "grouped_outer_into",
                         "swiglu",
                         "swiglu_backward",
+                        "adamw_step_",
                     ],
                     # no FMA contraction: `rope` must round as PyTorch's separate products do
                     extra_cflags=[
@@ -1015,3 +1072,17 @@ def swiglu_backward(
     """For out = w * down(silu(gate) * up): (d h (P, 2I), act * w (P, I), d w (P,)) from grad_act
     (P, I), the gradient through down before the weights."""
     return tuple(kernel().swiglu_backward(grad_act.contiguous(), h, row_weights.contiguous()))
+
+
+def adamw_usable(*tensors: torch.Tensor) -> bool:
+    """Whether `adamw_step_` takes these: contiguous fp32 CPU tensors."""
+    return all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors) and _runs_here(*tensors)
+
+
+def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, copies, steps, lr, beta1, beta2, weight_decay, eps,
+                grad_scale=1.0) -> None:  # fmt: skip
+    """torch.optim.AdamW's update in place, each parameter's bf16 copy (`copies`: a tensor or None)
+    rounded from its new value in the same pass."""
+    copies = [_NO_MASK if c is None else c for c in copies]
+    kernel().adamw_step_(params, grads, exp_avgs, exp_avg_sqs, copies, steps, lr, beta1, beta2, weight_decay, eps,
+                         grad_scale)  # fmt: skip

@@ -108,7 +108,9 @@ def train_func(loop_config: dict) -> None:
         tc.max_steps, tc.warmup_steps, tc.schedule, tc.min_lr_ratio, 0.2, tc.warmup_oscillation
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    working_weights = WorkingWeights.for_layout(model, w.layout, w.dp_group)  # bf16: cast once a step
+    working_weights = WorkingWeights.for_layout(
+        model, w.layout, w.dp_group, optimizer
+    )  # bf16: cast once a step
     gradient_mean = working_weights.mean if working_weights is not None else None
     if gradient_mean is not None and w.rank == 0:
         log.info("bf16 replicas: gradients averaged through %s", gradient_mean.transport)

@@ -55,7 +55,7 @@ class _ExpertGrads:
 
 
 class WorkingWeights:
-    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16, group=None):
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16, group=None, optimizer=None):
         matmul = [m for m in model.modules() if isinstance(m, nn.Linear | RoutedExperts)]
         # a weight also used elsewhere (an output head tied to the embedding) stays fp32
         elsewhere = {id(p) for m in model.modules() if m not in matmul for p in m.parameters(recurse=False)}
@@ -65,6 +65,10 @@ class WorkingWeights:
                 if p.requires_grad and p.dim() >= 2 and type(p) is nn.Parameter and id(p) not in elsewhere:
                     self.params.append(p)
         self.working = [torch.empty_like(p, dtype=dtype) for p in self.params]
+        # an optimizer that refreshes the copies in its step (optim.AdamW) spares __enter__ the cast
+        self.optimizer = optimizer if hasattr(optimizer, "copies") and dtype == torch.bfloat16 else None
+        if self.optimizer is not None:
+            self.optimizer.copies.update(zip(self.params, self.working))
         # the parameters whose gradients accumulate here: the working weights', and, replicated over
         # a group, every parameter's (the group averages one flat buffer)
         self.accumulated = [p for p in model.parameters() if p.requires_grad] if group else list(self.params)
@@ -91,18 +95,20 @@ class WorkingWeights:
                 m.weight_grads = _ExpertGrads(self, m)
 
     @classmethod
-    def for_layout(cls, model: nn.Module, layout, group=None) -> WorkingWeights | None:
+    def for_layout(cls, model: nn.Module, layout, group=None, optimizer=None) -> WorkingWeights | None:
         """Working copies where they apply (`layout.working_weights`): bf16 compute on one process's
         plain parameters, or on the CPU's replicas, whose gradients are averaged over `group`."""
         if not layout.working_weights:
             return None
-        return cls(model, layout.compute_dtype, group if layout.world_size > 1 else None)
+        return cls(model, layout.compute_dtype, group if layout.world_size > 1 else None, optimizer)
 
     def __enter__(self) -> WorkingWeights:
         self.masters = [p.data for p in self.params]
+        refreshed = self.optimizer.refreshed if self.optimizer is not None else {}
         with torch.no_grad():
             for p, w in zip(self.params, self.working):
-                w.copy_(p.data)
+                if refreshed.get(p) != (p._version, p.data_ptr()):  # changed since the optimizer's copy
+                    w.copy_(p.data)
                 p.data = w
         self.fresh = [True] * len(self.accumulated)
         self.in_step = True

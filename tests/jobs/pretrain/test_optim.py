@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
+from moray.jobs.pretrain import optim
 from moray.jobs.pretrain.optim import LambAdam, Schedule, build_optimizer, clip_gradients, takes_grad_scale
-from moray.model import Transformer, preset
+from moray.model import Transformer, cpu_kernels, preset
 
 
 def _step(opt, p, grad):
@@ -105,6 +106,74 @@ def test_the_global_clip_through_fused_adamws_step_equals_clipping_the_gradients
     assert norms[0] > 1.0 > norms[1] and norms == pytest.approx(want_norms, rel=1e-5)
     for p, q in zip(fused_weights + fused_grads, weights + want_grads):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.skipif(
+    not cpu_kernels.adamw_usable(torch.zeros(1)), reason="moray's CPU kernels do not build here"
+)
+def test_adamw_refreshing_bf16_copies_takes_torchs_steps_and_rounds_the_copies_as_torch():
+    """moray's AdamW with working copies runs its own kernel: the weights and the state of torch's fused
+    AdamW over 3 steps (the second with a clip's grad_scale), each copy the new weight rounded to bf16
+    bit for bit, the state loadable by torch's AdamW; without copies it is torch's step."""
+    torch.manual_seed(0)
+    shapes = [(64, 33), (7,), (3, 5, 16)]  # partial blocks of 16 included
+    start = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
+    runs = {}
+    for kind in ("moray", "torch"):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        groups = [{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:], "weight_decay": 0.0}]
+        cls = optim.AdamW if kind == "moray" else torch.optim.AdamW
+        opt = cls(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, fused=True)
+        copies = {p: torch.empty_like(p, dtype=torch.bfloat16) for p in params[:2]}
+        if kind == "moray":
+            opt.copies.update(copies)
+        for step, gs in enumerate(grads):
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.grad_scale = torch.tensor(4.0) if step == 1 else None
+            opt.step()
+        runs[kind] = (params, opt, copies)
+    (params, opt, copies), (want, ref, _) = runs["moray"], runs["torch"]
+    for p, q in zip(params, want):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt.state[p][key], ref.state[q][key], rtol=1e-6, atol=1e-9)
+        assert float(opt.state[p]["step"]) == 3.0
+    for p, c in copies.items():
+        assert torch.equal(c.view(torch.int16), p.detach().bfloat16().view(torch.int16))
+        assert opt.refreshed[p] == (p._version, p.data_ptr())
+    fresh = [torch.nn.Parameter(t.clone()) for t in start]
+    torch.optim.AdamW([{"params": fresh[:2]}, {"params": fresh[2:]}], lr=1e-2).load_state_dict(
+        opt.state_dict()
+    )
+
+
+def test_working_weights_take_the_optimizers_copies_unless_a_weight_changed_since():
+    """With moray's AdamW the working weights skip their cast: the copies the step wrote are the
+    masters rounded. A master changed after the step (loaded from a checkpoint) is cast again."""
+    from moray.jobs.pretrain.step import ClipSettings, train_step
+    from moray.jobs.pretrain.working_weights import WorkingWeights
+    from moray.platform.parallel import ParallelLayout
+
+    bf16 = ParallelLayout(precision="bf16").autocast
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny"))
+    opt = build_optimizer(model, "adamw", 1e-2, 0.1)
+    ww = WorkingWeights(model, optimizer=opt)
+    assert set(opt.copies) == set(ww.params)
+    ids = torch.randint(3, 512, (2, 17))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    train_step(model, opt, sched, [(ids[:, :-1], ids[:, 1:])], 0.01, ClipSettings(), bf16, working_weights=ww)
+    refreshed = dict(opt.refreshed)
+    assert set(refreshed) == set(ww.params) or not cpu_kernels.adamw_usable(torch.zeros(1))
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    train_step(model, opt, sched, [(ids[:, :-1], ids[:, 1:])], 0.01, ClipSettings(), bf16, working_weights=ww)
+    model.load_state_dict(saved)  # the masters go back a step: every copy is stale
+    with ww:
+        for w, master in zip(ww.working, ww.masters):
+            assert torch.equal(w, master.bfloat16())
 
 
 def test_schedule_shapes():

@@ -21,7 +21,7 @@ def _run(working: bool, steps: int = 2, **overrides):
     model = Transformer(preset("tiny", capacity_factor=1.25, **overrides))
     opt = build_optimizer(model, "adamw", 1e-3, 0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    ww = WorkingWeights.for_layout(model, BF16) if working else None
+    ww = WorkingWeights.for_layout(model, BF16, optimizer=opt) if working else None
     seqs = torch.randint(3, 512, (4, 17), generator=torch.Generator().manual_seed(1))
     micro = [(seqs[m : m + 2, :-1], seqs[m : m + 2, 1:]) for m in (0, 2)]
     losses = [
@@ -146,8 +146,8 @@ def _steps(rank: int, world: int, dtype: torch.dtype, shared_memory: bool = True
     group = dist.group.WORLD if world > 1 else None
     if not shared_memory:
         buffer_mean.SHM_DIR = "/no-such-dir"
-    ww = WorkingWeights(model, dtype, group)
     opt = build_optimizer(model, "adamw", 1e-3, 0.1)
+    ww = WorkingWeights(model, dtype, group, optimizer=opt)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     seqs = torch.randint(3, 512, (4, 17), generator=torch.Generator().manual_seed(1))
     per = 2 // world
