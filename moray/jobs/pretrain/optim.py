@@ -102,7 +102,8 @@ class AdamW(torch.optim.AdamW):
     such step `refreshed` holds the parameters' (version, storage) when their copies were written:
     any later change to a parameter shows as another version. Without copies, or where the kernel
     cannot run (GPU tensors, DTensors, amsgrad or maximize), torch's own step; the state is torch's
-    either way (checkpoints interchange)."""
+    either way (checkpoints interchange). One difference: a clip's `grad_scale` scales the gradients
+    as the kernel reads them, where torch's writes the scaled gradients back."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -209,9 +210,8 @@ def _clip_(params: list[torch.Tensor], max_norm: float, group=None, optimizer=No
     norm = total_norm(grads, group)
     clipped = norm > max_norm
     if optimizer is not None:
-        optimizer.grad_scale = (
-            torch.tensor((norm + 1e-6) / max_norm, device=grads[0].device) if clipped else None
-        )
+        device = grads[0].device if grads else "cpu"
+        optimizer.grad_scale = torch.tensor((norm + 1e-6) / max_norm, device=device) if clipped else None
     elif clipped:
         scale = max_norm / (norm + 1e-6)
         for g in grads:
