@@ -9,6 +9,14 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
 
 
+def pytest_sessionstart(session):
+    """Build moray's CPU kernels once, up front: bf16 training and decode use them in Ray's workers
+    and replicas too, which would otherwise wait out the 30-60 s compile inside a test."""
+    from moray.model import cpu_kernels
+
+    cpu_kernels.kernel()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
