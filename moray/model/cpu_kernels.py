@@ -40,6 +40,7 @@ compiler, a CPU without AVX-512 BF16), `kernel()` is None and callers keep PyTor
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -262,9 +263,11 @@ torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor W) {
 }
 
 // The routed experts' weight gradients, accumulated in fp32: out[e] (+)= sum over the segments s of
-// a_s[rows of e].T @ b_s[rows of e], where segment s (a micro-batch's rows, sorted by expert) holds
-// counts_s[e] rows of expert e. a_s (P_s, M) and b_s (P_s, N) bf16 contiguous; out (E, M, N) fp32
-// contiguous; M and N multiples of 32; overwritten unless `accumulate`. AMX only.
+// a_s[rows of e].T @ b_s[rows of e]. Segment s (a micro-batch) lists counts_s[e] rows for each expert
+// in turn; its i-th row is row a_rows_s[i] of a_s and row b_rows_s[i] of b_s (an empty index: row i).
+// So a segment can skip a padded grid's padding rows and read b's rows where they lie (the tokens, not
+// a gathered copy). a_s (., M) and b_s (., N) bf16 contiguous; out (E, M, N) fp32 contiguous; M and N
+// multiples of 32; overwritten unless `accumulate`. AMX only.
 //
 // The inner dimension is the expert's rows (a few dozen to a few hundred in a training micro-batch),
 // where oneDNN's bf16 bmm reaches 150 GFLOP/s, returns bf16 to be widened and added, and runs once
@@ -272,21 +275,32 @@ torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor W) {
 // once: A transposed, B in VNNI pairs, zero-padded to 32), and the C tiles go straight to the fp32
 // gradient.
 void grouped_outer_into(torch::Tensor out, std::vector<torch::Tensor> as, std::vector<torch::Tensor> bs,
-                        std::vector<torch::Tensor> counts, bool accumulate) {
+                        std::vector<torch::Tensor> counts, std::vector<torch::Tensor> a_rows,
+                        std::vector<torch::Tensor> b_rows, bool accumulate) {
   TORCH_CHECK(use_amx(-1), "grouped_outer_into runs on AMX tiles only");
   const int64_t E = out.size(0), M = out.size(1), N = out.size(2), S = as.size();
   TORCH_CHECK(M % 32 == 0 && N % 32 == 0, "grouped_outer_into: M and N must be multiples of 32");
   std::vector<const uint16_t*> ap(S), bp(S);
+  std::vector<const int64_t*> ai(S), bi(S);
   std::vector<std::vector<int64_t>> first(S, std::vector<int64_t>(E + 1, 0));  // each expert's first row
   for (int64_t s = 0; s < S; ++s) {
-    TORCH_CHECK(as[s].size(1) == M && bs[s].size(1) == N && as[s].size(0) == bs[s].size(0) &&
-                counts[s].numel() == E, "grouped_outer_into: segment ", s, " does not match the output");
+    TORCH_CHECK(as[s].size(1) == M && bs[s].size(1) == N && counts[s].numel() == E,
+                "grouped_outer_into: segment ", s, " does not match the output");
     ap[s] = reinterpret_cast<const uint16_t*>(as[s].data_ptr<at::BFloat16>());
     bp[s] = reinterpret_cast<const uint16_t*>(bs[s].data_ptr<at::BFloat16>());
     auto c = counts[s].to(torch::kInt64);
     const int64_t* cp = c.data_ptr<int64_t>();
     for (int64_t e = 0; e < E; ++e) first[s][e + 1] = first[s][e] + cp[e];
-    TORCH_CHECK(first[s][E] == as[s].size(0), "grouped_outer_into: counts of segment ", s, " do not add up");
+    const int64_t rows = first[s][E];
+    ai[s] = a_rows[s].numel() ? a_rows[s].data_ptr<int64_t>() : nullptr;
+    bi[s] = b_rows[s].numel() ? b_rows[s].data_ptr<int64_t>() : nullptr;
+    TORCH_CHECK((ai[s] ? a_rows[s].numel() : as[s].size(0)) == rows &&
+                (bi[s] ? b_rows[s].numel() : bs[s].size(0)) == rows,
+                "grouped_outer_into: counts of segment ", s, " do not add up to its rows");
+    for (int64_t i = 0; ai[s] && i < rows; ++i)
+      TORCH_CHECK(ai[s][i] >= 0 && ai[s][i] < as[s].size(0), "grouped_outer_into: a row out of range");
+    for (int64_t i = 0; bi[s] && i < rows; ++i)
+      TORCH_CHECK(bi[s][i] >= 0 && bi[s][i] < bs[s].size(0), "grouped_outer_into: b row out of range");
   }
   float* outp = out.data_ptr<float>();
   // tasks: (expert, block of output rows); blocks only where the experts alone would leave threads idle
@@ -310,8 +324,8 @@ void grouped_outer_into(torch::Tensor out, std::vector<torch::Tensor> as, std::v
       brows.clear();
       for (int64_t s = 0; s < S; ++s)
         for (int64_t r = first[s][e]; r < first[s][e + 1]; ++r) {
-          arows.push_back(ap[s] + r * M + m_begin);
-          brows.push_back(bp[s] + r * N);
+          arows.push_back(ap[s] + (ai[s] ? ai[s][r] : r) * M + m_begin);
+          brows.push_back(bp[s] + (bi[s] ? bi[s][r] : r) * N);
         }
       // (rows, Kp): A transposed, a tile is 16 rows x 32 k. 32 columns of the K rows at a time: the
       // rows' cache lines stay in L1 while the writes run along k (2.5x faster than row by row).
@@ -1033,7 +1047,7 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 
 
 def outer_usable(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether `grouped_outer_into` takes these: AMX, bf16 rows (P, M) and (P, N) into a contiguous
+    """Whether `grouped_outer_into` takes these: AMX, bf16 rows (., M) and (., N) into a contiguous
     fp32 (E, M, N), M and N multiples of 32."""
     ok = a.dtype == b.dtype == torch.bfloat16 and out.dtype == torch.float32 and out.dim() == 3
     ok = ok and out.is_contiguous() and out.shape[1] % 32 == 0 and out.shape[2] % 32 == 0
@@ -1041,17 +1055,37 @@ def outer_usable(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
     return ok and _runs_here(out, a, b) and amx()
 
 
-def grouped_outer_into(
-    out: torch.Tensor,  # (E, M, N) float32
-    segments: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],  # [(a (P, M), b (P, N), counts (E,))]
-    accumulate: bool,
-) -> None:
-    """out[e] = (out[e] if accumulate else 0) + sum over the segments of a_e.T @ b_e, each segment's
-    rows grouped by expert as `counts` says: moray.model.experts.grouped_outer for several
-    micro-batches at once, accumulated in fp32."""
-    a, b, counts = zip(*segments)
-    kernel().grouped_outer_into(out, [t.contiguous() for t in a], [t.contiguous() for t in b], list(counts),
-                                accumulate)  # fmt: skip
+@dataclass
+class OuterSegment:
+    """One micro-batch's operands of `grouped_outer_into`: `counts[e]` rows for each expert in turn, the
+    i-th being row a_rows[i] of `a` and row b_rows[i] of `b` (None: row i)."""
+
+    a: torch.Tensor  # (., M) bf16
+    b: torch.Tensor  # (., N) bf16
+    counts: torch.Tensor  # (E,)
+    a_rows: torch.Tensor | None = None  # (P,) int64
+    b_rows: torch.Tensor | None = None  # (P,) int64
+
+    @property
+    def nbytes(self) -> int:
+        return self.a.nbytes + self.b.nbytes
+
+
+def grouped_outer_into(out: torch.Tensor, segments: list[OuterSegment], accumulate: bool) -> None:
+    """out[e] = (out[e] if accumulate else 0) + sum over the segments of a_e.T @ b_e, accumulated in
+    fp32: moray.model.experts.grouped_outer for several micro-batches at once."""
+
+    def index(rows: torch.Tensor | None) -> torch.Tensor:
+        return _NO_ROWS if rows is None else rows.to(torch.int64).contiguous()
+
+    kernel().grouped_outer_into(
+        out, [s.a.contiguous() for s in segments], [s.b.contiguous() for s in segments],
+        [s.counts for s in segments], [index(s.a_rows) for s in segments], [index(s.b_rows) for s in segments],
+        accumulate,
+    )  # fmt: skip
+
+
+_NO_ROWS = torch.empty(0, dtype=torch.int64)
 
 
 def swiglu_usable(h: torch.Tensor) -> bool:

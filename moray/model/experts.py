@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moray.model import cpu_kernels
+from moray.model.cpu_kernels import OuterSegment
 from moray.model.norm import swish
 from moray.model.precision import autocast_dtype
 
@@ -90,19 +91,22 @@ class SwiGLUExperts(torch.autograd.Function):
     an elementwise pass, cheap next to holding another (P, H) and (P, I) per layer).
 
     `weight_grads` (RoutedExperts.weight_grads), where given, may take a weight's gradient as the
-    operands of its product (`defer(name, a, b, counts)` returns True): the weight then gets no
-    gradient from autograd and the sink accumulates a.T @ b per expert itself.
+    operands of its product (`defer(name, segment)` returns True for a cpu_kernels.OuterSegment): the
+    weight then gets no gradient from autograd and the sink accumulates the product itself. The
+    segment skips a padded grid's padding rows (`unpadded`: the real pairs' grid rows and their counts
+    per expert) and reads x's rows in place.
     """
 
     @staticmethod
-    def forward(ctx, x, gate_up_proj, down_proj, row_weights, token_of_row, counts, weight_grads=None):
+    def forward(ctx, x, gate_up_proj, down_proj, row_weights, token_of_row, counts, weight_grads=None,
+                unpadded=None):  # fmt: skip
         rows = x.index_select(0, token_of_row)  # (P, H)
         h = grouped_linear(rows, gate_up_proj, counts)  # (P, 2I)
         act = swiglu(h)  # (P, I)
         out_rows = grouped_linear(act, down_proj, counts)  # (P, H)
         out_rows *= row_weights[:, None]
         ctx.save_for_backward(x, gate_up_proj, down_proj, row_weights, token_of_row, counts, h)
-        ctx.weight_grads = weight_grads
+        ctx.weight_grads, ctx.unpadded = weight_grads, unpadded
         return torch.zeros_like(x).index_add_(0, token_of_row, out_rows)  # (N, H)
 
     @staticmethod
@@ -112,18 +116,32 @@ class SwiGLUExperts(torch.autograd.Function):
         grad_rows = grad_out.index_select(0, token_of_row)  # (P, H)
         grad_act = grouped_matmul(grad_rows, down_proj, counts)  # (P, I) before the routing weight
         grad_h, act_w, grad_weights = swiglu_backward(grad_act, h, row_weights)
-        grad_down = _weight_grad(ctx.weight_grads, "down_proj", grad_rows, act_w, counts, need_down)
-        grad_x = grad_gate_up = None
-        if need_x or need_gate_up:
-            if need_gate_up:
-                rows = x.index_select(0, token_of_row)
-                grad_gate_up = _weight_grad(
-                    ctx.weight_grads, "gate_up_proj", grad_h, rows, counts
-                )  # (E, 2I, H)
-            if need_x:
-                grad_rows = grouped_matmul(grad_h, gate_up_proj, counts)  # (P, H)
-                grad_x = torch.zeros_like(x).index_add_(0, token_of_row, grad_rows)  # (N, H)
-        return grad_x, grad_gate_up, grad_down, grad_weights if need_weights else None, None, None, None
+        # the weight gradients' rows: every row, or a padded grid's real ones
+        real, real_counts = ctx.unpadded if ctx.unpadded is not None else (None, counts)
+        tokens = token_of_row if real is None else token_of_row[real]
+        grad_down = _weight_grad(
+            ctx.weight_grads, "down_proj", OuterSegment(grad_rows, act_w, real_counts, real, real),
+            lambda: grouped_outer(grad_rows, act_w, counts), need_down,
+        )  # fmt: skip
+        grad_gate_up = _weight_grad(
+            ctx.weight_grads, "gate_up_proj", OuterSegment(grad_h, x, real_counts, real, tokens),
+            lambda: grouped_outer(grad_h, x.index_select(0, token_of_row), counts), need_gate_up,
+        )  # (E, 2I, H)  # fmt: skip
+        grad_x = None
+        if need_x:
+            grad_rows = grouped_matmul(grad_h, gate_up_proj, counts)  # (P, H)
+            grad_x = torch.zeros_like(x).index_add_(0, token_of_row, grad_rows)  # (N, H)
+        grad_weights = grad_weights if need_weights else None
+        return grad_x, grad_gate_up, grad_down, grad_weights, None, None, None, None
+
+
+def _weight_grad(sink, name: str, segment: OuterSegment, dense, needed: bool):
+    """The gradient of weight `name`, per expert the segment's a rows .T @ b rows (E, M, N): None where
+    it is not needed or the sink took the segment, else `dense()`, the same product from the padded
+    operands as they are."""
+    if not needed or (sink is not None and sink.defer(name, segment)):
+        return None
+    return dense()
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:
@@ -153,16 +171,6 @@ def swiglu_backward(
     torch.mul(grad_act, silu, out=grad_h[:, I:])
     grad_h[:, :I] = torch.ops.aten.silu_backward(grad_act * up, gate)
     return grad_h, act * row_weights[:, None], grad_weights
-
-
-def _weight_grad(
-    sink, name: str, a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor, needed: bool = True
-):
-    """The gradient of weight `name`: a (P, M).T @ b (P, N) per expert, (E, M, N); None where it is
-    not needed or the sink took the product."""
-    if not needed or (sink is not None and sink.defer(name, a, b, counts)):
-        return None
-    return grouped_outer(a, b, counts)
 
 
 def swiglu_experts_few_rows(
@@ -254,16 +262,12 @@ class RoutedExperts(nn.Module):
             # (the casts' backward brings the weights' gradients back to fp32); no-ops otherwise
             dtype = autocast_dtype(x.device.type) or x.dtype
             xc, gate_up, down = x.to(dtype), self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
-            pairs = padded_for_bmm(pairs, xc)
+            padded = padded_for_bmm(pairs, xc)
+            unpadded = None if padded.grid_rows is None else (padded.grid_rows, pairs.counts)
             out = SwiGLUExperts.apply(
-                xc,
-                gate_up,
-                down,
-                pairs.weights.to(dtype),
-                pairs.token_of_row,
-                pairs.counts,
-                self.weight_grads,
-            )
+                xc, gate_up, down, padded.weights.to(dtype), padded.token_of_row, padded.counts, self.weight_grads,
+                unpadded,
+            )  # fmt: skip
             return out.to(x.dtype)
         pairs = padded_for_bmm(pairs, x)
         out_rows = experts_ffn(
@@ -282,6 +286,7 @@ class SortedPairs:
     expert_of_row: torch.Tensor  # (P,) ascending
     weights: torch.Tensor  # (P,) combine weights
     counts: torch.Tensor  # (E,) rows per expert
+    grid_rows: torch.Tensor | None = None  # padded_for_bmm's grid: the row of each real pair, in order
 
 
 def sort_pairs(
@@ -331,7 +336,7 @@ def padded_for_bmm(pairs: SortedPairs, like: torch.Tensor) -> SortedPairs:
 
     expert_of_slot = torch.arange(E, device=counts.device).repeat_interleave(C)
     return SortedPairs(
-        spread(pairs.token_of_row), expert_of_slot, spread(pairs.weights), torch.full_like(counts, C)
+        spread(pairs.token_of_row), expert_of_slot, spread(pairs.weights), torch.full_like(counts, C), slots
     )
 
 

@@ -163,7 +163,8 @@ needs_amx = pytest.mark.skipif(not cpu_kernels.amx(), reason="the weight-gradien
 def test_grouped_outer_into_sums_every_segments_products_in_fp32(threads):
     """Three micro-batches' rows (uneven counts, an expert no micro-batch hits, one hit in a single
     micro-batch, 33 rows: more than one block of 32) into one fp32 gradient: the float64 sum of the
-    per-expert products of the same bf16 rows, written, then accumulated onto."""
+    per-expert products of the same bf16 rows, written, then accumulated onto. The third segment
+    names its rows: a's in a padded grid (padding rows of NaN, never read), b's among 10 token rows."""
     from moray.model.experts import grouped_outer
 
     torch.manual_seed(0)
@@ -174,11 +175,20 @@ def test_grouped_outer_into_sums_every_segments_products_in_fp32(threads):
         torch.tensor([1, 0, 4, 0, 0, 6]),
     ]
     segments = [
-        (torch.randn(int(c.sum()), M).bfloat16(), torch.randn(int(c.sum()), N).bfloat16(), c) for c in counts
+        cpu_kernels.OuterSegment(
+            torch.randn(int(c.sum()), M).bfloat16(), torch.randn(int(c.sum()), N).bfloat16(), c
+        )
+        for c in counts[:2]
     ]
-    want = sum(grouped_outer(a.double(), b.double(), c) for a, b, c in segments)
+    grid = torch.full((E * 8, M), float("nan")).bfloat16()  # 8 slots an expert, the first counts[e] real
+    a_rows = torch.cat([torch.arange(n) + 8 * e for e, n in enumerate(counts[2].tolist())])
+    grid[a_rows] = torch.randn(len(a_rows), M).bfloat16()
+    tokens, b_rows = torch.randn(10, N).bfloat16(), torch.randint(0, 10, (len(a_rows),))
+    segments.append(cpu_kernels.OuterSegment(grid, tokens, counts[2], a_rows, b_rows))
+    dense = [(s.a, s.b, s.counts) for s in segments[:2]] + [(grid[a_rows], tokens[b_rows], counts[2])]
+    want = sum(grouped_outer(a.double(), b.double(), c) for a, b, c in dense)
     out = torch.full((E, M, N), float("nan"))
-    assert cpu_kernels.outer_usable(out, segments[0][0], segments[0][1])
+    assert cpu_kernels.outer_usable(out, segments[0].a, segments[0].b)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -186,11 +196,15 @@ def test_grouped_outer_into_sums_every_segments_products_in_fp32(threads):
         torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
         assert torch.equal(out[1], torch.zeros(M, N))  # no rows: zeros, not what was there
         cpu_kernels.grouped_outer_into(out, segments[:1], accumulate=True)
-        torch.testing.assert_close(out.double(), want + grouped_outer(*[t.double() for t in segments[0][:2]],
-                                   segments[0][2]), rtol=1e-5, atol=1e-5)  # fmt: skip
+        first = grouped_outer(segments[0].a.double(), segments[0].b.double(), counts[0])
+        torch.testing.assert_close(out.double(), want + first, rtol=1e-5, atol=1e-5)
+        with pytest.raises(RuntimeError, match="do not add up"):
+            cpu_kernels.grouped_outer_into(
+                out, [cpu_kernels.OuterSegment(grid, tokens, counts[0], a_rows)], False
+            )
     finally:
         torch.set_num_threads(before)
-    a, b, _ = segments[0]
+    a, b = segments[0].a, segments[0].b
     assert not cpu_kernels.outer_usable(out, a.float(), b.float())  # bf16 rows only
     assert not cpu_kernels.outer_usable(torch.empty(E, 48, N), a[:, :48], b)  # whole blocks of 32 only
 

@@ -54,8 +54,8 @@ class _ExpertGrads:
         self.owner = owner
         self.index = {name: owner.index[id(getattr(module, name))] for name in ("gate_up_proj", "down_proj")}
 
-    def defer(self, name: str, a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> bool:
-        return self.owner.defer(self.index[name], a, b, counts)
+    def defer(self, name: str, segment: cpu_kernels.OuterSegment) -> bool:
+        return self.owner.defer(self.index[name], segment)
 
 
 class WorkingWeights:
@@ -92,7 +92,7 @@ class WorkingWeights:
         self.index = {id(p): i for i, p in enumerate(self.accumulated)}
         for p in self.accumulated:
             p.register_post_accumulate_grad_hook(self._accumulate)
-        self.pending: dict[int, list[tuple]] = {}  # gradient index -> deferred products' (a, b, counts)
+        self.pending: dict[int, list] = {}  # gradient index -> its deferred products' OuterSegments
         working = {id(p) for p in self.params}
         for m in model.modules():
             if isinstance(m, RoutedExperts) and {id(m.gate_up_proj), id(m.down_proj)} <= working:
@@ -132,14 +132,15 @@ class WorkingWeights:
             into.add_(self.staging[: p.numel()].view_as(grad).copy_(grad))
         p.grad = None  # spent: the next micro-batch starts a new one
 
-    def defer(self, i: int, a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> bool:
-        """Take gradient i's product a.T @ b per expert (from the experts' backward), to run with the
-        step's others; False where the kernel cannot (outside a step, no AMX): autograd's then."""
-        if not self.in_step or not cpu_kernels.outer_usable(self.grads[i], a, b):
+    def defer(self, i: int, segment: cpu_kernels.OuterSegment) -> bool:
+        """Take gradient i's product, a.T @ b per expert over the segment's rows (from the experts'
+        backward), to run with the step's others; False where the kernel cannot (outside a step, no
+        AMX): autograd's then."""
+        if not self.in_step or not cpu_kernels.outer_usable(self.grads[i], segment.a, segment.b):
             return False
         pending = self.pending.setdefault(i, [])
-        pending.append((a, b, counts))
-        if sum(t.nbytes for a, b, _ in pending for t in (a, b)) >= self.grads[i].nbytes:
+        pending.append(segment)
+        if sum(s.nbytes for s in pending) >= self.grads[i].nbytes:
             self._fold(i)
         return True
 

@@ -68,10 +68,12 @@ def test_experts_weight_gradients_are_the_fp32_sums_of_every_micro_batchs_produc
     handed: dict[int, list] = {}
     defer = WorkingWeights.defer
 
-    def recording(self, i, a, b, counts):
-        took = defer(self, i, a, b, counts)
-        if took:
-            handed.setdefault(i, []).append((a.double(), b.double(), counts))
+    def recording(self, i, segment):
+        took = defer(self, i, segment)
+        if took:  # the segment's rows as they were handed over
+            a = segment.a if segment.a_rows is None else segment.a[segment.a_rows]
+            b = segment.b if segment.b_rows is None else segment.b[segment.b_rows]
+            handed.setdefault(i, []).append((a.double(), b.double(), segment.counts))
         return took
 
     folds = []
