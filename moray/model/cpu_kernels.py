@@ -522,6 +522,39 @@ std::vector<torch::Tensor> swiglu_backward(torch::Tensor grad_act, torch::Tensor
   return {grad_h, act_w, grad_w.to(w.scalar_type())};
 }
 
+// The experts' combine: out[t] = sum over the rows r of token t of w[r] * rows[r], (N, H) bf16, summed in
+// fp32 and rounded once (index_add_ in bf16 rounds after every row it adds, and the routing weights
+// take a pass of their own). rows (P, H) bf16 contiguous, H a multiple of 16; w (P,) or empty (1s).
+// Each task takes 64 columns of every row, so no two write the same output.
+torch::Tensor combine_rows(torch::Tensor rows, torch::Tensor w, torch::Tensor token, int64_t N) {
+  const int64_t P = rows.size(0), H = rows.size(1);
+  auto out = torch::empty({N, H}, rows.options());
+  auto tk = token.to(torch::kInt64).contiguous();
+  const int64_t* tp = tk.data_ptr<int64_t>();
+  for (int64_t r = 0; r < P; ++r) TORCH_CHECK(tp[r] >= 0 && tp[r] < N, "combine_rows: token ", tp[r], " out of range");
+  auto wf = w.numel() ? w.to(torch::kFloat32).contiguous() : w;
+  const float* wp = w.numel() ? wf.data_ptr<float>() : nullptr;
+  const at::BFloat16* rp = rows.data_ptr<at::BFloat16>();
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  const int64_t CB = 64, blocks = (H + CB - 1) / CB;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc;
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t c0 = b * CB, width = std::min(CB, H - c0);
+      acc.assign(N * width, 0.f);
+      for (int64_t r = 0; r < P; ++r) {
+        const __m512 wv = _mm512_set1_ps(wp ? wp[r] : 1.0f);
+        float* a = acc.data() + tp[r] * width;
+        for (int64_t j = 0; j < width; j += 16)
+          _mm512_storeu_ps(a + j, _mm512_fmadd_ps(wv, bf16_load(rp + r * H + c0 + j), _mm512_loadu_ps(a + j)));
+      }
+      for (int64_t t = 0; t < N; ++t)
+        for (int64_t j = 0; j < width; j += 16) bf16_store(op + t * H + c0 + j, _mm512_loadu_ps(acc.data() + t * width + j));
+    }
+  });
+  return out;
+}
+
 // fp32 -> bf16 as PyTorch rounds (to nearest even; its vectorized NaN, 0xFFFF), 16 at a time.
 static inline __m256i bf16_rounded(__m512 x) {
   const __m512i u = _mm512_castps_si512(x);
@@ -867,6 +900,7 @@ def kernel():
                         "swiglu",
                         "swiglu_backward",
                         "adamw_step_",
+                        "combine_rows",
                     ],
                     # no FMA contraction: `rope` must round as PyTorch's separate products do
                     extra_cflags=[
@@ -1093,6 +1127,20 @@ def swiglu_usable(h: torch.Tensor) -> bool:
     the CPU, I a multiple of 16."""
     ok = h.dtype == torch.bfloat16 and h.dim() == 2 and h.is_contiguous() and h.shape[1] % 32 == 0
     return ok and _runs_here(h)
+
+
+def combine_usable(rows: torch.Tensor) -> bool:
+    """Whether `combine_rows` takes these rows: bf16 (P, H) contiguous on the CPU, H a multiple of 16."""
+    ok = rows.dtype == torch.bfloat16 and rows.dim() == 2 and rows.is_contiguous() and rows.shape[1] % 16 == 0
+    return ok and _runs_here(rows)
+
+
+def combine_rows(
+    rows: torch.Tensor, weights: torch.Tensor | None, token_of_row: torch.Tensor, n: int
+) -> torch.Tensor:
+    """(n, H): each token's rows (rows (P, H), token_of_row (P,)) times their weights (P,) or 1, summed
+    in fp32, rounded to bf16 once."""
+    return kernel().combine_rows(rows, _NO_MASK if weights is None else weights, token_of_row, n)
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:

@@ -104,10 +104,9 @@ class SwiGLUExperts(torch.autograd.Function):
         h = grouped_linear(rows, gate_up_proj, counts)  # (P, 2I)
         act = swiglu(h)  # (P, I)
         out_rows = grouped_linear(act, down_proj, counts)  # (P, H)
-        out_rows *= row_weights[:, None]
         ctx.save_for_backward(x, gate_up_proj, down_proj, row_weights, token_of_row, counts, h)
         ctx.weight_grads, ctx.unpadded = weight_grads, unpadded
-        return torch.zeros_like(x).index_add_(0, token_of_row, out_rows)  # (N, H)
+        return combine(out_rows, row_weights, token_of_row, x)  # (N, H)
 
     @staticmethod
     def backward(ctx, grad_out):  # grad_out (N, H)
@@ -129,8 +128,7 @@ class SwiGLUExperts(torch.autograd.Function):
         )  # (E, 2I, H)  # fmt: skip
         grad_x = None
         if need_x:
-            grad_rows = grouped_matmul(grad_h, gate_up_proj, counts)  # (P, H)
-            grad_x = torch.zeros_like(x).index_add_(0, token_of_row, grad_rows)  # (N, H)
+            grad_x = combine(grouped_matmul(grad_h, gate_up_proj, counts), None, token_of_row, x)  # (N, H)
         grad_weights = grad_weights if need_weights else None
         return grad_x, grad_gate_up, grad_down, grad_weights, None, None, None, None
 
@@ -142,6 +140,15 @@ def _weight_grad(sink, name: str, segment: OuterSegment, dense, needed: bool):
     if not needed or (sink is not None and sink.defer(name, segment)):
         return None
     return dense()
+
+
+def combine(rows: torch.Tensor, weights: torch.Tensor | None, token_of_row: torch.Tensor, like: torch.Tensor):
+    """Each token's rows (P, H), weighted (P,) or not, summed: (N, H) like `like`."""
+    if cpu_kernels.combine_usable(rows) and like.dtype == rows.dtype:
+        return cpu_kernels.combine_rows(rows, weights, token_of_row, like.shape[0])
+    if weights is not None:
+        rows = rows * weights[:, None]
+    return torch.zeros_like(like).index_add_(0, token_of_row, rows)
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:

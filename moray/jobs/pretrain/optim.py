@@ -197,7 +197,8 @@ def total_norm(grads: list[torch.Tensor], group=None) -> float:
 def takes_grad_scale(optimizer) -> bool:
     """Whether `optimizer`'s step divides the gradients by a `grad_scale` on its way through them
     (fused Adam/AdamW: the attribute torch.amp.GradScaler hands it)."""
-    return isinstance(optimizer, torch.optim.Adam) and bool(optimizer.defaults.get("fused"))
+    # the groups' own flags: a loaded state dict brings the saving optimizer's
+    return isinstance(optimizer, torch.optim.Adam) and all(g.get("fused") for g in optimizer.param_groups)
 
 
 def _clip_(params: list[torch.Tensor], max_norm: float, group=None, optimizer=None) -> float:
