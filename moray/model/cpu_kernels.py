@@ -30,7 +30,9 @@ RoPE and RMSNorm (`rope`, `rms_norm`): 14 and a dozen PyTorch ops a call, run 8 
 Training (bf16, the routed experts): `grouped_outer_into`, the stacks' weight gradients of several
 micro-batches at once, accumulated in fp32 on AMX tiles (moray.jobs.pretrain.working_weights defers
 them to the end of the step); `swiglu` / `swiglu_backward`, the activation and its backward in one
-pass each (3 and 8 PyTorch ops).
+pass each (3 and 8 PyTorch ops); `combine_rows`, the weighted sum of each token's rows in fp32 (a
+product and an index_add_ that rounds after every row). And the optimizer: `adamw_step_`, torch's
+fused AdamW update that also writes the bf16 working copies (moray.jobs.pretrain.optim.AdamW).
 
 The kernels are compiled with `torch.utils.cpp_extension.load_inline` the first time they are used
 in a process (about 30-60 s, then cached on disk for every later process). Where that fails (no

@@ -247,3 +247,25 @@ def test_swiglu_kernels_equal_the_fp32_activation_and_its_gradients_to_bf16_roun
     check(results(), ulps=1, per_element=True)
     monkeypatch.setattr(cpu_kernels, "swiglu_usable", lambda h: False)
     check(results(), ulps=4, per_element=False)
+
+
+@needs_kernel
+def test_combine_kernel_sums_each_tokens_weighted_rows_in_fp32_and_rounds_once():
+    """The experts' combine: tokens with several rows, one with none (zeros), widths of partial blocks of
+    64 columns; weighted and not. Within one bf16 rounding of the float64 sum, where index_add_ in
+    bf16 rounds after each row."""
+    from moray.model.experts import combine
+
+    torch.manual_seed(0)
+    P, H, N = 300, 80, 40
+    rows, w = torch.randn(P, H).bfloat16(), torch.rand(P).bfloat16()
+    tokens = torch.randint(1, N, (P,))  # token 0 gets no row
+    like = torch.empty(N, H, dtype=torch.bfloat16)
+    for weights in (w, None):
+        want = torch.zeros(N, H, dtype=torch.float64).index_add_(
+            0, tokens, rows.double() * (1 if weights is None else weights.double()[:, None])
+        )
+        got = combine(rows, weights, tokens, like)
+        assert got.dtype == torch.bfloat16 and torch.equal(got[0], torch.zeros(H, dtype=torch.bfloat16))
+        assert float(((got.double() - want).abs() / want.abs().clamp_min(1e-2)).max()) <= 2**-8
+    assert cpu_kernels.combine_usable(rows) and not cpu_kernels.combine_usable(rows.float())
