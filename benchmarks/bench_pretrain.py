@@ -1,6 +1,7 @@
 """Pre-training throughput of the `small` preset, in one run:
 
-1. Ray's overhead: the training step in one plain PyTorch process against Ray Train with 1 worker;
+1. Ray's overhead: the training step in one process without Ray against Ray Train with 1 worker, both
+   in the config's default precision (`auto`: bf16 on CPUs with AMX or AVX-512 BF16);
    and data-parallel scaling: Ray Train with 2 workers of 1 thread against 1 worker of 2 (target
    0.7x, issue 15).
 2. Parallel layouts on the same 2 cores: one process, dp2 (sharded by FSDP2, and replicated: each
@@ -50,31 +51,31 @@ PEAK = 140e9  # fp32 GEMM on 2 cores (DESIGN.md)
 
 
 def plain_pytorch(data: Path, steps: int, threads: int) -> float:
-    """tokens/s of the same step (same model, batch, optimizer) without Ray."""
+    """tokens/s of the step a Ray Train worker runs (same model, batch, optimizer, and the config's
+    default precision, `auto`: bf16 where the CPU has AMX or AVX-512 BF16) without Ray."""
     import numpy as np
     import pyarrow.parquet as pq
-    import torch.nn.functional as F
 
     from moray.jobs.pretrain.optim import build_optimizer
+    from moray.jobs.pretrain.step import ClipSettings, train_step
+    from moray.jobs.pretrain.working_weights import WorkingWeights
     from moray.model import Transformer, preset
+    from moray.platform.parallel import ParallelLayout
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     rows = pq.read_table(sorted((data / "train").glob("*.parquet"))[0]).column("input_ids").to_pylist()
     seqs = torch.from_numpy(np.array(rows[:GLOBAL_BATCH], dtype=np.int64))
+    micro = [(seqs[m : m + MICRO, :-1], seqs[m : m + MICRO, 1:]) for m in range(0, GLOBAL_BATCH, MICRO)]
+    layout = ParallelLayout(precision="auto")
     model = Transformer(preset("small", vocab_size=512, capacity_factor=1.25))
     opt = build_optimizer(model, "adamw", 3e-4, 0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    working = WorkingWeights.for_layout(model, layout, optimizer=opt)
     times = []
-    for _ in range(steps):
+    for _ in range(steps + 1):
         t0 = time.perf_counter()
-        for m in range(0, GLOBAL_BATCH, MICRO):
-            x, y = seqs[m : m + MICRO, :-1], seqs[m : m + MICRO, 1:]
-            out = model(x)
-            loss = F.cross_entropy(out.logits.flatten(0, 1), y.flatten()) + out.aux_loss
-            (loss * MICRO / GLOBAL_BATCH).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
+        train_step(model, opt, sched, micro, 0.001, ClipSettings(), layout.autocast, working_weights=working)
         times.append(time.perf_counter() - t0)
     return GLOBAL_BATCH * SEQ_LEN / statistics.median(times[1:])
 
@@ -375,6 +376,7 @@ def main(argv: list[str] | None = None) -> list:
     args = p.parse_args(argv if argv is not None else [])
     from moray.model import Transformer, preset
     from moray.model.accounting import account
+    from moray.platform.parallel import ParallelLayout
 
     home = Path(tempfile.mkdtemp(prefix="bench_pretrain_"))
     os.environ["MORAY_HOME"] = str(home)
@@ -408,12 +410,13 @@ def main(argv: list[str] | None = None) -> list:
     ray.shutdown()
 
     tokens = GLOBAL_BATCH * SEQ_LEN
-    print(f"\nsmall preset (vocab 512), seq {SEQ_LEN}, global batch {GLOBAL_BATCH}, fp32, "
+    default = ParallelLayout(precision="auto").precision
+    print(f"\nsmall preset (vocab 512), seq {SEQ_LEN}, global batch {GLOBAL_BATCH}, {default} (the default), "
           f"{flops / 1e9:.2f} GFLOP/token (fwd+bwd), 2 cores")  # fmt: skip
-    print(f"{'setup':<32}{'tokens/s':>10}{'MFU':>7}")
-    for name, tps in [("plain PyTorch, 2 threads", plain), ("Ray Train, 1 worker x 2 threads", ray1),
+    print(f"{'setup':<32}{'tokens/s':>10}{'of ' + default + ' GEMM peak':>20}")
+    for name, tps in [("train_step without Ray", plain), ("Ray Train, 1 worker x 2 threads", ray1),
                       ("Ray Train, 2 workers x 1 thread", ray2)]:  # fmt: skip
-        print(f"{name:<32}{tps:>10.0f}{100 * mfu(tps):>6.1f}%")
+        print(f"{name:<32}{tps:>10.0f}{100 * tps * flops / peaks[default]:>19.1f}%")
     print(f"Ray overhead (1 worker vs plain): {100 * (1 - ray1 / plain):.1f}%")
     print(f"2 bf16 replicas average {4 * params / 1e6:.0f} MB of gradients in "
           + ", ".join(f"{1e3 * s:.0f} ms ({t})" for t, s in means.items()) + "\n")  # fmt: skip
@@ -452,7 +455,7 @@ def main(argv: list[str] | None = None) -> list:
     one, dp2, ep2 = tps["1 process"], tps["dp2 shard"], tps["ep2"]
     return [
         Result(
-            "pretrain: Ray Train 1 worker vs plain PyTorch",
+            "pretrain: Ray Train 1 worker vs train_step without Ray",
             ray1 / plain,
             None,
             f"{ray1:.0f} vs {plain:.0f} tok/s",
