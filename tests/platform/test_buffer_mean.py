@@ -35,7 +35,7 @@ def test_every_rank_gets_the_mean_of_every_buffer(tmp_path, shared_memory):
         for step, mean in enumerate(got["means"]):
             want = torch.arange(NUMEL, dtype=torch.float32) * 2 + step  # ranks scale by 1, 2, 3
             torch.testing.assert_close(mean, want, rtol=0, atol=1e-6, msg=f"rank {rank} step {step}")
-    assert not {f for f in set(os.listdir(SHM_DIR)) - before if f.startswith("moray-buffer-mean-")}
+    assert not {f for f in set(os.listdir(SHM_DIR)) - before if f.startswith("moray-shared-")}
 
 
 @pytest.mark.parametrize("case", ["no-room", "another-machine"])

@@ -108,12 +108,13 @@ def train_func(loop_config: dict) -> None:
         tc.max_steps, tc.warmup_steps, tc.schedule, tc.min_lr_ratio, 0.2, tc.warmup_oscillation
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    working_weights = WorkingWeights.for_layout(
-        model, w.layout, w.dp_group, optimizer
-    )  # bf16: cast once a step
+    # bf16: cast once a step; replicas on one machine split the update unless clipping needs whole gradients
+    whole_gradients = tc.clip_per_layer is not None or tc.clip_per_expert is not None
+    working_weights = WorkingWeights.for_layout(model, w.layout, w.dp_group, optimizer, not whole_gradients)
     gradient_mean = working_weights.mean if working_weights is not None else None
     if gradient_mean is not None and w.rank == 0:
-        log.info("bf16 replicas: gradients averaged through %s", gradient_mean.transport)
+        log.info("bf16 replicas: gradients averaged through %s%s", gradient_mean.transport,
+                 ", the update split between them" if working_weights.shared else "")  # fmt: skip
     controller = None
     if tc.capacity_factor is not None:
         controller = CapacityController(tc.capacity_factor, tc.capacity_target_drop_rate, *tc.capacity_bounds)

@@ -103,12 +103,16 @@ class AdamW(torch.optim.AdamW):
     any later change to a parameter shows as another version. Without copies, or where the kernel
     cannot run (GPU tensors, DTensors, amsgrad or maximize), torch's own step; the state is torch's
     either way (checkpoints interchange). One difference: a clip's `grad_scale` scales the gradients
-    as the kernel reads them, where torch's writes the scaled gradients back."""
+    as the kernel reads them, where torch's writes the scaled gradients back.
+
+    Replicas on one machine split the step between them (`shared_update`, set by the working
+    weights: moray.jobs.pretrain.shared_update): this rank's part of the shared weights."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.copies: dict[torch.Tensor, torch.Tensor] = {}
         self.refreshed: dict[torch.Tensor, tuple[int, int]] = {}
+        self.shared_update = None  # SharedUpdate
 
     def _kernel_takes(self, params: list[torch.Tensor]) -> bool:
         from moray.model import cpu_kernels
@@ -119,6 +123,11 @@ class AdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
+        if self.shared_update is not None:
+            loss = closure() if closure is not None else None
+            self.shared_update.step(getattr(self, "grad_scale", None))
+            self.refreshed = {p: (p._version, p.data_ptr()) for p in self.copies}
+            return loss
         with_grads = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not self.copies or not with_grads or not self._kernel_takes(with_grads):
             self.refreshed.clear()
@@ -197,6 +206,8 @@ def total_norm(grads: list[torch.Tensor], group=None) -> float:
 def takes_grad_scale(optimizer) -> bool:
     """Whether `optimizer`'s step divides the gradients by a `grad_scale` on its way through them
     (fused Adam/AdamW: the attribute torch.amp.GradScaler hands it)."""
+    if getattr(optimizer, "shared_update", None) is not None:
+        return True
     # the groups' own flags: a loaded state dict brings the saving optimizer's
     return isinstance(optimizer, torch.optim.Adam) and all(g.get("fused") for g in optimizer.param_groups)
 
@@ -206,9 +217,10 @@ def _clip_(params: list[torch.Tensor], max_norm: float, group=None, optimizer=No
     that `takes_grad_scale`, leaves the scaling to its next step (one pass over the gradients fewer:
     20 of a bf16 step's 570 ms on the small preset). Returns the norm before clipping."""
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads and group is None:
+    shared = getattr(optimizer, "shared_update", None)  # the gradient's parts are on their ranks
+    if not grads and group is None and shared is None:
         return 0.0
-    norm = total_norm(grads, group)
+    norm = shared.grad_norm() if shared is not None else total_norm(grads, group)
     clipped = norm > max_norm
     if optimizer is not None:
         device = grads[0].device if grads else "cpu"
@@ -227,6 +239,11 @@ def clip_gradients(model: nn.Module, per_layer: float | None, per_expert: float 
     by `optimizer`'s next step where it `takes_grad_scale`). Returns the global grad norm before
     clipping and the clip counts."""
     stats = {"experts_clipped": 0, "layers_clipped": 0}
+    if getattr(optimizer, "shared_update", None) is not None and (per_layer, per_expert) != (None, None):
+        raise ValueError(
+            "clipping per layer or per expert needs every rank to hold the whole mean gradient: "
+            "build the working weights with shard_optimizer=False"
+        )
     if per_expert is not None:
         for module in model.modules():
             if hasattr(module, "gate_up_proj") and isinstance(

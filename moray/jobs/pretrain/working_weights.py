@@ -35,13 +35,18 @@ accumulates into one flat fp32 buffer, averaged over the group at the end of the
 (`BufferMean`: through shared memory when the ranks share this machine). Under DDP and autocast two
 ranks in bf16 were slower than in fp32 (682 against 968 tokens/s on a 2-core Xeon); with the
 working weights they reach 888-893 against DDP's 649-673 (an alternating A/B on that machine).
+Where the buffer is in shared memory and the optimizer is moray's AdamW, the replicas also share
+one copy of the weights, AdamW's moments and the working copies, and each updates its part of them
+(shared_update.py: ZeRO-1 without the gathers): each rank then sums only its part of the gradients.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from moray.jobs.pretrain.shared_update import SharedUpdate
 from moray.model import cpu_kernels
 from moray.model.experts import RoutedExperts
 from moray.platform.buffer_mean import BufferMean
@@ -59,7 +64,8 @@ class _ExpertGrads:
 
 
 class WorkingWeights:
-    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16, group=None, optimizer=None):
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16, group=None, optimizer=None,
+                 shard_optimizer: bool = True):  # fmt: skip
         matmul = [m for m in model.modules() if isinstance(m, nn.Linear | RoutedExperts)]
         # a weight also used elsewhere (an output head tied to the embedding) stays fp32
         elsewhere = {id(p) for m in model.modules() if m not in matmul for p in m.parameters(recurse=False)}
@@ -68,17 +74,26 @@ class WorkingWeights:
             for p in module.parameters(recurse=False):
                 if p.requires_grad and p.dim() >= 2 and type(p) is nn.Parameter and id(p) not in elsewhere:
                     self.params.append(p)
-        self.working = [torch.empty_like(p, dtype=dtype) for p in self.params]
         # an optimizer that refreshes the copies in its step (optim.AdamW) spares __enter__ the cast
         self.optimizer = optimizer if hasattr(optimizer, "copies") and dtype == torch.bfloat16 else None
-        if self.optimizer is not None:
-            self.optimizer.copies.update(zip(self.params, self.working))
         # the parameters whose gradients accumulate here: the working weights', and, replicated over
         # a group, every parameter's (the group averages one flat buffer)
         self.accumulated = [p for p in model.parameters() if p.requires_grad] if group else list(self.params)
         numel = sum(p.numel() for p in self.accumulated)
         device = self.params[0].device if self.params else "cpu"
         self.mean = BufferMean(numel, group, device=device) if group is not None else None
+        # replicas on this machine: one copy of the weights, moments and working copies, each rank
+        # updating its part (shared_update.py); else every rank averages and updates everything
+        self.shared = None
+        if shard_optimizer and self.mean is not None and self.optimizer is not None:
+            self.shared = SharedUpdate.create(self.accumulated, self.params, self.mean, self.optimizer)
+            self.optimizer.shared_update = self.shared
+        if self.shared is not None:
+            self.working = [self.shared.copies[p] for p in self.params]
+        else:
+            self.working = [torch.empty_like(p, dtype=dtype) for p in self.params]
+        if self.optimizer is not None:
+            self.optimizer.copies.update(zip(self.params, self.working))
         flat = self.mean.buffer if self.mean is not None else torch.empty(numel, device=device)  # fp32
         self.grads = [g.view_as(p) for g, p in zip(flat.split([p.numel() for p in self.accumulated]),
                                                       self.accumulated)]  # fmt: skip
@@ -99,12 +114,14 @@ class WorkingWeights:
                 m.weight_grads = _ExpertGrads(self, m)
 
     @classmethod
-    def for_layout(cls, model: nn.Module, layout, group=None, optimizer=None) -> WorkingWeights | None:
+    def for_layout(cls, model: nn.Module, layout, group=None, optimizer=None,
+                   shard_optimizer: bool = True) -> WorkingWeights | None:  # fmt: skip
         """Working copies where they apply (`layout.working_weights`): bf16 compute on one process's
         plain parameters, or on the CPU's replicas, whose gradients are averaged over `group`."""
         if not layout.working_weights:
             return None
-        return cls(model, layout.compute_dtype, group if layout.world_size > 1 else None, optimizer)
+        return cls(model, layout.compute_dtype, group if layout.world_size > 1 else None, optimizer,
+                   shard_optimizer)  # fmt: skip
 
     def __enter__(self) -> WorkingWeights:
         self.masters = [p.data for p in self.params]
@@ -112,8 +129,13 @@ class WorkingWeights:
         with torch.no_grad():
             for p, w in zip(self.params, self.working):
                 if refreshed.get(p) != (p._version, p.data_ptr()):  # changed since the optimizer's copy
-                    w.copy_(p.data)
+                    if self.shared is None:
+                        w.copy_(p.data)
+                    elif (part := self.shared.mine(p)) is not None:  # the other ranks cast theirs
+                        w.reshape(-1)[part].copy_(p.data.reshape(-1)[part])
                 p.data = w
+        if self.shared is not None:
+            dist.barrier(group=self.mean.group)  # every rank's part cast
         self.fresh = [True] * len(self.accumulated)
         self.in_step = True
         return self
@@ -162,7 +184,10 @@ class WorkingWeights:
             for i in range(len(self.accumulated)):
                 if self.fresh[i]:  # no gradient on this rank: it adds 0 to the mean
                     self.grads[i].zero_()
-            self.mean.mean_()
+            if self.shared is not None:  # each rank its part (of the sum: the optimizer divides)
+                self.shared.reduce_gradients()
+            else:
+                self.mean.mean_()
             self.fresh = [False] * len(self.accumulated)  # every parameter takes part, as under DDP
         for i, p in enumerate(self.accumulated):
             p.grad = None if self.fresh[i] else self.grads[i]

@@ -2,9 +2,12 @@
 replicated over data-parallel ranks, the same steps as one process on the whole batch."""
 
 import contextlib
+import copy
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from moray.jobs.pretrain.optim import build_optimizer
 from moray.jobs.pretrain.step import ClipSettings, train_step
@@ -132,36 +135,61 @@ def test_a_head_tied_to_the_embedding_stays_fp32_and_layouts_that_shard_take_non
 
 
 # ---- replicated over data-parallel ranks: the working weights average the gradients ------------
-def _steps(rank: int, world: int, dtype: torch.dtype, shared_memory: bool = True, steps: int = 3) -> dict:
-    """`steps` steps of the tiny model on a batch of 4 x 16 (two global micro-batches of 2); with
-    world 2 each rank takes one sequence of each, replicated (bf16 layout: no DDP), working copies
-    in `dtype` averaging the gradients over the ranks."""
-    import torch.distributed as dist
-
+def _replica(world: int, dtype: torch.dtype, shard_optimizer: bool, seed: int = 0):
     from moray.jobs.pretrain.parallel import parallelize
-    from moray.jobs.pretrain.step import reduce_stats
-    from moray.platform import buffer_mean
 
     layout = ParallelLayout(dp=world, dp_mode="replicate", precision="bf16")
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = parallelize(Transformer(preset("tiny", capacity_factor=1.25)), layout, layout.build_mesh())
+    opt = build_optimizer(model, "adamw", 1e-3, 0.1)
     group = dist.group.WORLD if world > 1 else None
+    ww = WorkingWeights(model, dtype, group, optimizer=opt, shard_optimizer=shard_optimizer)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return model, opt, ww, sched
+
+
+def _steps(rank: int, world: int, dtype: torch.dtype, shared_memory: bool = True, steps: int = 3,
+           shard_optimizer: bool = True, resume_after: int | None = None, checkpoint: str = "",
+           load: str = "dcp") -> dict:  # fmt: skip
+    """`steps` steps of the tiny model on a batch of 4 x 16 (two global micro-batches of 2); with
+    world 2 each rank takes one sequence of each, replicated (bf16 layout: no DDP), working copies
+    in `dtype` averaging the gradients over the ranks. With `resume_after`, the run is saved after
+    that many steps and goes on in a new model and optimizer loaded from it: through a distributed
+    checkpoint in `checkpoint` (load "dcp": in place), or copies of their state dicts ("state_dict":
+    the optimizer's load puts the copies in its state)."""
+    from moray.jobs.pretrain import checkpoint as ckpt
+    from moray.jobs.pretrain.step import reduce_stats
+    from moray.platform import buffer_mean
+    from moray.platform.storage import Storage
+
     if not shared_memory:
         buffer_mean.SHM_DIR = "/no-such-dir"
-    opt = build_optimizer(model, "adamw", 1e-3, 0.1)
-    ww = WorkingWeights(model, dtype, group, optimizer=opt)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    group = dist.group.WORLD if world > 1 else None
+    model, opt, ww, sched = _replica(world, dtype, shard_optimizer)
     seqs = torch.randint(3, 512, (4, 17), generator=torch.Generator().manual_seed(1))
     per = 2 // world
     micro = [(seqs[m + rank * per : m + (rank + 1) * per, :-1], seqs[m + rank * per : m + (rank + 1) * per, 1:])
              for m in (0, 2)]  # fmt: skip
-    autocast = layout.autocast if dtype == torch.bfloat16 else contextlib.nullcontext
+    autocast = (
+        ParallelLayout(precision="bf16").autocast if dtype == torch.bfloat16 else contextlib.nullcontext
+    )
     losses = []
-    for _ in range(steps):
+    for step in range(steps):
+        if step == resume_after and load == "dcp":
+            ckpt.save(Path(checkpoint), model, opt, {}, rank, world, group)
+            model, opt, ww, sched = _replica(world, dtype, shard_optimizer, seed=1)  # other weights
+            ckpt.load(Storage(checkpoint), checkpoint, model, opt, group)
+        elif step == resume_after:
+            saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
+            model, opt, ww, sched = _replica(world, dtype, shard_optimizer, seed=1)
+            model.load_state_dict(saved[0])
+            opt.load_state_dict(saved[1])
         stats = train_step(model, opt, sched, micro, 0.01, ClipSettings(), autocast, working_weights=ww)
         losses.append(reduce_stats(stats, world, group).losses["loss"])
-    return {"losses": losses, "weights": model.state_dict(),
-            "transport": ww.mean.transport if ww.mean else None}  # fmt: skip
+    moments = {f"{name}.{key}": opt.state[p][key].clone() for name, p in model.named_parameters()
+               for key in ("exp_avg", "exp_avg_sq")}  # fmt: skip
+    return {"losses": losses, "weights": model.state_dict(), "moments": moments,
+            "transport": ww.mean.transport if ww.mean else None, "shared": ww.shared is not None}  # fmt: skip
 
 
 @pytest.mark.parametrize("shared_memory", [True, False], ids=["shared-memory", "all-reduce"])
@@ -181,3 +209,36 @@ def test_bf16_replicas_train_like_one_process_in_bf16(tmp_path):
     for got in run_ranks(_steps, 2, tmp_path, torch.bfloat16):
         assert got["losses"] == pytest.approx(want["losses"], rel=2e-3)
         assert all(w.dtype == torch.float32 for w in got["weights"].values() if w.is_floating_point())
+
+
+def test_bf16_replicas_that_share_the_update_take_the_same_steps_as_replicas_that_each_take_all_of_it(
+    tmp_path,
+):
+    """Each of 2 ranks updating its half of the shared weights, moments and copies: the same losses,
+    weights and AdamW state as every rank averaging and updating everything (to float rounding: the
+    gradient norm is summed in another order), on both ranks."""
+    want = run_ranks(_steps, 2, tmp_path / "whole", torch.bfloat16, True, 3, False)
+    got = run_ranks(_steps, 2, tmp_path / "split", torch.bfloat16, True, 3, True)
+    for rank in range(2):
+        assert (want[rank]["shared"], got[rank]["shared"]) == (False, True)
+        assert got[rank]["losses"] == pytest.approx(want[rank]["losses"], rel=1e-6)
+        for kind in ("weights", "moments"):
+            for key, w in want[rank][kind].items():
+                torch.testing.assert_close(got[rank][kind][key], w, rtol=1e-5, atol=1e-8, msg=key)
+                assert torch.equal(got[rank][kind][key], got[1 - rank][kind][key]), key
+
+
+@pytest.mark.parametrize("load", ["dcp", "state_dict"])
+def test_bf16_replicas_that_share_the_update_resume_from_a_checkpoint_exactly(tmp_path, load):
+    """Saved after 2 steps, loaded into another model and optimizer (in place, or replacing the
+    optimizer's state, which the shared update takes back into shared memory): the third step as in
+    the run that never stopped."""
+    want = run_ranks(_steps, 2, tmp_path / "straight", torch.bfloat16, True, 3, True)
+    got = run_ranks(
+        _steps, 2, tmp_path / "resumed", torch.bfloat16, True, 3, True, 2, str(tmp_path / "ckpt"), load
+    )
+    for rank in range(2):
+        assert got[rank]["losses"] == want[rank]["losses"]
+        for kind in ("weights", "moments"):
+            for key, w in want[rank][kind].items():
+                assert torch.equal(got[rank][kind][key], w), key
