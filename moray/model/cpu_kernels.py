@@ -284,7 +284,7 @@ void grouped_outer_into(torch::Tensor out, std::vector<torch::Tensor> as, std::v
   TORCH_CHECK(M % 32 == 0 && N % 32 == 0, "grouped_outer_into: M and N must be multiples of 32");
   std::vector<const uint16_t*> ap(S), bp(S);
   std::vector<const int64_t*> ai(S), bi(S);
-  std::vector<std::vector<int64_t>> first(S, std::vector<int64_t>(E + 1, 0));  // each expert's first row
+  std::vector<std::vector<int64_t>> row_start(S, std::vector<int64_t>(E + 1, 0));  // each expert's first row
   for (int64_t s = 0; s < S; ++s) {
     TORCH_CHECK(as[s].size(1) == M && bs[s].size(1) == N && counts[s].numel() == E,
                 "grouped_outer_into: segment ", s, " does not match the output");
@@ -292,8 +292,8 @@ void grouped_outer_into(torch::Tensor out, std::vector<torch::Tensor> as, std::v
     bp[s] = reinterpret_cast<const uint16_t*>(bs[s].data_ptr<at::BFloat16>());
     auto c = counts[s].to(torch::kInt64);
     const int64_t* cp = c.data_ptr<int64_t>();
-    for (int64_t e = 0; e < E; ++e) first[s][e + 1] = first[s][e] + cp[e];
-    const int64_t rows = first[s][E];
+    for (int64_t e = 0; e < E; ++e) row_start[s][e + 1] = row_start[s][e] + cp[e];
+    const int64_t rows = row_start[s][E];
     ai[s] = a_rows[s].numel() ? a_rows[s].data_ptr<int64_t>() : nullptr;
     bi[s] = b_rows[s].numel() ? b_rows[s].data_ptr<int64_t>() : nullptr;
     TORCH_CHECK((ai[s] ? a_rows[s].numel() : as[s].size(0)) == rows &&
@@ -316,7 +316,7 @@ void grouped_outer_into(torch::Tensor out, std::vector<torch::Tensor> as, std::v
       const int64_t e = t / blocks, m_begin = (t % blocks) * MB, rows = std::min(M, m_begin + MB) - m_begin;
       float* o = outp + e * M * N + m_begin * N;
       int64_t K = 0;
-      for (int64_t s = 0; s < S; ++s) K += first[s][e + 1] - first[s][e];
+      for (int64_t s = 0; s < S; ++s) K += row_start[s][e + 1] - row_start[s][e];
       if (K == 0) {
         if (!accumulate) std::fill(o, o + rows * N, 0.f);
         continue;
@@ -325,7 +325,7 @@ void grouped_outer_into(torch::Tensor out, std::vector<torch::Tensor> as, std::v
       arows.clear();
       brows.clear();
       for (int64_t s = 0; s < S; ++s)
-        for (int64_t r = first[s][e]; r < first[s][e + 1]; ++r) {
+        for (int64_t r = row_start[s][e]; r < row_start[s][e + 1]; ++r) {
           arows.push_back(ap[s] + (ai[s] ? ai[s][r] : r) * M + m_begin);
           brows.push_back(bp[s] + (bi[s] ? bi[s][r] : r) * N);
         }
@@ -463,8 +463,8 @@ static inline __m512 bf16x16(const uint16_t* x, __mmask16 m) {  // the first pop
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, x)), 16));
 }
 
-static inline __m512 bf16_load(const at::BFloat16* x) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)x)), 16));
+static inline __m512 bf16_load(const at::BFloat16* x) {  // 16 of them
+  return bf16x16(reinterpret_cast<const uint16_t*>(x), 0xFFFF);
 }
 static inline void bf16_store(at::BFloat16* y, __m512 v) { _mm256_storeu_si256((__m256i*)y, (__m256i)_mm512_cvtneps_pbh(v)); }
 static inline __m512 sigmoid16(__m512 x) {

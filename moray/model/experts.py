@@ -115,9 +115,9 @@ class SwiGLUExperts(torch.autograd.Function):
         grad_rows = grad_out.index_select(0, token_of_row)  # (P, H)
         grad_act = grouped_matmul(grad_rows, down_proj, counts)  # (P, I) before the routing weight
         grad_h, act_w, grad_weights = swiglu_backward(grad_act, h, row_weights)
-        # the weight gradients' rows: every row, or a padded grid's real ones
+        # the weight gradients' rows: every row, or a padded grid's real ones (for a sink only)
         real, real_counts = ctx.unpadded if ctx.unpadded is not None else (None, counts)
-        tokens = token_of_row if real is None else token_of_row[real]
+        tokens = token_of_row if real is None or ctx.weight_grads is None else token_of_row[real]
         grad_down = _weight_grad(
             ctx.weight_grads, "down_proj", OuterSegment(grad_rows, act_w, real_counts, real, real),
             lambda: grouped_outer(grad_rows, act_w, counts), need_down,
