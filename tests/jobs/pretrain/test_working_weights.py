@@ -242,3 +242,17 @@ def test_bf16_replicas_that_share_the_update_resume_from_a_checkpoint_exactly(tm
         for kind in ("weights", "moments"):
             for key, w in want[rank][kind].items():
                 assert torch.equal(got[rank][kind][key], w), key
+
+
+def _clip_per_layer(rank: int, world: int) -> str:
+    from moray.jobs.pretrain.optim import clip_gradients
+
+    model, opt, ww, _ = _replica(world, torch.bfloat16, True)
+    with pytest.raises(ValueError) as refused:
+        clip_gradients(model, 1.0, None, 1.0, optimizer=opt)
+    return str(refused.value)
+
+
+def test_clipping_per_layer_is_refused_where_each_rank_holds_only_its_part_of_the_mean(tmp_path):
+    for message in run_ranks(_clip_per_layer, 2, tmp_path):
+        assert "shard_optimizer=False" in message
