@@ -21,9 +21,9 @@ What else sees the state sees torch's: each parameter is a view of the shared we
 AdamW state (`exp_avg`, `exp_avg_sq`) views of the shared moments, complete on every rank after the
 step's barrier, so checkpoints save and load as before. A load that replaces a state tensor (or a
 parameter's storage) is taken back into shared memory at the next step, each rank copying its part.
-Outside this rank's part, a parameter's `.grad` holds this rank's own gradient, not the mean:
-clipping per layer or per expert, which needs whole gradients, is refused (keep those on the full
-mean: WorkingWeights(shard_optimizer=False)).
+A parameter's `.grad` is the mean nowhere: within this rank's part it holds the sum over the ranks,
+outside it this rank's own gradient. Clipping per layer or per expert, which needs whole mean
+gradients, is refused (keep those on the full mean: WorkingWeights(shard_optimizer=False)).
 """
 
 from __future__ import annotations
@@ -42,26 +42,33 @@ class SharedUpdate:
     """`params`: the parameters whose gradients `mean` holds, in its order; `copied`: those with
     bf16 working copies (`copies`, in their order). Build with `create`."""
 
+    # elements: every shared tensor starts on a 64-byte boundary, as an allocator's would (packed
+    # end to end, a scalar parameter would shift the later ones off the 16-byte alignment that
+    # F.grouped_mm's CPU kernel takes, moray.model.experts._has_grouped_mm)
+    ALIGN = 32
+
     def __init__(self, params: list[nn.Parameter], copied: list[nn.Parameter], mean: BufferMean,
                  optimizer, weights: torch.Tensor, moments: torch.Tensor, copies: torch.Tensor):  # fmt: skip
         self.mean, self.optimizer, self.group = mean, optimizer, mean.group
         self.lo, self.hi = mean.bounds[mean.rank], mean.bounds[mean.rank + 1]  # this rank's elements
-        offsets = list(itertools.accumulate((p.numel() for p in params), initial=0))
-        self.start = {p: a for p, a in zip(params, offsets)}  # a parameter's first element in the flat layout
-        self.weights = {p: weights[a : a + p.numel()].view_as(p) for p, a in self.start.items()}
-        self.exp_avg = {p: moments[0, a : a + p.numel()].view_as(p) for p, a in self.start.items()}
-        self.exp_avg_sq = {p: moments[1, a : a + p.numel()].view_as(p) for p, a in self.start.items()}
-        ends = itertools.accumulate((p.numel() for p in copied), initial=0)
-        self.copies = {p: copies[c : c + p.numel()].view_as(p) for p, c in zip(copied, ends)}
+        # a parameter's first element in the gradients' flat layout (this rank's part is [lo, hi))
+        self.start = dict(zip(params, itertools.accumulate((p.numel() for p in params), initial=0)))
+        owned = _owned(optimizer, params)  # the ones the optimizer updates: weights and moments shared
+        at, _ = _aligned_offsets(owned, self.ALIGN)
+        self.weights = {p: weights[at[p] : at[p] + p.numel()].view_as(p) for p in owned}
+        self.exp_avg = {p: moments[0, at[p] : at[p] + p.numel()].view_as(p) for p in owned}
+        self.exp_avg_sq = {p: moments[1, at[p] : at[p] + p.numel()].view_as(p) for p in owned}
+        at, _ = _aligned_offsets(copied, self.ALIGN)
+        self.copies = {p: copies[at[p] : at[p] + p.numel()].view_as(p) for p in copied}
         with torch.no_grad():
             if mean.rank == 0:  # rank 0's weights (and any state) for every replica, as DDP broadcasts them
-                for p in params:
+                for p in owned:
                     self.weights[p].copy_(p.data)
                     for key, shared in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
                         if key in optimizer.state.get(p, {}):
                             shared[p].copy_(optimizer.state[p][key])
             dist.barrier(group=self.group)
-            for p in params:
+            for p in owned:
                 p.data = self.weights[p]
                 state = optimizer.state[p]  # AdamW's, as torch initializes it, on the shared moments
                 state.setdefault("step", torch.tensor(0.0))
@@ -70,19 +77,19 @@ class SharedUpdate:
     @classmethod
     def create(cls, params: list[nn.Parameter], copied: list[nn.Parameter], mean: BufferMean,
                optimizer) -> SharedUpdate | None:  # fmt: skip
-        """The shared update, or None where it cannot run: gradients not in shared memory, an
-        optimizer other than moray's AdamW in its plain form, no AdamW kernel, /dev/shm too small
-        (every rank comes to the same answer)."""
-        plain = all(not (g["amsgrad"] or g["maximize"] or g["capturable"] or g["differentiable"])
-                    for g in getattr(optimizer, "param_groups", []))  # fmt: skip
-        if mean.slots is None or not hasattr(optimizer, "shared_update") or not plain or not params:
+        """The shared update, or None on every rank where it cannot run on one: gradients not in
+        shared memory, an optimizer other than moray's AdamW in its plain form, no AdamW kernel,
+        /dev/shm too small. A collective."""
+        ok = mean.slots is not None and hasattr(optimizer, "shared_update") and _plain(optimizer)
+        ok = ok and bool(params) and cpu_kernels.adamw_usable(*params)
+        agreed = torch.tensor([int(ok)])  # (one rank's kernel build can fail)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=mean.group)
+        if not agreed:
             return None
-        if not cpu_kernels.adamw_usable(*params):
-            return None
-        numel = sum(p.numel() for p in params)
+        _, numel = _aligned_offsets(_owned(optimizer, params), cls.ALIGN)
         weights = shared_tensor((numel,), torch.float32, mean.group)
         moments = shared_tensor((2, numel), torch.float32, mean.group) if weights is not None else None
-        n_copies = sum(p.numel() for p in copied)
+        _, n_copies = _aligned_offsets(copied, cls.ALIGN)
         copies = shared_tensor((n_copies,), torch.bfloat16, mean.group) if moments is not None else None
         if copies is None:
             return None
@@ -95,7 +102,9 @@ class SharedUpdate:
         return slice(lo - a, hi - a) if lo < hi else None
 
     def reduce_gradients(self) -> None:
-        """This rank's part of the gradients, summed over the ranks (after the backward)."""
+        """This rank's part of the gradients, summed over the ranks (after the backward). The other
+        ranks read this rank's buffer until they have summed their parts: no rank writes its buffer
+        again before the step's closing barrier and the next step's opening one (WorkingWeights)."""
         self.mean.sum_part_()
 
     def grad_norm(self) -> float:
@@ -109,13 +118,17 @@ class SharedUpdate:
     def step(self, grad_scale: float | None) -> None:
         """AdamW on this rank's part; then every rank's part is done (a barrier)."""
         opt = self.optimizer
+        if not _plain(opt):
+            raise ValueError("the shared update runs plain AdamW: a loaded state dict turned on amsgrad, "
+                             "maximize, capturable or differentiable")  # fmt: skip
         scale = self.mean.world * (1.0 if grad_scale is None else float(grad_scale))
         for group in opt.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, copies, steps = [], [], [], [], [], []
             for p in group["params"]:
-                if p not in self.start:
+                if p not in self.weights:
                     continue
                 state = opt.state[p]
+                state.setdefault("step", torch.tensor(0.0))  # (a loaded state dict may lack it)
                 state["step"] += 1
                 part = self.mine(p)
                 self._take_back(p, state, part)
@@ -133,13 +146,40 @@ class SharedUpdate:
 
     def _take_back(self, p: nn.Parameter, state: dict, part: slice | None) -> None:
         """A parameter or state tensor a load replaced (every rank loaded the same): this rank's
-        part of it into shared memory (the others copy theirs), and the shared view back in its place."""
+        part of it into shared memory (the others copy theirs), and the shared view back in its
+        place; a moment the load lacked starts at zero, as torch's would."""
         for key, shared in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
-            if state[key].data_ptr() != shared[p].data_ptr():
+            if key not in state or state[key].data_ptr() != shared[p].data_ptr():
                 if part is not None:
-                    shared[p].reshape(-1)[part].copy_(state[key].reshape(-1)[part])
+                    mine = shared[p].reshape(-1)[part]
+                    if key in state:
+                        mine.copy_(state[key].reshape(-1)[part])
+                    else:
+                        mine.zero_()
                 state[key] = shared[p]
         if p.data.data_ptr() != self.weights[p].data_ptr():
             if part is not None:
                 self.weights[p].reshape(-1)[part].copy_(p.data.reshape(-1)[part])
             p.data = self.weights[p]
+
+
+def _plain(optimizer) -> bool:
+    """AdamW without the options the kernel does not run."""
+    return all(not (g["amsgrad"] or g["maximize"] or g["capturable"] or g["differentiable"])
+               for g in getattr(optimizer, "param_groups", []))  # fmt: skip
+
+
+def _owned(optimizer, params: list[nn.Parameter]) -> list[nn.Parameter]:
+    """Those of `params` in one of the optimizer's groups, in their order."""
+    ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    return [p for p in params if id(p) in ids]
+
+
+def _aligned_offsets(params: list[nn.Parameter], align: int) -> tuple[dict, int]:
+    """Each parameter's first element in a flat buffer where every one starts at a multiple of
+    `align`, and the buffer's size."""
+    offsets, at = {}, 0
+    for p in params:
+        offsets[p] = at
+        at += -(-p.numel() // align) * align
+    return offsets, at
