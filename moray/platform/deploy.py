@@ -105,7 +105,8 @@ def _pod_template(target: Target, role: str, shape: PodShape) -> dict:
     """A Ray pod: the image, MLflow and storage settings and moray's RAY_ENVIRONMENT in its
     environment, requests equal to limits (Ray reads its resources from them), the ports Ray and
     Serve listen on, and a memory-backed /dev/shm (a container's is 64 MB): Ray's object store
-    lives there, and so does the gradient mean of bf16 replicas that share a pod (buffer_mean.py)."""
+    lives there, and so do the gradients of bf16 replicas that share a pod (buffer_mean.py) and
+    their one copy of the weights and optimizer state (moray/jobs/pretrain/shared_update.py)."""
     from kubernetes import client
 
     env = [client.V1EnvVar(name="MLFLOW_TRACKING_URI", value=target.mlflow_uri)]
