@@ -117,9 +117,12 @@ class AdamW(torch.optim.AdamW):
     def _kernel_takes(self, params: list[torch.Tensor]) -> bool:
         from moray.model import cpu_kernels
 
-        plain = all(not (g["amsgrad"] or g["maximize"] or g["capturable"] or g["differentiable"])
-                    for g in self.param_groups)  # fmt: skip
-        return plain and cpu_kernels.adamw_usable(*params, *(p.grad for p in params))
+        return self.plain() and cpu_kernels.adamw_usable(*params, *(p.grad for p in params))
+
+    def plain(self) -> bool:
+        """Without the options the kernel does not run (a loaded state dict may bring them)."""
+        return all(not (g["amsgrad"] or g["maximize"] or g["capturable"] or g["differentiable"])
+                   for g in self.param_groups)  # fmt: skip
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -80,7 +80,7 @@ class SharedUpdate:
         """The shared update, or None on every rank where it cannot run on one: gradients not in
         shared memory, an optimizer other than moray's AdamW in its plain form, no AdamW kernel,
         /dev/shm too small. A collective."""
-        ok = mean.slots is not None and hasattr(optimizer, "shared_update") and _plain(optimizer)
+        ok = mean.slots is not None and hasattr(optimizer, "shared_update") and optimizer.plain()
         ok = ok and bool(params) and cpu_kernels.adamw_usable(*params)
         agreed = torch.tensor([int(ok)])  # (one rank's kernel build can fail)
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=mean.group)
@@ -118,7 +118,7 @@ class SharedUpdate:
     def step(self, grad_scale: float | None) -> None:
         """AdamW on this rank's part; then every rank's part is done (a barrier)."""
         opt = self.optimizer
-        if not _plain(opt):
+        if not opt.plain():
             raise ValueError("the shared update runs plain AdamW: a loaded state dict turned on amsgrad, "
                              "maximize, capturable or differentiable")  # fmt: skip
         scale = self.mean.world * (1.0 if grad_scale is None else float(grad_scale))
@@ -161,12 +161,6 @@ class SharedUpdate:
             if part is not None:
                 self.weights[p].reshape(-1)[part].copy_(p.data.reshape(-1)[part])
             p.data = self.weights[p]
-
-
-def _plain(optimizer) -> bool:
-    """AdamW without the options the kernel does not run."""
-    return all(not (g["amsgrad"] or g["maximize"] or g["capturable"] or g["differentiable"])
-               for g in getattr(optimizer, "param_groups", []))  # fmt: skip
 
 
 def _owned(optimizer, params: list[nn.Parameter]) -> list[nn.Parameter]:
