@@ -26,6 +26,8 @@ shuffle tree for their sums), an fp32 softmax, the values, W_UV in fp32. 100 us 
 (142 without AMX) against 570-600.
 
 RoPE and RMSNorm (`rope`, `rms_norm`): 14 and a dozen PyTorch ops a call, run 8 and 13 times a step.
+In training, RMSNorm with its fp32 weight (`rms_norm_train` and its backward): one pass each way
+where PyTorch runs 6 ops forward and a dozen backward (moray.model.norm.RMSNorm).
 
 Training (bf16, the routed experts): `grouped_outer_into`, the stacks' weight gradients of several
 micro-batches at once, accumulated in fp32 on AMX tiles (moray.jobs.pretrain.working_weights defers
@@ -557,6 +559,94 @@ torch::Tensor combine_rows(torch::Tensor rows, torch::Tensor w, torch::Tensor to
   return out;
 }
 
+// RMSNorm in training, with an fp32 weight, as moray.model.norm.RMSNorm's PyTorch forms compute it:
+// r = rsqrt(mean(x^2) + eps) in fp32, y = x * r rounded to x's dtype, out = w * y in fp32. PyTorch
+// runs it as 6 ops forward and a dozen backward, each a pass over the rows (1.7 of the 2.2 ms a norm
+// takes forward and backward on the small preset's 512 x 512 activations, 18 norms a step).
+// x (N, D) fp32 or bf16 contiguous, D a multiple of 16; w (D,) fp32. Returns out (N, D) fp32, r (N,).
+static inline __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
+static inline __m512 load16(const at::BFloat16* x) { return bf16_load(x); }
+static inline __m512 round_to(const float*, __m512 v) { return v; }
+static inline __m512 round_to(const at::BFloat16*, __m512 v) {  // v through bf16 and back
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+static inline void store16(float* y, __m512 v) { _mm512_storeu_ps(y, v); }
+static inline void store16(at::BFloat16* y, __m512 v) { bf16_store(y, v); }
+
+template <typename T>
+static void rms_norm_rows(const T* xp, const float* wp, float* op, float* rp, int64_t N, int64_t D, float eps) {
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const T* x = xp + n * D;
+      __m512 ss = _mm512_setzero_ps();
+      for (int64_t j = 0; j < D; j += 16) { const __m512 v = load16(x + j); ss = _mm512_fmadd_ps(v, v, ss); }
+      const float r = 1.0f / std::sqrt(_mm512_reduce_add_ps(ss) / D + eps);
+      rp[n] = r;
+      const __m512 rv = _mm512_set1_ps(r);
+      for (int64_t j = 0; j < D; j += 16)
+        _mm512_storeu_ps(op + n * D + j, _mm512_mul_ps(_mm512_loadu_ps(wp + j), round_to(x, _mm512_mul_ps(load16(x + j), rv))));
+    }
+  });
+}
+
+std::vector<torch::Tensor> rms_norm_train(torch::Tensor x, torch::Tensor w, double eps) {
+  const int64_t D = x.size(-1), N = x.numel() / D;
+  auto out = torch::empty(x.sizes(), x.options().dtype(torch::kFloat32));
+  auto r = torch::empty({N}, out.options());
+  if (x.scalar_type() == torch::kBFloat16)
+    rms_norm_rows(x.data_ptr<at::BFloat16>(), w.data_ptr<float>(), out.data_ptr<float>(), r.data_ptr<float>(), N, D, (float)eps);
+  else
+    rms_norm_rows(x.data_ptr<float>(), w.data_ptr<float>(), out.data_ptr<float>(), r.data_ptr<float>(), N, D, (float)eps);
+  return {out, r};
+}
+
+// Its backward from g = d out (N, D) fp32: with gy = g * w (rounded to x's dtype, as autograd's gradient
+// of y is), grad_x = r * gy - x * r^3 * <gy, x> / D in x's dtype, and grad_w = the rows' sum of g * y.
+// grad_w's rows are summed in fixed blocks of 64 and the blocks in order: the same bits at any thread count.
+template <typename T>
+static void rms_norm_backward_rows(const float* gp, const T* xp, const float* rp, const float* wp, T* dxp,
+                                   float* partial, int64_t N, int64_t D) {
+  const int64_t RB = 64;
+  at::parallel_for(0, (N + RB - 1) / RB, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      float* dw = partial + b * D;
+      for (int64_t n = b * RB; n < std::min(N, (b + 1) * RB); ++n) {
+        const T* x = xp + n * D;
+        const float* g = gp + n * D;
+        const __m512 rv = _mm512_set1_ps(rp[n]);
+        __m512 dot = _mm512_setzero_ps();
+        for (int64_t j = 0; j < D; j += 16) {
+          const __m512 gv = _mm512_loadu_ps(g + j), xv = load16(x + j);
+          const __m512 gy = round_to(x, _mm512_mul_ps(gv, _mm512_loadu_ps(wp + j)));
+          dot = _mm512_fmadd_ps(gy, xv, dot);
+          _mm512_storeu_ps(dw + j, _mm512_fmadd_ps(gv, round_to(x, _mm512_mul_ps(xv, rv)), _mm512_loadu_ps(dw + j)));
+        }
+        const float r = rp[n], c = r * r * r * _mm512_reduce_add_ps(dot) / D;
+        const __m512 cv = _mm512_set1_ps(c);
+        for (int64_t j = 0; j < D; j += 16) {
+          const __m512 gy = round_to(x, _mm512_mul_ps(_mm512_loadu_ps(g + j), _mm512_loadu_ps(wp + j)));
+          store16(dxp + n * D + j, _mm512_sub_ps(_mm512_mul_ps(rv, gy), _mm512_mul_ps(load16(x + j), cv)));
+        }
+      }
+    }
+  });
+}
+
+std::vector<torch::Tensor> rms_norm_train_backward(torch::Tensor g, torch::Tensor x, torch::Tensor r, torch::Tensor w) {
+  const int64_t D = x.size(-1), N = x.numel() / D, blocks = (N + 63) / 64;
+  auto grad_x = torch::empty_like(x);
+  auto partial = torch::zeros({blocks, D}, g.options());
+  if (x.scalar_type() == torch::kBFloat16)
+    rms_norm_backward_rows(g.data_ptr<float>(), x.data_ptr<at::BFloat16>(), r.data_ptr<float>(), w.data_ptr<float>(),
+                           grad_x.data_ptr<at::BFloat16>(), partial.data_ptr<float>(), N, D);
+  else
+    rms_norm_backward_rows(g.data_ptr<float>(), x.data_ptr<float>(), r.data_ptr<float>(), w.data_ptr<float>(),
+                           grad_x.data_ptr<float>(), partial.data_ptr<float>(), N, D);
+  auto grad_w = partial[0].clone();
+  for (int64_t b = 1; b < blocks; ++b) grad_w.add_(partial[b]);
+  return {grad_x, grad_w};
+}
+
 // fp32 -> bf16 as PyTorch rounds (to nearest even; its vectorized NaN, 0xFFFF), 16 at a time.
 static inline __m256i bf16_rounded(__m512 x) {
   const __m512i u = _mm512_castps_si512(x);
@@ -903,6 +993,8 @@ def kernel():
                         "swiglu_backward",
                         "adamw_step_",
                         "combine_rows",
+                        "rms_norm_train",
+                        "rms_norm_train_backward",
                     ],
                     # no FMA contraction: `rope` must round as PyTorch's separate products do
                     extra_cflags=[
@@ -1021,6 +1113,27 @@ def norm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """F.rms_norm over the last dimension in one call (PyTorch's CPU form runs a dozen ops)."""
     return kernel().rms_norm(x, weight, eps)
+
+
+def norm_train_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `rms_norm_train` takes these: fp32 or bf16 rows with an fp32 weight on the CPU, the
+    width a multiple of 16 (training: the kernels have a backward)."""
+    ok = (
+        x.dtype in (torch.float32, torch.bfloat16) and weight.dtype == torch.float32 and x.shape[-1] % 16 == 0
+    )
+    return ok and _runs_here(x, weight)
+
+
+def rms_norm_train(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w * round_to_x_dtype(x * r) in fp32 (..., D), r (N,)) for contiguous x, r = rsqrt(mean(x^2) + eps)."""
+    return tuple(kernel().rms_norm_train(x, weight, eps))
+
+
+def rms_norm_train_backward(
+    grad_out: torch.Tensor, x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rms_norm_train`'s (grad_x in x's dtype, grad_weight fp32) from the output's fp32 gradient."""
+    return tuple(kernel().rms_norm_train_backward(grad_out.contiguous(), x, r, weight))
 
 
 _amx: bool | None = None

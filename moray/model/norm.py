@@ -19,6 +19,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if cpu_kernels.norm_usable(x, self.weight):  # bf16 CPU inference: one call
             return cpu_kernels.rms_norm(x, self.weight, self.eps)
+        if torch.is_grad_enabled() and cpu_kernels.norm_train_usable(x, self.weight):  # CPU training
+            return TrainingRMSNorm.apply(x, self.weight, self.eps)
         if x.dtype == self.weight.dtype:
             # PyTorch's fused form, computed in fp32: bit-identical to the form below in fp32 (in bf16
             # it rounds once, after the weight) and fewer ops: decode runs 13 norms a step.
@@ -26,6 +28,25 @@ class RMSNorm(nn.Module):
         x32 = x.float()  # HF's form; a bf16 activation with fp32 weights (autocast) comes out fp32
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+
+class TrainingRMSNorm(torch.autograd.Function):
+    """RMSNorm.forward's two PyTorch forms (an fp32 weight; fp32 or bf16 rows) as one kernel call each
+    way (cpu_kernels.rms_norm_train): fp32 out = w * round_to_x_dtype(x * rsqrt(mean(x^2) + eps)).
+    The backward rounds the gradient of the rounded product to x's dtype, as autograd's does."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x = x.contiguous()
+        out, r = cpu_kernels.rms_norm_train(x, weight, eps)  # (..., D) fp32, (N,)
+        ctx.save_for_backward(x, weight, r)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight, r = ctx.saved_tensors
+        grad_x, grad_weight = cpu_kernels.rms_norm_train_backward(grad_out, x, r, weight)
+        return grad_x, grad_weight, None
 
 
 def swish(x: torch.Tensor, beta: torch.Tensor | None) -> torch.Tensor:

@@ -269,3 +269,38 @@ def test_combine_kernel_sums_each_tokens_weighted_rows_in_fp32_and_rounds_once()
         assert got.dtype == torch.bfloat16 and torch.equal(got[0], torch.zeros(H, dtype=torch.bfloat16))
         assert float(((got.double() - want).abs() / want.abs().clamp_min(1e-2)).max()) <= 2**-8
     assert cpu_kernels.combine_usable(rows) and not cpu_kernels.combine_usable(rows.float())
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype, D", [(torch.float32, 512), (torch.bfloat16, 128), (torch.float32, 48)])
+def test_training_rms_norm_kernel_equals_pytorchs_forms_and_their_gradients(dtype, D, monkeypatch):
+    """RMSNorm in training with its fp32 weight (fp32 rows: the residual stream; bf16 rows: MLA's latent
+    norm under autocast), fused forward and backward, against the PyTorch forms it replaces, on 3-row
+    blocks past a whole 64-row block of the weight's gradient: fp32 out, grad_x in the rows' dtype,
+    everything within fp32 summation-order error of the reference (1e-5 of its largest value)."""
+    from moray.model.norm import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(D)
+    norm.weight.data = torch.randn(D)
+    x, grad = (torch.randn(3, 67, D) * 3).to(dtype), torch.randn(3, 67, D)
+
+    def run() -> tuple[torch.Tensor, ...]:
+        norm.weight.grad = None
+        xg = x.clone().requires_grad_(True)
+        out = norm(xg)
+        out.backward(grad)
+        return out.detach(), xg.grad, norm.weight.grad
+
+    got = run()
+    assert cpu_kernels.norm_train_usable(x, norm.weight)
+    monkeypatch.setattr(cpu_kernels, "norm_train_usable", lambda x, w: False)
+    want = run()
+    for name, g, w in zip(("out", "grad_x", "grad_weight"), got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        assert float((g.float() - w.float()).abs().max()) <= 1e-5 * float(w.float().abs().max()), name
+    if dtype == torch.float32:
+        with torch.no_grad():  # inference keeps F.rms_norm
+            assert torch.equal(norm(x), want[0])
+    assert not cpu_kernels.norm_train_usable(x.double(), norm.weight)
+    assert not cpu_kernels.norm_train_usable(x, norm.weight.bfloat16())

@@ -150,7 +150,7 @@ def _replica(world: int, dtype: torch.dtype, shard_optimizer: bool, seed: int = 
 
 def _steps(rank: int, world: int, dtype: torch.dtype, shared_memory: bool = True, steps: int = 3,
            shard_optimizer: bool = True, resume_after: int | None = None, checkpoint: str = "",
-           load: str = "dcp") -> dict:  # fmt: skip
+           load: str = "dcp", clip: float | None = 1.0) -> dict:  # fmt: skip
     """`steps` steps of the tiny model on a batch of 4 x 16 (two global micro-batches of 2); with
     world 2 each rank takes one sequence of each, replicated (bf16 layout: no DDP), working copies
     in `dtype` averaging the gradients over the ranks. With `resume_after`, the run is saved after
@@ -186,7 +186,8 @@ def _steps(rank: int, world: int, dtype: torch.dtype, shared_memory: bool = True
             opt.load_state_dict(saved[1])
             for p in model.parameters():  # elsewhere, as a move to another device would leave them
                 p.data = p.data.clone()
-        stats = train_step(model, opt, sched, micro, 0.01, ClipSettings(), autocast, working_weights=ww)
+        stats = train_step(model, opt, sched, micro, 0.01, ClipSettings(global_norm=clip), autocast,
+                           working_weights=ww)  # fmt: skip
         losses.append(reduce_stats(stats, world, group).losses["loss"])
     moments = {f"{name}.{key}": opt.state[p][key].clone() for name, p in model.named_parameters()
                for key in ("exp_avg", "exp_avg_sq")}  # fmt: skip
@@ -223,16 +224,25 @@ def test_bf16_replicas_that_share_the_update_take_the_same_steps_as_replicas_tha
     tmp_path,
 ):
     """Each of 2 ranks updating its half of the shared weights, moments and copies: the same losses,
-    weights and AdamW state as every rank averaging and updating everything (to float rounding: the
-    gradient norm is summed in another order), on both ranks."""
-    want = run_ranks(_steps, 2, tmp_path / "whole", torch.bfloat16, True, 3, False)
-    got = run_ranks(_steps, 2, tmp_path / "split", torch.bfloat16, True, 3, True)
-    for rank in range(2):
-        assert (want[rank]["shared"], got[rank]["shared"]) == (False, True)
-        assert got[rank]["losses"] == pytest.approx(want[rank]["losses"], rel=1e-6)
-        for kind in ("weights", "moments"):
-            for key, w in want[rank][kind].items():
-                torch.testing.assert_close(got[rank][kind][key], w, rtol=1e-5, atol=1e-8, msg=key)
+    weights and AdamW state as every rank averaging and updating everything, on both ranks. Bit for
+    bit over 3 steps without clipping (the kernel's division by 2 is the mean's); one clipped step to
+    float rounding (the gradient norm is summed in another order). Further clipped steps would not
+    stay that close: a weight an ulp off can flip a bf16 rounding in the next forward, and AdamW
+    magnifies the change of an almost-zero gradient."""
+    for steps, clip in ((3, None), (1, 1.0)):
+        want, got = (
+            run_ranks(_steps, 2, tmp_path / f"{shard}{steps}", torch.bfloat16, True, steps, shard, None, "", "dcp", clip)
+            for shard in (False, True)
+        )  # fmt: skip
+        for rank in range(2):
+            assert (want[rank]["shared"], got[rank]["shared"]) == (False, True)
+            assert got[rank]["losses"] == pytest.approx(want[rank]["losses"], rel=1e-6)
+            for kind in ("weights", "moments"):
+                for key, w in want[rank][kind].items():
+                    if clip is None:
+                        assert torch.equal(got[rank][kind][key], w), key
+                    else:
+                        torch.testing.assert_close(got[rank][kind][key], w, rtol=1e-5, atol=1e-8, msg=key)
 
 
 @NO_KERNELS
