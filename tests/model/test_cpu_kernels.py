@@ -304,3 +304,33 @@ def test_training_rms_norm_kernel_equals_pytorchs_forms_and_their_gradients(dtyp
             assert torch.equal(norm(x), want[0])
     assert not cpu_kernels.norm_train_usable(x.double(), norm.weight)
     assert not cpu_kernels.norm_train_usable(x, norm.weight.bfloat16())
+
+
+@needs_amx
+@pytest.mark.parametrize("gathered", [True, False], ids=["gathered-rows", "rows-in-order"])
+def test_grouped_rows_linear_kernel_equals_the_fp32_products_to_bf16_rounding(gathered):
+    """The routed experts' forward products on AMX tiles: ragged groups (an empty one, one of a single
+    row, one past a whole block of 16 and one past two pair blocks of 32), an output width with a
+    last block of 16 rows, rows gathered by index or read in order; each value within one bf16
+    rounding of the fp32 product (fp32 accumulation, rounded once)."""
+    torch.manual_seed(0)
+    E, K, O, R = 5, 64, 48, 30  # noqa: E741
+    x, weight = torch.randn(R, K).bfloat16(), torch.randn(E, O, K).bfloat16()
+    counts = torch.tensor([3, 0, 17, 1, 40])
+    rows = torch.randint(0, R, (int(counts.sum()),)) if gathered else None
+    picked = x[rows] if gathered else torch.randn(int(counts.sum()), K).bfloat16()
+    source = x if gathered else picked
+    got = cpu_kernels.grouped_rows_linear(source, rows, weight, counts)
+    groups = picked.float().split(counts.tolist())
+    want = torch.cat([g @ weight[e].float().t() for e, g in enumerate(groups)])
+    assert got.dtype == torch.bfloat16 and got.shape == (int(counts.sum()), O)
+    assert float(((got.float() - want).abs() / want.abs().clamp_min(1e-1)).max()) <= 2**-8
+    P = int(counts.sum())
+    assert cpu_kernels.rows_linear_usable(source, weight, P)
+    assert not cpu_kernels.rows_linear_usable(source.float(), weight, P)
+    assert not cpu_kernels.rows_linear_usable(
+        source, weight[:, :40].contiguous(), P
+    )  # whole blocks of 16 outputs
+    assert not cpu_kernels.rows_linear_usable(source, weight, 129 * E)  # prefill's many rows per expert
+    with pytest.raises(RuntimeError, match="out of range"):
+        cpu_kernels.grouped_rows_linear(x, torch.full((int(counts.sum()),), R), weight, counts)
