@@ -376,6 +376,17 @@ torch::Tensor grouped_rows_linear(torch::Tensor x, torch::Tensor rows, torch::Te
   return out;
 }
 
+// The sum of squares of rows x cols fp32 values, rows `stride` apart (cols a multiple of 16), in fp64.
+static double sum_of_squares(const float* x, int64_t rows, int64_t cols, int64_t stride) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < cols; j += 16) {
+      const __m512 v = _mm512_loadu_ps(x + r * stride + j);
+      acc = _mm512_fmadd_ps(v, v, acc);
+    }
+  return _mm512_reduce_add_ps(acc);
+}
+
 // The routed experts' weight gradients, accumulated in fp32: out[e] (+)= sum over the segments s of
 // a_s[rows of e].T @ b_s[rows of e]. Segment s (a micro-batch) lists counts_s[e] rows for each expert
 // in turn; its i-th row is row a_rows_s[i] of a_s and row b_rows_s[i] of b_s (an empty index: row i).
@@ -387,8 +398,9 @@ torch::Tensor grouped_rows_linear(torch::Tensor x, torch::Tensor rows, torch::Te
 // where oneDNN's bf16 bmm reaches 150 GFLOP/s, returns bf16 to be widened and added, and runs once
 // per micro-batch. Here every segment's rows of an expert meet in one product (its rows laid out
 // once: A transposed, B in VNNI pairs, zero-padded to 32), and the C tiles go straight to the fp32
-// gradient.
-void grouped_outer_into(torch::Tensor out, std::vector<torch::Tensor> as, std::vector<torch::Tensor> bs,
+// gradient. Returns the sum of squares of out as it ends (the global clip's share of it, read from L1
+// as each block is stored, where a pass over the gradient would stream it from memory again).
+double grouped_outer_into(torch::Tensor out, std::vector<torch::Tensor> as, std::vector<torch::Tensor> bs,
                         std::vector<torch::Tensor> counts, std::vector<torch::Tensor> a_rows,
                         std::vector<torch::Tensor> b_rows, bool accumulate) {
   TORCH_CHECK(use_amx(-1), "grouped_outer_into runs on AMX tiles only");
@@ -420,6 +432,7 @@ void grouped_outer_into(torch::Tensor out, std::vector<torch::Tensor> as, std::v
   // tasks: (expert, block of output rows); blocks only where the experts alone would leave threads idle
   const int64_t per_expert = std::min<int64_t>(M / 32, (2 * at::get_num_threads() + E - 1) / E);
   const int64_t MB = (M / 32 + per_expert - 1) / per_expert * 32, blocks = (M + MB - 1) / MB;
+  std::vector<double> task_squares(E * blocks, 0.0);  // each task's sum of squares of its rows of out
   at::parallel_for(0, E * blocks, 1, [&](int64_t begin, int64_t end) {
     configure_tiles();
     std::vector<uint16_t> at_, bv;
@@ -431,6 +444,7 @@ void grouped_outer_into(torch::Tensor out, std::vector<torch::Tensor> as, std::v
       for (int64_t s = 0; s < S; ++s) K += row_start[s][e + 1] - row_start[s][e];
       if (K == 0) {
         if (!accumulate) std::fill(o, o + rows * N, 0.f);
+        else task_squares[t] = sum_of_squares(o, rows, N, N);
         continue;
       }
       const int64_t Kp = (K + 31) / 32 * 32;
@@ -478,10 +492,14 @@ void grouped_outer_into(torch::Tensor out, std::vector<torch::Tensor> as, std::v
           }
           _tile_stored(0, c, N * 4); _tile_stored(1, c + 16, N * 4);
           _tile_stored(2, c + 16 * N, N * 4); _tile_stored(3, c + 16 * N + 16, N * 4);
+          task_squares[t] += sum_of_squares(c, 32, 32, N);  // from L1, just stored
         }
     }
     _tile_release();
   });
+  double squares = 0.0;  // summed in task order: the same at any thread count
+  for (double v : task_squares) squares += v;
+  return squares;
 }
 
 // RMSNorm of bf16 rows with a bf16 weight as F.rms_norm computes it: fp32 inside, x * rsqrt(mean(x^2)
@@ -1331,14 +1349,15 @@ class OuterSegment:
         return self.a.nbytes + self.b.nbytes
 
 
-def grouped_outer_into(out: torch.Tensor, segments: list[OuterSegment], accumulate: bool) -> None:
+def grouped_outer_into(out: torch.Tensor, segments: list[OuterSegment], accumulate: bool) -> float:
     """out[e] = (out[e] if accumulate else 0) + sum over the segments of a_e.T @ b_e, accumulated in
-    fp32: moray.model.experts.grouped_outer for several micro-batches at once."""
+    fp32: moray.model.experts.grouped_outer for several micro-batches at once. Returns the sum of
+    squares of the new out."""
 
     def index(rows: torch.Tensor | None) -> torch.Tensor:
         return _NO_ROWS if rows is None else rows.to(torch.int64).contiguous()
 
-    kernel().grouped_outer_into(
+    return kernel().grouped_outer_into(
         out, [s.a.contiguous() for s in segments], [s.b.contiguous() for s in segments],
         [s.counts for s in segments], [index(s.a_rows) for s in segments], [index(s.b_rows) for s in segments],
         accumulate,

@@ -75,7 +75,7 @@ def train_step(
     with working_weights or contextlib.nullcontext():
         stats = forward_backward(model, micro_batches, aux_loss_weight, autocast, loss_parallel, objectives)
     norms = clip_gradients(model, clip.per_layer, clip.per_expert, clip.global_norm, pipeline_group(model),
-                           optimizer)  # fmt: skip
+                           optimizer, working_weights.squares if working_weights else None)  # fmt: skip
     stats.lr = optimizer.param_groups[0]["lr"]
     stats.grad_norm = norms["grad_norm"]
     optimizer.step()

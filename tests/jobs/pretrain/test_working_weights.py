@@ -67,7 +67,8 @@ def test_experts_weight_gradients_are_the_fp32_sums_of_every_micro_batchs_produc
     """With AMX the experts' backward hands its products to the working weights: after a step of 12
     micro-batches each stack's gradient is the float64 sum of the per-expert products of the bf16
     rows every micro-batch handed over (folded into the buffer once they outweighed it, then at the
-    end), and the step stays autocast's to bf16 rounding."""
+    end), the fold's sum of squares is the gradient's (the global clip's norm takes it), and the step
+    stays autocast's to bf16 rounding."""
     handed: dict[int, list] = {}
     defer = WorkingWeights.defer
 
@@ -103,6 +104,14 @@ def test_experts_weight_gradients_are_the_fp32_sums_of_every_micro_batchs_produc
         want = sum(grouped_outer(a, b, counts) for a, b, counts in handed[ww.index[id(p)]])
         assert p.grad.dtype == torch.float32
         torch.testing.assert_close(p.grad.double(), want, rtol=1e-5, atol=1e-7)
+        # the last fold's sum of squares is the whole gradient's, for the global clip
+        assert ww.squares[id(p)] == pytest.approx(float(p.grad.double().pow(2).sum()), rel=1e-6)
+    assert set(ww.squares) == {id(p) for p in stacks}
+    from moray.jobs.pretrain.optim import clip_gradients
+
+    norm = clip_gradients(model, None, None, 1e9, squares=ww.squares)["grad_norm"]
+    everything = sum(float(p.grad.double().pow(2).sum()) for p in model.parameters() if p.grad is not None)
+    assert norm == pytest.approx(everything**0.5, rel=1e-6)
     monkeypatch.undo()
     with _amx(False):
         (_, _, want), (_, _, got) = _run(False), _run(True)
