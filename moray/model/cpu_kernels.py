@@ -1394,6 +1394,8 @@ def grouped_rows_linear(
 ) -> torch.Tensor:
     """x[rows] (P, K) (rows None: x as it is), grouped by `counts` (E,), each times its group's
     weight (E, O, K).T: (P, O) bf16."""
+    if rows is not None and rows.numel() == 0:  # no pairs (every one dropped): the kernel's empty index
+        return x.new_empty((0, weight.shape[1]))  # would read x's rows in order
     rows = _NO_ROWS if rows is None else rows.to(torch.int64).contiguous()
     return kernel().grouped_rows_linear(x, rows, weight, counts)
 

@@ -334,3 +334,5 @@ def test_grouped_rows_linear_kernel_equals_the_fp32_products_to_bf16_rounding(ga
     assert not cpu_kernels.rows_linear_usable(source, weight, 129 * E)  # prefill's many rows per expert
     with pytest.raises(RuntimeError, match="out of range"):
         cpu_kernels.grouped_rows_linear(x, torch.full((int(counts.sum()),), R), weight, counts)
+    none = cpu_kernels.grouped_rows_linear(x, torch.empty(0, dtype=torch.int64), weight, counts * 0)
+    assert none.shape == (0, O)  # every pair dropped
