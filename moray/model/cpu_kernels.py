@@ -31,7 +31,9 @@ where PyTorch runs 6 ops forward and a dozen backward (moray.model.norm.RMSNorm)
 
 Training (bf16, the routed experts): `grouped_outer_into`, the stacks' weight gradients of several
 micro-batches at once, accumulated in fp32 on AMX tiles (moray.jobs.pretrain.working_weights defers
-them to the end of the step); `swiglu` / `swiglu_backward`, the activation and its backward in one
+them to the end of the step), with their sum of squares for the global clip; `grouped_rows_linear`,
+the forward products, the decode kernel's loop with the tokens' rows gathered as it packs them;
+`swiglu` / `swiglu_backward`, the activation and its backward in one
 pass each (3 and 8 PyTorch ops); `combine_rows`, the weighted sum of each token's rows in fp32 (a
 product and an index_add_ that rounds after every row). And the optimizer: `adamw_step_`, torch's
 fused AdamW update that also writes the bf16 working copies (moray.jobs.pretrain.optim.AdamW).
