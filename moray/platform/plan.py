@@ -88,12 +88,16 @@ class Device:
     inter_node_gbps: float  # InfiniBand / RoCE NIC per device
     gpus_per_node: int
     reserve_gb: float = 4.0  # CUDA context, NCCL buffers, allocator fragmentation
+    fused_norm: bool = False  # RMSNorm trains as moray's CPU kernel (saving less for backward)
 
 
 def _this_machine() -> Device:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
     # 140 GFLOP/s: a 1024^3 fp32 GEMM on our 2 cores (benchmarks/common.py); gloo over loopback.
-    return Device("cpu-this-machine", round(mem, 1), 0.14, 5.0, 1.25, os.cpu_count() or 1, 0.0)
+    from moray.model.cpu_kernels import _cpu_has_avx512_bf16  # where moray's CPU kernels build
+
+    return Device("cpu-this-machine", round(mem, 1), 0.14, 5.0, 1.25, os.cpu_count() or 1, 0.0,
+                  _cpu_has_avx512_bf16())  # fmt: skip
 
 
 DEVICES = {
@@ -254,12 +258,14 @@ def layer_costs(config: ModelConfig, seq_len: int) -> list[float]:
 
 
 # ---- activations ------------------------------------------------------------------------------------
-def block_activation_bytes(c: ModelConfig, i: int, layout: Layout) -> float:
+def block_activation_bytes(c: ModelConfig, i: int, layout: Layout, fused_norm: bool = False) -> float:
     """Bytes saved for backward per token by block i on one rank, enumerating what moray's modules
     save (a = bytes of the compute dtype; norms, the router and the loss keep fp32):
 
       RMSNorm(d)        the fp32 input (a copy under bf16), the rsqrt, the normalized a-d: 4d + 4 + a*d,
-                        and its output, the input of the projections after it: a*d
+                        and its output, the input of the projections after it: a*d. `fused_norm` (moray's
+                        CPU kernel, norm.TrainingRMSNorm): the input as it is (contiguous), the rsqrt
+                        and the output: no fp32 copy, no normalized one
       MLA               q_lora norm (4r_q + 4 + a*r_q) and q_b's input (a*r_q); kv_a norm (4c + 4 + a*c,
                         4r more in fp32: the input is a view of [c_kv | k_pe]); the latent (a(c + r));
                         attention per head: fused kernel q, k (a*dq each), v and out zero-padded to the
@@ -280,13 +286,20 @@ def block_activation_bytes(c: ModelConfig, i: int, layout: Layout) -> float:
     h = c.num_attention_heads / tp
     dq, dn, dv, r, kv = c.qk_head_dim, c.qk_nope_head_dim, c.v_head_dim, c.qk_rope_head_dim, c.kv_lora_rank
 
-    def norm(d: int) -> float:
-        return 4 * d + 4 + a * d + a * d  # + its output, the next matmul's input
+    def norm(d: int, input_bytes: int) -> float:  # + its output, the next matmul's input
+        return input_bytes * d + 4 + a * d if fused_norm else 4 * d + 4 + a * d + a * d
 
-    total = 2 * norm(H)  # input_layernorm, post_attention_layernorm
+    total = 2 * norm(H, 4)  # input_layernorm, post_attention_layernorm (the fp32 residual stream)
+    if fused_norm and i == 0 and layout.tp > 1:
+        # the first block's input comes from the vocab-parallel embedding's all-reduce as a tensor
+        # subclass (no raw memory for the kernel): PyTorch's norm there
+        total += a * H
     if c.q_lora_rank:
-        total += norm(c.q_lora_rank)
-    total += 4 * kv + (4 * r if a == 4 else 0) + 4 + a * kv + a * (kv + r)  # kv_a norm, latent
+        total += norm(c.q_lora_rank, a)
+    if fused_norm:  # kv_a norm: a contiguous copy of its [c_kv | k_pe] view; the latent
+        total += a * kv + 4 + a * (kv + r)
+    else:
+        total += 4 * kv + (4 * r if a == 4 else 0) + 4 + a * kv + a * (kv + r)
     if layout.attention == "math":
         total += a * h * (2 * dq + layout.seq_len + dv + (dn if layout.micro_batch_size == 1 else 0))
     elif dv < dq:  # v zero-padded to the query width (mla.py): q, k, the padded v and the padded out
@@ -305,11 +318,11 @@ def block_activation_bytes(c: ModelConfig, i: int, layout: Layout) -> float:
     return total + 4 * a * c.moe_intermediate_size * c.n_shared_experts / tp
 
 
-def head_activation_bytes(c: ModelConfig, layout: Layout) -> float:
+def head_activation_bytes(c: ModelConfig, layout: Layout, fused_norm: bool = False) -> float:
     """The final norm, the head's input, the fp32 log-softmax over the (tp-sharded) vocabulary and
     the targets, per token."""
     a, H = BYTES[layout.compute_dtype], c.hidden_size
-    return 4 * H + 4 + 2 * a * H + 4 * c.vocab_size / layout.tp + 8
+    return 4 * H + 4 + (1 if fused_norm else 2) * a * H + 4 * c.vocab_size / layout.tp + 8
 
 
 # ---- the plan ---------------------------------------------------------------------------------------
@@ -513,13 +526,15 @@ def rank_memory(c: ModelConfig, layout: Layout, device: Device, rank: int, share
     else:
         grads += embed_grad
 
-    per_block = {i: block_activation_bytes(c, i, L) for i in share.layers}
+    per_block = {i: block_activation_bytes(c, i, L, device.fused_norm) for i in share.layers}
     ckpt = L.activation_checkpointing == "full"
 
     def per_token(layers: list[int]) -> float:  # one micro-batch of a chunk, per token
         b = len(layers) * a * H if ckpt else sum(per_block[i] for i in layers)  # checkpointed: block inputs
         b += 4 * c.qk_rope_head_dim + (8 if 0 in layers else 0)  # rotary cos/sin; token ids
-        return b + (head_activation_bytes(c, L) if c.num_hidden_layers - 1 in layers else 0)
+        return b + (
+            head_activation_bytes(c, L, device.fused_norm) if c.num_hidden_layers - 1 in layers else 0
+        )
 
     chunks = chunks or [share.layers]
     sizes = [per_token(layers) for layers in chunks]
