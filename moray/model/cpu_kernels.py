@@ -134,18 +134,16 @@ static inline void transpose16(__m512i r[16]) {
 
 // A C tile (16 output rows o x 16 pairs, fp32) into the pairs' rows of out (P, O): pair i's 16 values
 // at out + i * O, for the first n pairs; fp32 or rounded to bf16.
-static inline void store_transposed(const float (*c)[16], int64_t n, float* out, int64_t O) {
-  __m512i r[16];
-  for (int m = 0; m < 16; ++m) r[m] = _mm512_loadu_si512(c[m]);
-  transpose16(r);
-  for (int64_t i = 0; i < n; ++i) _mm512_storeu_si512(out + i * O, r[i]);
+static inline void store16(float* out, __m512i v) { _mm512_storeu_si512(out, v); }
+static inline void store16(at::BFloat16* out, __m512i v) {
+  _mm256_storeu_si256((__m256i*)out, (__m256i)_mm512_cvtneps_pbh(_mm512_castsi512_ps(v)));
 }
-static inline void store_transposed(const float (*c)[16], int64_t n, at::BFloat16* out, int64_t O) {
+template <typename Out>
+static inline void store_transposed(const float (*c)[16], int64_t n, Out* out, int64_t O) {
   __m512i r[16];
   for (int m = 0; m < 16; ++m) r[m] = _mm512_loadu_si512(c[m]);
   transpose16(r);
-  for (int64_t i = 0; i < n; ++i)
-    _mm256_storeu_si256((__m256i*)(out + i * O), (__m256i)_mm512_cvtneps_pbh(_mm512_castsi512_ps(r[i])));
+  for (int64_t i = 0; i < n; ++i) store16(out + i * O, r[i]);
 }
 
 // hit_experts_matmul on AMX tiles: C (16 output rows x 16 pairs) += W rows (16 x 32 k) . X^T, where
@@ -1089,7 +1087,8 @@ _kernel = None
 _tried = False
 
 
-def _cpu_has_avx512_bf16() -> bool:
+def builds_here() -> bool:
+    """Whether this CPU has what moray's kernels need (AVX-512 BF16); `kernel()` compiles them."""
     try:
         with open("/proc/cpuinfo") as f:
             return "avx512_bf16" in f.read()
@@ -1102,7 +1101,7 @@ def kernel():
     global _kernel, _tried
     if not _tried:
         _tried = True
-        if _cpu_has_avx512_bf16():
+        if builds_here():
             try:
                 from torch.utils.cpp_extension import load_inline
 

@@ -94,10 +94,10 @@ class Device:
 def _this_machine() -> Device:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
     # 140 GFLOP/s: a 1024^3 fp32 GEMM on our 2 cores (benchmarks/common.py); gloo over loopback.
-    from moray.model.cpu_kernels import _cpu_has_avx512_bf16  # where moray's CPU kernels build
+    from moray.model.cpu_kernels import builds_here  # moray's CPU kernels, RMSNorm's among them
 
     return Device("cpu-this-machine", round(mem, 1), 0.14, 5.0, 1.25, os.cpu_count() or 1, 0.0,
-                  _cpu_has_avx512_bf16())  # fmt: skip
+                  builds_here())  # fmt: skip
 
 
 DEVICES = {
