@@ -6,7 +6,8 @@ top-6, expert width 256) on 2,048 tokens. Targets: >= 3x the loop, >= 1x grouped
 
 In bf16 (both modules cast whole to bf16, inputs too; moray's router still computes in fp32):
 moray against its own fp32 figure (target 2.5x) and against HF's grouped_mm in bf16 (target 1.5x),
-with the fraction of the measured bf16 GEMM peak.
+with the fraction of the measured bf16 GEMM peak; not run on a CPU without AMX or AVX-512 BF16
+(common.no_native_bf16).
 
 Also printed: the fraction of the CPU's fp32 peak each side reaches, counting the router, routed
 and shared expert matmuls (a multiply-add is 2 FLOPs; backward costs twice the forward).
@@ -15,7 +16,7 @@ and shared expert matmuls (a multiply-add is 2 FLOPs; backward costs twice the f
 from __future__ import annotations
 
 import torch
-from common import NOMINAL_PEAK_GFLOPS, Result, gemm_gflops, median_times, setup
+from common import NOMINAL_PEAK_GFLOPS, Result, gemm_gflops, median_times, no_native_bf16, setup
 from transformers import DeepseekV2Config
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
 
@@ -115,17 +116,21 @@ def main() -> list[Result]:
         module.zero_grad(set_to_none=True)
         module(xi).backward(grad_out.to(dtype))
 
-    ours16, grouped16 = MoE(cfg).train(), hf_moe(cfg, "grouped_mm").train()
-    ours16.load_state_dict(ours.state_dict())
-    copy_weights(ours, grouped16)
-    bf16 = {"moray bf16": ours16.bfloat16(), "hf grouped_mm bf16": grouped16.bfloat16()}
     steps = {name: (lambda m=module: step(m)) for name, module in sides.items()}
-    steps |= {name: (lambda m=module: step(m, torch.bfloat16)) for name, module in bf16.items()}
-    reps = {"moray": 7, "hf loop": 3, "hf grouped_mm": 7, "moray bf16": 7, "hf grouped_mm bf16": 7}
+    reps = {"moray": 7, "hf loop": 3, "hf grouped_mm": 7}
+    no_bf16 = no_native_bf16()
+    if not no_bf16:
+        ours16, grouped16 = MoE(cfg).train(), hf_moe(cfg, "grouped_mm").train()
+        ours16.load_state_dict(ours.state_dict())
+        copy_weights(ours, grouped16)
+        bf16 = {"moray bf16": ours16.bfloat16(), "hf grouped_mm bf16": grouped16.bfloat16()}
+        steps |= {name: (lambda m=module: step(m, torch.bfloat16)) for name, module in bf16.items()}
+        reps |= {"moray bf16": 7, "hf grouped_mm bf16": 7}
     seconds = median_times(steps, reps)  # the loop takes seconds per step
     tokens_per_s = {name: TOKENS / s for name, s in seconds.items()}
-    peak16 = gemm_gflops(dtype=torch.bfloat16)
-    print(f"  1024^3 bf16 GEMM: {peak16:.1f} GFLOP/s")
+    peak16 = None if no_bf16 else gemm_gflops(dtype=torch.bfloat16)
+    if peak16:
+        print(f"  1024^3 bf16 GEMM: {peak16:.1f} GFLOP/s")
     for name, tps in tokens_per_s.items():
         gflops = tps * flops / 1e9
         measured = peak16 if name.endswith("bf16") else peak
@@ -139,19 +144,19 @@ def main() -> list[Result]:
         Result("moe fwd+bwd vs hf loop", ours_tps / tokens_per_s["hf loop"], 3.0, detail),
         Result("moe fwd+bwd vs hf grouped_mm", ours_tps / tokens_per_s["hf grouped_mm"], 1.0, detail),
     ]
-    ours16 = tokens_per_s["moray bf16"]
-    detail16 = f"{ours16:.0f} tok/s, {ours16 * flops / 1e9 / peak16:.0%} of bf16 GEMM peak"
-    results += [
-        Result("moe fwd+bwd bf16 vs moray fp32", ours16 / ours_tps, 2.5, detail16),
-        Result(
-            "moe fwd+bwd bf16 vs hf grouped_mm bf16",
-            ours16 / tokens_per_s["hf grouped_mm bf16"],
-            1.5,
-            detail16,
-        ),
-    ]
+    bf16_rows = {"moe fwd+bwd bf16 vs moray fp32": ("moray", 2.5),
+                 "moe fwd+bwd bf16 vs hf grouped_mm bf16": ("hf grouped_mm bf16", 1.5)}  # fmt: skip
+    if no_bf16:
+        results += [Result.skipped(name, target, no_bf16) for name, (_, target) in bf16_rows.items()]
+    else:
+        ours16 = tokens_per_s["moray bf16"]
+        detail16 = f"{ours16:.0f} tok/s, {ours16 * flops / 1e9 / peak16:.0%} of bf16 GEMM peak"
+        results += [
+            Result(name, ours16 / tokens_per_s[other], target, detail16)
+            for name, (other, target) in bf16_rows.items()
+        ]
     for r in results:
-        print(f"  {r.name}: {r.ratio:.2f}x (target {r.target:g}x)")
+        print(f"  {r.name}: {r.detail if r.status == 'skip' else f'{r.ratio:.2f}x'} (target {r.target:g}x)")
     return results
 
 

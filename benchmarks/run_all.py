@@ -1,7 +1,8 @@
 """Run every side-by-side benchmark and print one table: each ratio and PASS/MISS against its target.
 
 `make bench` runs this. Each benchmark prints its own details first; a benchmark that fails
-(a correctness check, an exception) shows as ERROR and the others still run. Exit status 1 if
+(a correctness check, an exception) shows as ERROR and the others still run; a row this machine
+cannot measure (bf16 on a CPU without native bf16) shows as skip, with the reason. Exit status 1 if
 anything missed or failed.
 """
 
@@ -56,7 +57,8 @@ def main() -> int:
             ok = False
             continue
         target = "-" if r.target is None else f"{r.target:g}x"
-        print(f"{r.name:52s} {r.ratio:7.2f}x {target:>7s}  {r.status:6s}  {r.detail}")
+        ratio = "-" if r.status == "skip" else f"{r.ratio:.2f}x"
+        print(f"{r.name:52s} {ratio:>8s} {target:>7s}  {r.status:6s}  {r.detail}")
         ok &= r.status != "MISS"
     return 0 if ok else 1
 
