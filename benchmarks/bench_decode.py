@@ -163,4 +163,4 @@ def main() -> list[Result]:
 
 if __name__ == "__main__":
     for r in main():
-        print(f"{r.name:<60}{r.ratio:>7.2f}  {r.status:<5}{r.detail}")  # nan where skipped
+        print(f"{r.name:<60}{r.ratio:>7.2f}  {r.status:<5}{r.detail}")  # ratio nan: skipped

@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> list:
                       ("Ray Train, 2 workers x 1 thread", ray2)]:  # fmt: skip
         print(f"{name:<32}{tps:>10.0f}{100 * tps * flops / peaks[default]:>19.1f}%")
     print(f"Ray overhead (1 worker vs plain): {100 * (1 - ray1 / plain):.1f}%")
-    print(f"2 bf16 replicas average {4 * params / 1e6:.0f} MB of gradients in "
+    print(f"2 replicas average {4 * params / 1e6:.0f} MB of gradients in "
           + ", ".join(f"{1e3 * s:.0f} ms ({t})" for t, s in means.items()) + "\n")  # fmt: skip
     print(f"{'precision (train_step)':<24}{'s/step':>8}{'tokens/s':>10}{'GEMM peak':>14}{'of peak':>9}")
     precision_tps = {}

@@ -440,7 +440,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
         print(f"\nplots: {plot_modes(curves, Path(args.plots), args.preset)}")
         out += mode_results(curves, concurrency, dispatch)
     for res in out:
-        print(f"{res.name}: {res.ratio:.2f}x (target {res.target:.2f}) {res.detail}")
+        ratio = "skip" if res.status == "skip" else f"{res.ratio:.2f}x"
+        print(f"{res.name}: {ratio} (target {res.target:.2f}) {res.detail}")
     return out
 
 
