@@ -7,6 +7,7 @@ median shrugs off the odd slow repetition where a mean would not.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ class Result:
 
     @property
     def status(self) -> str:
-        if self.ratio != self.ratio:
+        if math.isnan(self.ratio):  # Result.skipped
             return "skip"
         if self.target is None:
             return "info"

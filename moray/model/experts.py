@@ -89,9 +89,8 @@ def gathered_linear(
     """grouped_linear of the rows x[token_of_row] (None: x's rows as they are), without autograd:
     (P, out). Where the CPU has AMX, moray's kernel reads the rows in place and the weights in their
     own layout (oneDNN's bmm reorders the transposed weights on every call: 3.1 against 4.2 ms for
-    a 64 x 512 x 512 stack at 60 rows per expert, the gather included; cpu_kernels.
-    ROWS_LINEAR_ROWS_PER_EXPERT) up to a training micro-batch's rows per expert; prefill's thousands
-    keep the bmm."""
+    a 64 x 512 x 512 stack at 60 rows per expert, the gather included) up to a training micro-batch's
+    rows per expert (cpu_kernels.ROWS_LINEAR_ROWS_PER_EXPERT); prefill's thousands keep the bmm."""
     rows = x.shape[0] if token_of_row is None else token_of_row.shape[0]
     if cpu_kernels.rows_linear_usable(x, weight, rows):
         return cpu_kernels.grouped_rows_linear(x, token_of_row, weight, counts)
